@@ -1,0 +1,28 @@
+"""cdm-train: train one job of a compartmentalized diffusion model.
+
+    cdm-train experiment=digits_4split stage=backbone
+    cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 [hydra/launcher=joblib]
+"""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from cdm.cli.config import config_dir, register_resolvers
+
+register_resolvers()
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def main(cfg: DictConfig) -> None:
+    from cdm.store import format_table
+    from cdm.training import run_job
+
+    card = run_job(cfg)
+    if card is not None:
+        print(format_table([card]))
+
+
+if __name__ == "__main__":
+    main()

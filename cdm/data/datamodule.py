@@ -1,0 +1,92 @@
+"""Lightning data for one training job: the ids of one manifest, walked slice by slice (SISA)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+
+def active_slices(epoch: int, epochs_per_slice: int, n_slices: int) -> int:
+    """How many slices are in play at ``epoch``: slice s is first seen at epoch s * epochs_per_slice."""
+    return min(epoch // epochs_per_slice + 1, n_slices)
+
+
+class SliceSampler(Sampler[int]):
+    """Dataset indices of the active slices, shuffled by (seed, epoch), this rank's part only.
+
+    The permutation depends on nothing but (seed, epoch), so a resumed run sees the same order.
+    Ranks take disjoint strided parts of the permutation; it is padded by wrapping around so that
+    every rank runs the same number of steps (padding repeats ids of the same shard only).
+    """
+
+    def __init__(
+        self, indices: Sequence[int], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
+        order = torch.randperm(len(indices), generator=generator).tolist()
+        permuted = [indices[i] for i in order]
+        per_rank = -(-len(permuted) // world_size)
+        repeats = -(-per_rank * world_size // max(len(permuted), 1))
+        self.indices = (permuted * repeats)[: per_rank * world_size][rank::world_size]
+
+    def __iter__(self):
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+class ManifestDataModule(pl.LightningDataModule):
+    """Feeds one job exactly the samples of its manifest, slice by slice.
+
+    ``slices`` are lists of dataset indices in the order they are first seen; the dataloader is
+    rebuilt every epoch (``reload_dataloaders_every_n_epochs=1``) so a new slice joins at its
+    boundary. Nothing outside ``slices`` can ever be yielded: this is the shard isolation.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        slices: Sequence[Sequence[int]],
+        *,
+        batch_size: int,
+        epochs_per_slice: int,
+        seed: int,
+    ) -> None:
+        super().__init__()
+        if not slices or any(len(s) == 0 for s in slices):
+            raise ValueError("every slice of a training manifest must hold at least one sample")
+        self.dataset = dataset
+        self.slices = [list(s) for s in slices]
+        self.batch_size = batch_size
+        self.epochs_per_slice = epochs_per_slice
+        self.seed = seed
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs needed to walk every slice for ``epochs_per_slice`` epochs."""
+        return self.epochs_per_slice * len(self.slices)
+
+    def slice_boundary(self, epoch: int) -> int | None:
+        """The slice whose training ends with ``epoch``, or None mid-slice."""
+        if (epoch + 1) % self.epochs_per_slice == 0:
+            return (epoch + 1) // self.epochs_per_slice - 1
+        return None
+
+    def indices_for_epoch(self, epoch: int) -> list[int]:
+        """Dataset indices of every slice in play at ``epoch``, in first-seen order."""
+        n = active_slices(epoch, self.epochs_per_slice, len(self.slices))
+        return [i for s in self.slices[:n] for i in s]
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = self.trainer
+        epoch = trainer.current_epoch if trainer is not None else 0
+        rank = trainer.global_rank if trainer is not None else 0
+        world = trainer.world_size if trainer is not None else 1
+        sampler = SliceSampler(
+            self.indices_for_epoch(epoch), seed=self.seed, epoch=epoch, rank=rank, world_size=world
+        )
+        return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)

@@ -1,0 +1,133 @@
+"""Callbacks: SISA slice checkpoints, the artifact writer, and fault injection for resume tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+
+
+class SliceCheckpoint(pl.Callback):
+    """Saves ``slice-SS.ckpt`` at every slice boundary and ``last.ckpt`` after every epoch.
+
+    A checkpoint holds weights, optimizer, step, RNG state and the fed-id record: a forget
+    request for a sample first seen in slice s resumes from ``slice-(s-1).ckpt``. Files are
+    written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
+    """
+
+    def __init__(self, dirpath: str | Path, epochs_per_slice: int, signature: str = "") -> None:
+        self.dirpath = Path(dirpath)
+        self.epochs_per_slice = epochs_per_slice
+        self.signature = signature
+
+    def state_dict(self) -> dict:
+        return {"signature": self.signature}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict.get("signature") != self.signature:
+            raise RuntimeError(
+                f"the checkpoint in {self.dirpath} was written by a job with other settings; "
+                "resume it with the same config, or start over with retrain=true"
+            )
+
+    def _save(self, trainer: pl.Trainer, name: str) -> None:
+        final = self.dirpath / name
+        tmp = self.dirpath / f".{name}.tmp-{os.getpid()}"
+        trainer.save_checkpoint(tmp, weights_only=False)
+        if trainer.is_global_zero:
+            os.replace(tmp, final)
+        trainer.strategy.barrier("slice_checkpoint")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        if trainer.is_global_zero:
+            self.dirpath.mkdir(parents=True, exist_ok=True)
+        trainer.strategy.barrier("slice_checkpoint_mkdir")
+        epoch = trainer.current_epoch
+        if (epoch + 1) % self.epochs_per_slice == 0:
+            self._save(trainer, f"slice-{(epoch + 1) // self.epochs_per_slice - 1:02d}.ckpt")
+        self._save(trainer, "last.ckpt")
+
+
+class KillAtStep(pl.Callback):
+    """Fault injection: the process dies abruptly (no cleanup) once ``step`` optimizer steps ran."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.step:
+            os._exit(17)
+
+
+class ArtifactWriter(pl.Callback):
+    """At the end of training, hashes the ids actually fed and writes the artifact with its card.
+
+    The card's ``manifest_hash`` is computed from the module's record of fed dataset indices
+    (gathered over ranks), never copied from the manifest; a mismatch with the manifest means the
+    job saw other data or missed some, and nothing is written.
+    """
+
+    def __init__(
+        self,
+        store_root: str,
+        experiment: str,
+        job: str,
+        stage: str,
+        expected_hash: str,
+        card: dict,
+        adapter_kind: str,
+    ) -> None:
+        self.store_root = store_root
+        self.experiment = experiment
+        self.job = job
+        self.stage = stage
+        self.expected_hash = expected_hash
+        self.card = card
+        self.adapter_kind = adapter_kind
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
+        from cdm.core.hashing import hash_ids
+        from cdm.models.backbone import backbone_hash
+        from cdm.store import ArtifactStore
+
+        fed = pl_module.fed_indices().tolist()  # collective under DDP: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        dataset = trainer.datamodule.dataset
+        fed_hash = hash_ids([dataset.ids[i] for i in fed], [dataset.content_hashes[i] for i in fed])
+        if fed_hash != self.expected_hash:
+            raise RuntimeError(
+                f"{self.job}: the {len(fed)} samples fed hash to {fed_hash[:12]} but the manifest is "
+                f"{self.expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
+            )
+        pl_module.copy_ema_to_model()
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        card = dict(self.card)
+        card.update(
+            manifest_hash=fed_hash,
+            n_samples_fed=len(fed),
+            metrics={**metrics, "global_step": trainer.global_step, "epochs": trainer.current_epoch},
+            wall_time_s=round(pl_module.elapsed_s(), 3),
+            world_size=trainer.world_size,
+            wandb_run_id=_wandb_run_id(trainer),
+        )
+        store = ArtifactStore(self.store_root)
+        model = pl_module.model
+        if self.stage == "backbone":
+            card["backbone_hash"] = backbone_hash(model)
+            store.save_backbone(card["name"], model, card)
+        else:
+            card["backbone_hash"] = card["parents"][0]["hash"]
+            store.save_adapter(self.experiment, self.job, model, card, kind=self.adapter_kind)
+
+
+def _wandb_run_id(trainer: pl.Trainer) -> str | None:
+    from pytorch_lightning.loggers import WandbLogger
+
+    for logger in trainer.loggers:
+        if isinstance(logger, WandbLogger):
+            return logger.experiment.id
+    return None

@@ -1,0 +1,1 @@
+"""Backbones (diffusers UNets) and per-shard parameters (peft LoRA or full fine-tuning)."""

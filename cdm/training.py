@@ -1,0 +1,233 @@
+"""Run one training job (stage) of a CDM from a resolved config: the library behind cdm-train."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.core.hashing import sha256_bytes
+from cdm.data.datamodule import ManifestDataModule
+from cdm.data.datasets import SampleDataset, build_dataset
+from cdm.data.sharding import Manifest, Split, indices_of, make_split, slice_indices
+from cdm.lightning.callbacks import ArtifactWriter, KillAtStep, SliceCheckpoint
+from cdm.lightning.jobs import BackbonePretraining, ShardTraining
+from cdm.models.backbone import UNET_CLASSES, backbone_hash, build_scheduler, build_unet, load_pretrained_unet
+from cdm.runtime import configure_runtime
+from cdm.store import ArtifactStore, StoreError, make_card, read_card
+
+STAGES = ("backbone", "shard", "paragon")
+
+
+def job_name(stage: str, index: int | None = None) -> str:
+    """Store name of a job: ``backbone``, ``paragon`` or ``shard-03``."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}: choose one of {STAGES}")
+    return f"shard-{int(index):02d}" if stage == "shard" else stage
+
+
+def load_data(cfg: DictConfig) -> SampleDataset:
+    """The dataset named by ``cfg.data``."""
+    kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.data.kwargs, resolve=True))
+    if cfg.data.get("root") is not None:
+        kwargs["root"] = cfg.data.root
+    return build_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels, **kwargs)
+
+
+def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
+    """The safe split and the shards, deterministic in ``cfg.seed``."""
+    s = cfg.sharding
+    return make_split(
+        dataset,
+        strategy=s.strategy,
+        n_shards=s.n_shards,
+        seed=cfg.seed,
+        safe_fraction=s.safe_fraction,
+        safe_classes=None if s.safe_classes is None else list(s.safe_classes),
+        n_slices=s.n_slices,
+        manifest_path=s.manifest_path,
+    )
+
+
+def record_manifests(store: ArtifactStore, experiment: str, split: Split) -> None:
+    """Write every manifest of the split; refuse if the experiment's split changed under it."""
+    for manifest in (split.safe, split.private, *split.shards):
+        try:
+            old = store.load_manifest(experiment, manifest.name)
+        except StoreError:
+            old = None
+        if old is not None and old["hash"] != manifest.hash:
+            raise StoreError(
+                f"experiment {experiment!r} already has a manifest {manifest.name!r} with hash "
+                f"{old['hash'][:12]}, but this config makes {manifest.hash[:12]}: the data or sharding "
+                "changed. Use a new experiment_name=..., or delete the experiment's artifacts."
+            )
+        if old is None:
+            store.save_manifest(experiment, manifest.to_json())
+
+
+def select_manifest(stage: str, split: Split, index: int) -> Manifest:
+    """The manifest a job trains on: safe (backbone), one shard, or all private data (paragon)."""
+    if stage == "backbone":
+        return split.safe
+    if stage == "paragon":
+        return split.private
+    if not 0 <= index < len(split.shards):
+        raise ValueError(
+            f"shard.index={index} but this experiment has {len(split.shards)} shards: "
+            f"use shard.index=0..{len(split.shards) - 1}"
+        )
+    return split.shards[index]
+
+
+def load_backbone_for_shards(cfg: DictConfig, store: ArtifactStore, split: Split) -> tuple[torch.nn.Module, dict]:
+    """The experiment's safe backbone, checked to have seen nothing but the safe split."""
+    try:
+        unet, card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
+    except StoreError as err:
+        raise StoreError(
+            f"{err}\nTrain the backbone first: cdm-train experiment={cfg.experiment_name} stage=backbone"
+        ) from err
+    if card.get("safe_manifest_hash") != split.safe.hash:
+        raise StoreError(
+            f"backbone {cfg.backbone.id!r} was trained on safe split {str(card.get('safe_manifest_hash'))[:12]}, "
+            f"but this experiment's safe split is {split.safe.hash[:12]}: it may have seen private data. "
+            "Retrain it with stage=backbone retrain=true, or set backbone.id to the right backbone."
+        )
+    return unet, card
+
+
+def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: ArtifactStore):
+    """The LightningModule of this stage and the parents it depends on."""
+    scheduler = build_scheduler(cfg.backbone.scheduler)
+    common = dict(
+        dataset_size=len(dataset),
+        conditional=bool(cfg.data.conditional),
+        seed=int(cfg.seed),
+    )
+    if cfg.stage == "backbone":
+        if cfg.backbone.pretrained_path:
+            unet = load_pretrained_unet(cfg.backbone.pretrained_path, cfg.backbone.kind)
+        else:
+            unet = build_unet(
+                cfg.backbone.kind,
+                OmegaConf.to_container(cfg.backbone.unet, resolve=True),
+                sample_size=cfg.data.resolution,
+                channels=cfg.data.channels,
+                num_classes=cfg.data.num_classes if cfg.data.conditional else None,
+            )
+        p = cfg.pretrain
+        module = BackbonePretraining(
+            unet, scheduler.alphas_cumprod, lr=p.lr, weight_decay=p.weight_decay, ema_decay=p.ema_decay,
+            cond_drop_prob=cfg.optim.cond_drop_prob, **common,
+        )  # fmt: skip
+        parents = [{"kind": "pretrained", "path": str(cfg.backbone.pretrained_path)}] if cfg.backbone.pretrained_path else []
+        return module, parents
+    unet, bcard = load_backbone_for_shards(cfg, store, split)
+    o = cfg.optim
+    module = ShardTraining(
+        unet, scheduler.alphas_cumprod, OmegaConf.to_container(cfg.adapter, resolve=True),
+        lr=o.lr, weight_decay=o.weight_decay, ema_decay=o.ema_decay, cond_drop_prob=o.cond_drop_prob, **common,
+    )  # fmt: skip
+    parents = [{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}]
+    return module, parents
+
+
+def build_loggers(cfg: DictConfig, save_dir: Path) -> list:
+    """Lightning loggers from ``cfg.logger`` (csv, wandb: offline unless WANDB_API_KEY is set)."""
+    loggers = []
+    for name, spec in (cfg.logger or {}).items():
+        if spec is None:
+            continue
+        kwargs: dict[str, Any] = {"save_dir": str(save_dir)}
+        if name == "wandb" and spec.get("offline") is None:
+            kwargs["offline"] = not os.environ.get("WANDB_API_KEY")
+        loggers.append(instantiate(spec, **kwargs))
+    return loggers
+
+
+def device_description() -> str:
+    """The device a job ran on, for its card."""
+    if torch.cuda.is_available():
+        return f"cuda:{torch.cuda.get_device_name(0)}"
+    return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+
+
+def run_job(cfg: DictConfig) -> dict | None:
+    """Train the job ``cfg.stage`` (backbone | shard | paragon) and return its card."""
+    configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
+    store = ArtifactStore(cfg.paths.artifacts)
+    experiment = cfg.experiment_name
+    job = job_name(cfg.stage, cfg.shard.index)
+
+    dataset = load_data(cfg)
+    split = split_data(cfg, dataset)
+    record_manifests(store, experiment, split)
+    manifest = select_manifest(cfg.stage, split, int(cfg.shard.index))
+    artifact = store.backbone_dir(cfg.backbone.id) if cfg.stage == "backbone" else store.adapter_dir(experiment, job)
+    if (artifact / "card.json").exists() and not cfg.retrain:
+        print(f"[cdm] {job} already trained at {artifact}; pass retrain=true to train it again")
+        return read_card(artifact)
+    ckpt_job = job if cfg.stage != "backbone" else f"backbone-{cfg.backbone.id}"
+    ckpt_dir = store.checkpoint_dir(experiment, ckpt_job)
+    if cfg.retrain:
+        store.clear_checkpoints(experiment, ckpt_job)
+
+    module, parents = build_module(cfg, dataset, split, store)
+    if cfg.stage == "backbone":
+        epochs_per_slice, n_slices, batch_size = int(cfg.pretrain.epochs), 1, int(cfg.pretrain.batch_size)
+        slices = [indices_of(dataset, manifest)]
+    else:
+        epochs_per_slice, n_slices, batch_size = int(cfg.optim.epochs_per_slice), len(manifest.slices), int(cfg.optim.batch_size)
+        slices = slice_indices(dataset, manifest)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    card = make_card(
+        kind="backbone" if cfg.stage == "backbone" else ("paragon" if cfg.stage == "paragon" else "shard"),
+        name=cfg.backbone.id if cfg.stage == "backbone" else job,
+        experiment=experiment,
+        shard_index=int(cfg.shard.index) if cfg.stage == "shard" else None,
+        manifest_name=manifest.name,
+        safe_manifest_hash=split.safe.hash,
+        parents=parents,
+        config=config,
+        device=device_description(),
+    )
+    if epochs_per_slice == 0:
+        if cfg.stage != "backbone" or not cfg.backbone.pretrained_path:
+            raise ValueError("zero epochs only imports a pretrained backbone: set backbone.pretrained_path")
+        unet = module.model
+        card.update(manifest_hash=None, n_samples_fed=0, backbone_hash=backbone_hash(unet), metrics={}, wall_time_s=0.0)
+        store.save_backbone(cfg.backbone.id, unet, card)
+        return read_card(store.backbone_dir(cfg.backbone.id))
+
+    datamodule = ManifestDataModule(dataset, slices, batch_size=batch_size, epochs_per_slice=epochs_per_slice, seed=int(cfg.seed))
+    callbacks: list[pl.Callback] = [
+        SliceCheckpoint(ckpt_dir, epochs_per_slice, signature=config_signature(config)),
+        ArtifactWriter(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
+    ]
+    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
+    if cfg.kill_at_step is not None:
+        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=build_loggers(cfg, store.log_dir(experiment)) or False,
+    )  # fmt: skip
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.exists() else None
+    if ckpt_path:
+        print(f"[cdm] resuming {job} from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return read_card(artifact)
+
+
+def config_signature(config: dict) -> str:
+    """Hash of the settings that change what a job computes (not where it logs or runs)."""
+    keep = {k: config.get(k) for k in ("data", "sharding", "backbone", "adapter", "seed", "stage", "shard", "threads")}
+    keep["train"] = config.get("pretrain") if config.get("stage") == "backbone" else config.get("optim")
+    return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
