@@ -8,14 +8,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from diffusers import UNet2DModel
-from peft import LoraConfig, PeftModel, get_peft_model
 
 import cdm.store.cards as cards_module
 import cdm.store.store as store_module
@@ -38,6 +36,13 @@ from cdm.store import (
     shard_job,
 )
 
+if TYPE_CHECKING:
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
+# diffusers and peft are imported inside the helpers, so the spawned writer processes, which
+# import this module, start in seconds.
+
 UNET_KWARGS: dict[str, Any] = dict(
     sample_size=8,
     in_channels=1,
@@ -52,6 +57,8 @@ EXP = "exp"
 
 
 def tiny_unet(seed: int = 0) -> UNet2DModel:
+    from diffusers import UNet2DModel
+
     torch.manual_seed(seed)
     return UNet2DModel(**UNET_KWARGS)
 
@@ -66,6 +73,8 @@ def set_lora_weights(model: PeftModel, seed: int) -> None:
 
 
 def add_lora(unet: UNet2DModel, seed: int = 1) -> PeftModel:
+    from peft import LoraConfig, get_peft_model
+
     config = LoraConfig(
         r=4, lora_alpha=4, target_modules=["conv1", "conv2"], init_lora_weights="gaussian"
     )
@@ -188,16 +197,19 @@ def test_lora_adapter_round_trip(store: ArtifactStore, saved_backbone: dict[str,
     model = add_lora(store.load_backbone("tiny")[0])
     expected = outputs(model)
     assert not torch.allclose(expected, outputs(tiny_unet())), "LoRA must change the outputs"
-    card = store.save_adapter(EXP, "shard-03", model, adapter_card(bb_hash, shard=3))
+    card = store.save_adapter(EXP, "shard-03", model, adapter_card(bb_hash, kind="shard", shard=3))
     directory = store.adapter_dir(EXP, "shard-03")
     assert (directory / "adapter_config.json").is_file()
     assert card["weights_sha256"] == sha256_file(directory / "adapter_model.safetensors")
-    assert card["kind"] == "lora" and card["job"] == "shard-03" and card["shard"] == 3
+    assert card["kind"] == "shard" and card["adapter_kind"] == "lora" and card["shard"] == 3
+    assert card["job"] == "shard-03" and card["experiment"] == EXP
     assert read_card(directory) == card
 
     loaded, loaded_card = store.load_adapter(
         EXP, "shard-03", store.load_backbone("tiny")[0], backbone_hash=bb_hash
     )
+    from peft import PeftModel
+
     assert isinstance(loaded, PeftModel)
     assert loaded_card == card
     torch.testing.assert_close(outputs(loaded), expected)
@@ -206,18 +218,16 @@ def test_lora_adapter_round_trip(store: ArtifactStore, saved_backbone: dict[str,
 def test_adapter_loads_with_plain_peft(
     store: ArtifactStore, saved_backbone: dict[str, Any], tmp_path: Path
 ) -> None:
+    from diffusers import UNet2DModel
+    from peft import PeftModel
+
     model = add_lora(store.load_backbone("tiny")[0])
     expected = outputs(model)
     store.save_adapter(EXP, "shard-00", model, adapter_card(saved_backbone["backbone_hash"]))
     backbone_dir = store.backbone_dir("tiny")
     adapter_dir = store.adapter_dir(EXP, "shard-00")
 
-    # In this process, through peft/diffusers only.
-    base = UNet2DModel.from_pretrained(backbone_dir, local_files_only=True)
-    plain = PeftModel.from_pretrained(base, adapter_dir)
-    torch.testing.assert_close(outputs(plain), expected)
-
-    # In a fresh process that never imports cdm.
+    # In a fresh process that never imports cdm (started first: its imports take seconds).
     code = (
         "import json, sys, torch\n"
         "from diffusers import UNet2DModel\n"
@@ -230,18 +240,23 @@ def test_adapter_loads_with_plain_peft(
         "    out = model(x, t).sample\n"
         "print(json.dumps(out.flatten().tolist()))\n"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
+    fresh_process = subprocess.Popen(
         [sys.executable, "-c", code, str(backbone_dir), str(adapter_dir)],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         text=True,
         cwd=tmp_path,
-        env=env,
-        timeout=120,
-        check=False,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
-    assert result.returncode == 0, result.stderr
-    fresh = torch.tensor(json.loads(result.stdout.strip().splitlines()[-1]))
+
+    # In this process, through diffusers/peft only.
+    base = UNet2DModel.from_pretrained(backbone_dir, local_files_only=True)
+    plain = PeftModel.from_pretrained(base, adapter_dir)
+    torch.testing.assert_close(outputs(plain), expected)
+
+    stdout, stderr = fresh_process.communicate(timeout=120)
+    assert fresh_process.returncode == 0, stderr
+    fresh = torch.tensor(json.loads(stdout.strip().splitlines()[-1]))
     torch.testing.assert_close(fresh, expected.flatten(), rtol=1e-5, atol=1e-6)
 
 
@@ -267,6 +282,8 @@ def test_several_adapters_on_one_peft_model(
 def test_non_default_adapter_name_is_saved_at_top_level(
     store: ArtifactStore, saved_backbone: dict[str, Any]
 ) -> None:
+    from peft import LoraConfig, PeftModel, get_peft_model
+
     unet = store.load_backbone("tiny")[0]
     config = LoraConfig(r=4, lora_alpha=4, target_modules=["conv1", "conv2"])
     model = get_peft_model(unet, config, adapter_name="shard-02")
@@ -284,7 +301,7 @@ def test_full_adapter_round_trip(store: ArtifactStore, saved_backbone: dict[str,
     bb_hash = saved_backbone["backbone_hash"]
     finetuned = tiny_unet(seed=7)
     card = store.save_adapter(EXP, "paragon", finetuned, adapter_card(bb_hash), kind="full")
-    assert card["kind"] == "full"
+    assert card["kind"] == card["adapter_kind"] == "full"
     assert (store.adapter_dir(EXP, "paragon") / "diffusion_pytorch_model.safetensors").is_file()
     loaded, _ = store.load_adapter(EXP, "paragon", tiny_unet(), backbone_hash=bb_hash)
     torch.testing.assert_close(outputs(loaded), outputs(finetuned), rtol=0, atol=0)
@@ -362,9 +379,7 @@ def test_corrupted_backbone_is_refused(
     assert "cdm-train stage=backbone" in message
 
 
-def test_backbone_mismatch_is_refused(
-    store: ArtifactStore, saved_backbone: dict[str, Any]
-) -> None:
+def test_backbone_mismatch_is_refused(store: ArtifactStore, saved_backbone: dict[str, Any]) -> None:
     bb_hash = saved_backbone["backbone_hash"]
     store.save_adapter(EXP, "shard-00", add_lora(tiny_unet()), adapter_card(bb_hash))
     other = store.save_backbone("other", tiny_unet(seed=3), backbone_card())["backbone_hash"]
@@ -456,24 +471,48 @@ def test_hard_crash_leftovers_are_invisible(
     assert hidden_entries(store.root) == []
 
 
+class _StateDictModel:
+    """Stands in for a diffusers model in the writer processes: a ``save_pretrained`` that writes
+    the diffusers layout with safetensors alone, so the workers need not import diffusers."""
+
+    def __init__(self, config: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+        self.config, self.state = config, state
+
+    def save_pretrained(self, directory: str, safe_serialization: bool = True) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.state, os.path.join(directory, "diffusion_pytorch_model.safetensors"))
+        Path(directory, "config.json").write_text(json.dumps(self.config))
+
+
+def _perturbed(state: dict[str, torch.Tensor], seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {k: v + 0.05 * torch.randn(v.shape, generator=gen) for k, v in sorted(state.items())}
+
+
 def _concurrent_writer(root: str, index: int, n_iter: int, barrier: Any) -> None:
     """Spawned worker: write shard ``index`` ``n_iter`` times, the weights changing each time."""
+    from safetensors.torch import load_file
+
     torch.set_num_threads(1)
     store = ArtifactStore(root)
-    unet, backbone = store.load_backbone("tiny")
-    model = add_lora(unet, seed=0)
-    barrier.wait(timeout=60)
+    backbone_dir = store.backbone_dir("tiny")
+    config = json.loads((backbone_dir / "config.json").read_text())
+    state = load_file(backbone_dir / "diffusion_pytorch_model.safetensors")
+    backbone_hash = read_card(backbone_dir)["backbone_hash"]
+    barrier.wait(timeout=120)
     for i in range(n_iter):
-        set_lora_weights(model, seed=1000 * index + i)
-        card = adapter_card(backbone["backbone_hash"], iteration=i, writer=index)
-        store.save_adapter(EXP, shard_job(index), model, card)
+        model = _StateDictModel(config, _perturbed(state, seed=1000 * index + i))
+        card = adapter_card(backbone_hash, iteration=i, writer=index)
+        store.save_adapter(EXP, shard_job(index), model, card, kind="full")
         store.save_manifest(EXP, {"name": shard_job(index), "iteration": i})
 
 
 def test_concurrent_writers_of_different_shards(
     store: ArtifactStore, saved_backbone: dict[str, Any]
 ) -> None:
-    n_iter, n_proc = 15, 2
+    """Two spawned processes replace shard-00 and shard-01 of one experiment, many times at once."""
+    n_iter, n_proc = 20, 2
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(n_proc)
     procs = [
@@ -487,14 +526,14 @@ def test_concurrent_writers_of_different_shards(
     assert [proc.exitcode for proc in procs] == [0] * n_proc
 
     bb_hash = saved_backbone["backbone_hash"]
+    backbone_state = tiny_unet().state_dict()
     for k in range(n_proc):
-        loaded, card = store.load_adapter(
-            EXP, shard_job(k), store.load_backbone("tiny")[0], backbone_hash=bb_hash
-        )
+        loaded, card = store.load_adapter(EXP, shard_job(k), tiny_unet(), backbone_hash=bb_hash)
         assert card["iteration"] == n_iter - 1 and card["writer"] == k
-        reference = add_lora(tiny_unet(), seed=0)
-        set_lora_weights(reference, seed=1000 * k + n_iter - 1)
-        torch.testing.assert_close(outputs(loaded), outputs(reference))
+        assert card["adapter_kind"] == "full"
+        reference = tiny_unet()
+        reference.load_state_dict(_perturbed(backbone_state, seed=1000 * k + n_iter - 1))
+        torch.testing.assert_close(outputs(loaded), outputs(reference), rtol=0, atol=0)
         assert store.load_manifest(EXP, shard_job(k))["iteration"] == n_iter - 1
     assert hidden_entries(store.root) == []
     jobs = [e.get("job") for e in store.list_artifacts(EXP) if e["artifact"] == "adapter"]
@@ -504,13 +543,15 @@ def test_concurrent_writers_of_different_shards(
 def test_list_artifacts_and_table(store: ArtifactStore, saved_backbone: dict[str, Any]) -> None:
     bb_hash = saved_backbone["backbone_hash"]
     store.save_manifest(EXP, {"name": "shard-00", "manifest_hash": "ab" * 32, "ids": ["a", "b"]})
-    store.save_adapter(EXP, "paragon", add_lora(tiny_unet()), adapter_card(bb_hash))
+    store.save_adapter(EXP, "paragon", add_lora(tiny_unet()), adapter_card(bb_hash, kind="paragon"))
     store.save_adapter(EXP, "shard-01", add_lora(tiny_unet()), adapter_card(bb_hash))
     store.save_adapter(EXP, "shard-00", add_lora(tiny_unet()), adapter_card(bb_hash))
     store.save_adapter("exp2", "shard-00", add_lora(tiny_unet()), adapter_card(bb_hash))
     store.log_dir(EXP).mkdir(parents=True)  # not an artifact
     entries = store.list_artifacts()
-    described = [(e["artifact"], e.get("experiment"), e.get("job") or e.get("name")) for e in entries]
+    described = [
+        (e["artifact"], e.get("experiment"), e.get("job") or e.get("name")) for e in entries
+    ]
     assert described == [
         ("backbone", None, "tiny"),
         ("manifest", EXP, "shard-00"),
@@ -526,7 +567,7 @@ def test_list_artifacts_and_table(store: ArtifactStore, saved_backbone: dict[str
     lines = table.splitlines()
     assert len(lines) == 1 + len(entries)
     assert "exp/shard-01" in table and "final_loss=0.25" in table and "3.5s" in table
-    assert "ababababab" in table and bb_hash[:10] in table
+    assert "ababababab" in table and bb_hash[:10] in table and "paragon/lora" in table
     assert format_table([]) == "(no artifacts)"
 
 
@@ -566,7 +607,10 @@ def test_load_checkpoint(store: ArtifactStore) -> None:
     ckpt = load_checkpoint(path)
     assert ckpt["epoch"] == 3 and torch.equal(ckpt["state_dict"]["w"], torch.ones(2))
     assert store.list_slice_checkpoints(EXP, "shard-00") == {1: path}
+    assert store.clear_checkpoints(EXP, "shard-00") and not path.parent.exists()
+    assert not store.clear_checkpoints(EXP, "shard-00")
     bad = path.with_name("slice-02.ckpt")
+    bad.parent.mkdir(parents=True)
     torch.save({"obj": ArtifactStore("x")}, bad)  # arbitrary pickled object: refused
     with pytest.raises(StoreError, match="weights_only"):
         load_checkpoint(bad)

@@ -43,7 +43,8 @@ class DenoisingModule(pl.LightningModule):
         super().__init__()
         self.model = model.train()
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
-        self.register_buffer("fed_mask", torch.zeros(dataset_size, dtype=torch.bool), persistent=False)
+        # a plain CPU tensor, not a buffer: DDP would broadcast a buffer from rank 0 to the others
+        self.fed_mask = torch.zeros(dataset_size, dtype=torch.bool)
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -76,7 +77,7 @@ class DenoisingModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch, self.global_step)
-        self.fed_mask[batch["index"]] = True
+        self.fed_mask[batch["index"].cpu()] = True
         self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["index"]))
         return loss
 
@@ -128,7 +129,7 @@ class DenoisingModule(pl.LightningModule):
         state = checkpoint.get("cdm")
         if state is None:
             raise ValueError("checkpoint has no 'cdm' state: it was not written by a cdm training job")
-        self.fed_mask = state["fed_mask"].to(self.fed_mask.device)
+        self.fed_mask = state["fed_mask"].clone()
         self.ema = state["ema"]
         torch.set_rng_state(state["torch_rng"])
         self.elapsed_before_resume_s = float(state["elapsed_s"])
@@ -145,5 +146,5 @@ class DenoisingModule(pl.LightningModule):
         """Sorted dataset indices fed on any rank (a collective call under DDP)."""
         mask = self.fed_mask
         if self.trainer is not None and self.trainer.world_size > 1:
-            mask = self.all_gather(mask.to(torch.uint8)).bool().any(dim=0)
-        return mask.nonzero().flatten().cpu()
+            mask = self.all_gather(mask.to(self.device, torch.uint8)).bool().any(dim=0).cpu()
+        return mask.nonzero().flatten()

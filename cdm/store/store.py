@@ -343,8 +343,11 @@ def read_card(path_or_dir: str | Path) -> dict[str, Any]:
     return card
 
 
-def _write_card(directory: Path, card: Mapping[str, Any]) -> None:
-    atomic_write_json(directory / CARD_FILENAME, dict(card))
+def _write_card(directory: Path, card: Mapping[str, Any]) -> dict[str, Any]:
+    """Write ``card.json`` into ``directory``; returns the card as it reads back from disk."""
+    path = directory / CARD_FILENAME
+    atomic_write_json(path, dict(card))
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def _weights_record(directory: Path) -> dict[str, Any]:
@@ -421,6 +424,12 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
 # listing helpers
 
 
+def _is_peft_model(model: Any) -> bool:
+    """isinstance(model, peft.PeftModel), without importing peft (slow) when nothing has yet."""
+    peft = sys.modules.get("peft")
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
 def _visible_dirs(path: Path) -> list[Path]:
     if not path.is_dir():
         return []
@@ -472,18 +481,22 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
         elif artifact == "manifest":
             name = f"{experiment}/manifests/{card.get('name', '?')}"
         else:
-            name = str(card.get("name", "?"))
+            name = str(card.get("backbone_id") or card.get("name", "?"))
         if "error" in card:
             rows.append((artifact, "?", name, "-", "-", f"ERROR: {card['error']}", "-", "-"))
             continue
         data_hash = card.get("manifest_hash")
+        kind = str(card.get("kind", "-"))
+        adapter_kind = card.get("adapter_kind")
+        if adapter_kind and adapter_kind != kind:
+            kind = f"{kind}/{adapter_kind}"
         metrics = _metrics_summary(card.get("metrics"))
         if artifact == "manifest" and card.get("n_samples") is not None:
             metrics = f"n_samples={card['n_samples']}"
         rows.append(
             (
                 str(artifact),
-                str(card.get("kind", "-")),
+                kind,
                 name,
                 _prefix(data_hash),
                 _prefix(card.get("backbone_hash")),
@@ -616,8 +629,7 @@ class ArtifactStore:
             full.setdefault("created", utc_now())
             full.update(_weights_record(tmp))
             full["backbone_hash"] = hash_state_dict(unet.state_dict())
-            _write_card(tmp, full)
-            written.update(full)
+            written.update(_write_card(tmp, full))
 
         _write_dir_atomically(final, write)
         return written
@@ -683,8 +695,9 @@ class ArtifactStore:
         the active one) is written in the standard peft layout (``adapter_model.safetensors`` +
         ``adapter_config.json``) at the top of the dir. ``kind="full"``: a plain diffusers model,
         diffusers ``save_pretrained`` layout. ``card`` must carry ``backbone_hash``; it gains
-        ``kind``, ``job``, ``experiment``, ``name`` (default ``job``), ``weights_file``,
-        ``weights_sha256`` and ``created``. An existing artifact is replaced atomically.
+        ``adapter_kind`` (= ``kind``), ``kind`` (unless the card has one, e.g. "shard"), ``job``,
+        ``experiment``, ``name`` (default ``job``), ``weights_file``, ``weights_sha256`` and
+        ``created``. An existing artifact is replaced atomically.
         """
         if kind not in ADAPTER_KINDS:
             raise StoreError(f"adapter kind must be one of {ADAPTER_KINDS}, got {kind!r}")
@@ -694,16 +707,13 @@ class ArtifactStore:
                 "backbone_hash so the adapter can be checked against its backbone on load"
             )
         final = self.adapter_dir(experiment, job)
-
-        from peft import PeftModel
-
         if kind == "lora":
-            if not isinstance(model, PeftModel):
+            if not _is_peft_model(model):
                 raise StoreError(f"kind='lora' needs a peft.PeftModel, got {type(model).__name__}")
             name = adapter_name or model.active_adapter
             if name not in model.peft_config:
                 raise StoreError(f"adapter {name!r} not in model (has {list(model.peft_config)})")
-        elif isinstance(model, PeftModel):
+        elif _is_peft_model(model):
             raise StoreError("kind='full' needs a plain diffusers model, got a peft.PeftModel")
         written: dict[str, Any] = {}
 
@@ -717,12 +727,12 @@ class ArtifactStore:
             else:
                 model.save_pretrained(str(tmp), safe_serialization=True)
             full = dict(card)
-            full.update(kind=kind, job=job, experiment=experiment)
+            full.setdefault("kind", kind)  # the caller's kind (e.g. "shard") is kept
+            full.update(adapter_kind=kind, job=job, experiment=experiment)
             full.setdefault("name", job)
             full.setdefault("created", utc_now())
             full.update(_weights_record(tmp))
-            _write_card(tmp, full)
-            written.update(full)
+            written.update(_write_card(tmp, full))
 
         _write_dir_atomically(final, write)
         return written
@@ -764,11 +774,11 @@ class ArtifactStore:
                 f"backbone_hash {trained_on}, but the backbone given has {backbone_hash}. "
                 f"Load the backbone it was trained on, or retrain it with `{hint}`."
             )
-        kind = card.get("kind")
+        kind = card.get("adapter_kind", card.get("kind"))
         if kind == "lora":
             from peft import PeftModel
 
-            if isinstance(base_unet, PeftModel):
+            if _is_peft_model(base_unet):
                 name = adapter_name or job
                 base_unet.load_adapter(str(directory), adapter_name=name, is_trainable=is_trainable)
                 return base_unet, card
@@ -780,7 +790,11 @@ class ArtifactStore:
             )
             return model, card
         if kind == "full":
-            if base_unet is None or not hasattr(type(base_unet), "from_pretrained"):
+            if (
+                base_unet is None
+                or _is_peft_model(base_unet)
+                or not hasattr(type(base_unet), "from_pretrained")
+            ):
                 from diffusers import UNet2DModel
 
                 cls: Any = UNet2DModel
@@ -788,7 +802,7 @@ class ArtifactStore:
                 cls = type(base_unet)
             return cls.from_pretrained(str(directory), local_files_only=True), card
         raise CorruptArtifactError(
-            f"card {directory / CARD_FILENAME} has unknown kind {kind!r} (expected one of "
+            f"card {directory / CARD_FILENAME} has unknown adapter_kind {kind!r} (expected one of "
             f"{ADAPTER_KINDS}). {remedy}"
         )
 
@@ -818,6 +832,14 @@ class ArtifactStore:
         """See module-level ``load_checkpoint``."""
         return load_checkpoint(path)
 
+    def clear_checkpoints(self, experiment: str, job: str) -> bool:
+        """Delete the checkpoint dir of a job (before retraining it); True if there was one."""
+        directory = self.checkpoint_dir(experiment, job)
+        if not directory.exists():
+            return False
+        shutil.rmtree(directory)
+        return True
+
     # ---- listing -------------------------------------------------------------------------
 
     def _entry(self, artifact: str, directory: Path, **extra: Any) -> dict[str, Any]:
@@ -832,15 +854,19 @@ class ArtifactStore:
         """Every backbone, manifest and adapter card under the root (or of one experiment).
 
         Each entry is the card plus ``artifact`` ("backbone" | "manifest" | "adapter"), ``path``
-        and, for experiment artifacts, ``experiment`` (+ ``job`` for adapters). Hidden temp dirs
-        are skipped; an unreadable card gives an entry with ``error``. Sorted by
-        (experiment, artifact, name).
+        and ``experiment`` (None for backbones), plus ``job`` for adapters and ``backbone_id`` for
+        backbones. Hidden temp dirs are skipped; an unreadable card gives an entry with ``error``.
+        Sorted by (experiment, artifact, name).
         """
         entries: list[dict[str, Any]] = []
         if experiment is None:
             for directory in _visible_dirs(self.root / "backbones"):
                 if (directory / CARD_FILENAME).is_file():
-                    entries.append(self._entry("backbone", directory, experiment=None))
+                    entries.append(
+                        self._entry(
+                            "backbone", directory, experiment=None, backbone_id=directory.name
+                        )
+                    )
             experiments = self.list_experiments()
         else:
             experiments = [validate_name(experiment, "experiment name")]
@@ -876,7 +902,7 @@ class ArtifactStore:
             key=lambda e: (
                 e.get("experiment") or "",
                 order.get(e["artifact"], 9),
-                str(e.get("job") or e.get("name") or ""),
+                str(e.get("job") or e.get("backbone_id") or e.get("name") or ""),
                 e["path"],
             )
         )

@@ -1,0 +1,273 @@
+"""Per-step time of shard training (ShardTraining under Lightning) against a bare PyTorch loop.
+
+Both paths train the same LoRA UNet (conf/backbone/<preset>.yaml, conf/adapter/lora.yaml) on the
+same fixed in-memory batch with the same math: generator-seeded noise, timesteps and label dropout
+as in ``DenoisingModule.denoising_loss``, forward, MSE loss, backward, AdamW step, zero_grad.
+Rounds alternate between the two paths; warm-up steps are excluded. Run from the repo root:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/train_step.py --preset small --batch-size 64
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+import warnings
+from datetime import UTC, datetime
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, default_collate
+from torch.utils.flop_counter import FlopCounterMode
+
+from cdm.core.diffusion import epsilon_loss, q_sample, sample_noise_and_timesteps, step_generator
+from cdm.lightning.jobs import ShardTraining
+from cdm.models.adapters import prepare_shard_model, trainable_parameters
+from cdm.models.backbone import build_scheduler, build_unet, null_label
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
+
+
+def backbone_conf(preset: str) -> DictConfig:
+    """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
+    cfg = OmegaConf.load(ROOT / "conf" / "backbone" / f"{preset}.yaml")
+    parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*parents, cfg)
+
+
+def make_unet(bcfg: DictConfig, args: argparse.Namespace) -> torch.nn.Module:
+    """A freshly initialised UNet; call right after seeding so both paths get the same weights."""
+    kw = OmegaConf.to_container(bcfg.unet, resolve=True)
+    size, ch = args.resolution, args.channels
+    return build_unet(bcfg.kind, kw, sample_size=size, channels=ch, num_classes=NUM_CLASSES)
+
+
+class StepTimer(pl.Callback):
+    """Wall (perf_counter) and process CPU time at each batch start and end, after a CUDA sync."""
+
+    def __init__(self, sync: bool) -> None:
+        self.sync, self.starts, self.ends, self.losses = sync, [], [], []
+
+    def now(self) -> tuple[float, float]:
+        if self.sync:
+            torch.cuda.synchronize()
+        return time.perf_counter(), time.process_time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.starts.append(self.now())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.ends.append(self.now())
+        self.losses.append(outputs["loss"].detach())
+
+    def summary(self, warmup: int, steps: int) -> dict[str, float]:
+        """Medians (ms) over the timed steps: in-step span, start-to-next-start period, CPU span."""
+        pairs = list(zip(self.starts, self.ends, strict=True))[warmup : warmup + steps]
+        nexts = list(pairwise(self.starts))[warmup : warmup + steps]
+        med = statistics.median
+        return {
+            "step_ms": 1e3 * med(e[0] - s[0] for s, e in pairs),
+            "period_ms": 1e3 * med(b[0] - a[0] for a, b in nexts),
+            "cpu_ms": 1e3 * med(e[1] - s[1] for s, e in pairs),
+        }
+
+
+def bare_loss(model, batch, alphas, step: int, null: int, amp: torch.autocast) -> torch.Tensor:
+    """The epsilon loss of DenoisingModule.denoising_loss, written with cdm.core.diffusion only."""
+    with amp:
+        x0, labels = batch["image"], batch["label"]
+        generator = step_generator(SEED, step, 0, x0.device)
+        noise, timesteps = sample_noise_and_timesteps(x0, alphas.shape[0], generator)
+        drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < COND_DROP
+        labels = torch.where(drop, torch.full_like(labels, null), labels)
+        x_t = q_sample(x0, noise, timesteps, alphas)
+        return epsilon_loss(model(x_t, timesteps, class_labels=labels, return_dict=False)[0], noise)
+
+
+def run_bare(model, batch, alphas, null, amp, total: int, sync: bool) -> StepTimer:
+    """``total`` steps of the bare loop, timed over the same span as in Lightning."""
+    params = [p for _, p in trainable_parameters(model)]
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=sync or None)
+    timer = StepTimer(sync)
+    for step in range(total):
+        timer.starts.append(timer.now())
+        loss = bare_loss(model, batch, alphas, step, null, amp)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        timer.ends.append(timer.now())
+        timer.losses.append(loss.detach())
+    return timer
+
+
+def run_ours(module: ShardTraining, loader: DataLoader, args, total: int, sync: bool) -> StepTimer:
+    """``total`` steps of ShardTraining under a real ``Trainer.fit``."""
+    timer, precision = StepTimer(sync), "bf16-mixed" if args.precision == "bf16" else "32-true"
+    off = dict.fromkeys(
+        ("enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False
+    )
+    kw = dict(accelerator="gpu" if sync else "cpu", devices=1, max_steps=total, logger=False, **off)
+    pl.Trainer(precision=precision, callbacks=[timer], **kw).fit(module, train_dataloaders=loader)
+    return timer
+
+
+def count_flops(model, batch, alphas, null, amp) -> int:
+    """FLOPs of one forward+backward of the bare path (the optimizer step is not counted)."""
+    with FlopCounterMode(display=False) as counter:
+        bare_loss(model, batch, alphas, 0, null, amp).backward()
+    model.zero_grad(set_to_none=True)
+    return int(counter.get_total_flops())
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured (load average: this CPU may be shared)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    """Command line; resolution/channels default to 8/1 (tiny, small) or 32/3 (base)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["tiny", "small", "base"], default="small")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=30, help="timed steps per round")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per round")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each path")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (cuda only)")
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
+    p.add_argument("--out", type=Path, help="default docs/benchmarks/train_step-<device>.json")
+    args = p.parse_args()
+    big = args.preset == "base"
+    args.resolution = args.resolution or (32 if big else 8)
+    args.channels = args.channels or (3 if big else 1)
+    args.out = args.out or ROOT / "docs" / "benchmarks" / f"train_step-{args.device}.json"
+    if args.compile and args.device != "cuda":
+        p.error("--compile is for --device cuda only")
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build both paths, count FLOPs, run the interleaved rounds; return (results, model info)."""
+    device, sync = torch.device(args.device), args.device == "cuda"
+    total = args.warmup + args.steps + 1  # +1: the period of the last timed step
+    bcfg = backbone_conf(args.preset)
+    adapter = dict(OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml"))
+    alphas = build_scheduler(bcfg.scheduler).alphas_cumprod
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+
+    gen = torch.Generator().manual_seed(SEED)
+    shape = (args.batch_size, args.channels, args.resolution, args.resolution)
+    images = torch.rand(shape, generator=gen) * 2 - 1
+    labels = torch.randint(0, NUM_CLASSES, (args.batch_size,), generator=gen)
+    batch = {"image": images.to(device).contiguous(memory_format=fmt), "label": labels.to(device)}
+    # a list of dicts as the dataset: every sequential batch of size B is the same B samples
+    data = [{"image": images[i], "label": labels[i], "index": i} for i in range(len(images))]
+    data = data * total
+
+    def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
+        out = default_collate(samples)
+        return {**out, "image": out["image"].contiguous(memory_format=fmt)}
+
+    loader = DataLoader(data, batch_size=args.batch_size, collate_fn=collate)
+
+    kw = dict(dataset_size=args.batch_size, lr=LR, cond_drop_prob=COND_DROP, seed=SEED)
+    torch.manual_seed(SEED)  # the same UNet and LoRA init in both paths
+    module = ShardTraining(make_unet(bcfg, args), alphas, adapter, **kw)
+    module.model.to(memory_format=fmt)
+    torch.manual_seed(SEED)
+    bare = prepare_shard_model(make_unet(bcfg, args), adapter).to(device, memory_format=fmt).train()
+    null, bare_alphas = null_label(bare), alphas.float().to(device)
+    flops = count_flops(bare, batch, bare_alphas, null, amp)
+    if args.compile:
+        module.model.compile()
+        bare.compile()
+
+    rounds: dict[str, list[dict[str, float]]] = {"ours": [], "bare": []}
+    losses: dict[str, torch.Tensor] = {}
+    loss_diff = 0.0
+    for r in range(args.rounds):  # alternate which path goes first
+        for path in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+            if path == "ours":
+                timer = run_ours(module, loader, args, total, sync)
+            else:
+                timer = run_bare(bare, batch, bare_alphas, null, amp, total, sync)
+            rounds[path].append(timer.summary(args.warmup, args.steps))
+            losses[path] = torch.stack(timer.losses).float().cpu()
+        loss_diff = max(loss_diff, (losses["ours"] - losses["bare"]).abs().max().item())
+
+    report: dict[str, Any] = {}
+    for path, rs in rounds.items():
+        med = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+        med["images_per_s"] = round(1e3 * args.batch_size / med["period_ms"], 1)
+        med["tflop_per_s"] = round(flops / med["period_ms"] / 1e9, 4)
+        if sync:
+            med["fraction_of_peak"] = round(med["tflop_per_s"] / args.peak_tflops, 4)
+        report[path] = {**med, "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rs]}
+    for key in ("step", "period", "cpu"):
+        report[f"ratio_{key}"] = round(report["ours"][f"{key}_ms"] / report["bare"][f"{key}_ms"], 4)
+    report.update(max_abs_loss_diff=loss_diff, flop_per_step_fwd_bwd=flops)
+    report["peak_tflops"] = args.peak_tflops if sync else None
+    n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()
+    return report, {"lora_params": n_lora, "total_params": n_all}
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    load_before = os.getloadavg()
+    report, model_info = measure(args)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    out = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
+        "config": {**config, **model_info, "lr": LR, "cond_drop_prob": COND_DROP},
+        "results": report,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    print(f"{'path':<6}{'step ms':>9}{'period ms':>11}{'cpu ms':>9}{'images/s':>10}{'TFLOP/s':>9}")
+    for path in ("ours", "bare"):
+        r = report[path]
+        row = (r["step_ms"], r["period_ms"], r["cpu_ms"], r["images_per_s"], r["tflop_per_s"])
+        print(f"{path:<6}{row[0]:>9.2f}{row[1]:>11.2f}{row[2]:>9.2f}{row[3]:>10.0f}{row[4]:>9.3f}")
+    ratios = ", ".join(f"{k} {report[f'ratio_{k}']:.3f}" for k in ("step", "period", "cpu"))
+    print(f"ours/bare: {ratios} (target <= 1.05)")
+    if args.device == "cuda":
+        frac = {p: f"{report[p]['fraction_of_peak']:.1%}" for p in ("ours", "bare")}
+        print(f"of the {args.peak_tflops:g} TFLOP/s peak: ours {frac['ours']}, bare {frac['bare']}")
+    print(f"max |loss ours - loss bare| = {report['max_abs_loss_diff']:.2e}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Evaluation of trained parts (held-out denoising loss; FID and friends come later)."""

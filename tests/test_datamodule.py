@@ -1,0 +1,67 @@
+"""Shard isolation and SISA slice order of the training dataloader."""
+
+from __future__ import annotations
+
+import pytest
+
+from cdm.data.datamodule import ManifestDataModule, active_slices
+from cdm.data.datasets import build_dataset
+from cdm.data.sharding import make_split, slice_indices
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return build_dataset("digits")
+
+
+@pytest.fixture(scope="module")
+def split(digits):
+    return make_split(digits, strategy="by_class", n_shards=4, seed=0, safe_fraction=0.3, n_slices=3)
+
+
+class FakeTrainer:
+    def __init__(self, epoch: int, rank: int = 0, world_size: int = 1):
+        self.current_epoch, self.global_rank, self.world_size = epoch, rank, world_size
+
+
+def test_active_slices_walks_the_slices_in_order():
+    assert [active_slices(e, 2, 3) for e in range(8)] == [1, 1, 2, 2, 3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_dataloader_of_shard_k_never_yields_another_shards_id(digits, split, world_size):
+    for k, manifest in enumerate(split.shards):
+        own = set(manifest.ids)
+        slices = slice_indices(digits, manifest)
+        dm = ManifestDataModule(digits, slices, batch_size=32, epochs_per_slice=2, seed=0)
+        seen_by_epoch = []
+        for epoch in range(dm.max_epochs):
+            seen = set()
+            for rank in range(world_size):
+                dm.trainer = FakeTrainer(epoch, rank, world_size)
+                for batch in dm.train_dataloader():
+                    ids = {digits.ids[i] for i in batch["index"].tolist()}
+                    assert ids <= own, f"shard {k} yielded ids of another shard: {sorted(ids - own)[:3]}"
+                    seen |= ids
+            seen_by_epoch.append(seen)
+        # slice s joins at epoch 2*s; every id of the active slices is seen each epoch
+        first = {digits.ids[i] for i in slices[0]}
+        assert seen_by_epoch[0] == first == seen_by_epoch[1]
+        assert seen_by_epoch[-1] == own
+        assert first < seen_by_epoch[2]
+
+
+def test_order_depends_only_on_seed_and_epoch(digits, split):
+    slices = slice_indices(digits, split.shards[0])
+    dm = ManifestDataModule(digits, slices, batch_size=16, epochs_per_slice=1, seed=4)
+    dm.trainer = FakeTrainer(2)
+    a = list(dm.train_dataloader().sampler)
+    b = list(dm.train_dataloader().sampler)
+    dm.trainer = FakeTrainer(1)
+    c = list(dm.train_dataloader().sampler)
+    assert a == b and a != c
+
+
+def test_empty_slice_is_refused(digits):
+    with pytest.raises(ValueError, match="at least one sample"):
+        ManifestDataModule(digits, [[1, 2], []], batch_size=4, epochs_per_slice=1, seed=0)

@@ -1,0 +1,137 @@
+"""Shard training end to end through cdm-train: cards, determinism, kill/resume, errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cdm.core.hashing import hash_ids
+from cdm.data.datasets import build_dataset
+from cdm.store import ArtifactStore, read_card
+
+TINY = ["experiment=digits_4split", "debug=tiny"]
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory) -> Path:
+    """A store holding a tiny safe backbone for digits (trained once for this module)."""
+    from tests.conftest import run_cli
+
+    root = tmp_path_factory.mktemp("artifacts")
+    run_cli(*TINY, "stage=backbone", artifacts=root)
+    return root
+
+
+def adapter_weights(root: Path, experiment: str, job: str) -> dict[str, torch.Tensor]:
+    return load_file(ArtifactStore(root).adapter_dir(experiment, job) / "adapter_model.safetensors")
+
+
+def test_card_records_the_hash_of_the_ids_actually_fed(store_root, train):
+    train(*TINY, "stage=shard", "shard.index=1", "experiment_name=cards", artifacts=store_root)
+    store = ArtifactStore(store_root)
+    card = read_card(store.adapter_dir("cards", "shard-01"))
+    manifest = store.load_manifest("cards", "shard-01")
+    assert card["manifest_hash"] == manifest["hash"]
+    assert card["n_samples_fed"] == len(manifest["ids"])
+    # the manifest hash is the hash of exactly those ids with their content hashes
+    dataset = build_dataset("digits")
+    index = dataset.id_to_index
+    assert hash_ids(manifest["ids"], [dataset.content_hashes[index[i]] for i in manifest["ids"]]) == card["manifest_hash"]
+    backbone = read_card(store.backbone_dir(card["parents"][0]["name"]))
+    assert card["backbone_hash"] == backbone["backbone_hash"]
+    assert card["config"]["shard"]["index"] == 1 and card["code_version"]
+    assert card["metrics"]["global_step"] > 0 and card["wall_time_s"] > 0
+    # the adapter's own parameters moved away from their initialisation (lora_B starts at zero)
+    weights = adapter_weights(store_root, "cards", "shard-01")
+    assert any(k.endswith("lora_B.weight") and v.abs().sum() > 0 for k, v in weights.items())
+    # a slice checkpoint exists per SISA slice, for forgetting
+    ckpts = sorted(p.name for p in store.checkpoint_dir("cards", "shard-01").glob("*.ckpt"))
+    assert ckpts == ["last.ckpt", "slice-00.ckpt", "slice-01.ckpt"]
+
+
+def test_seeded_runs_are_bit_identical_and_seed_matters(store_root, cli, train):
+    # one run through the command line, one in this process: same bits
+    cli(*TINY, "stage=shard", "shard.index=0", "experiment_name=det-a", artifacts=store_root)
+    train(*TINY, "stage=shard", "shard.index=0", "experiment_name=det-b", artifacts=store_root)
+    a = adapter_weights(store_root, "det-a", "shard-00")
+    b = adapter_weights(store_root, "det-b", "shard-00")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    train(*TINY, "stage=shard", "shard.index=0", "experiment_name=det-c", "optim.lr=1e-3", artifacts=store_root)
+    c = adapter_weights(store_root, "det-c", "shard-00")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+def test_killed_and_resumed_run_ends_bit_identical(store_root, cli):
+    args = (*TINY, "stage=shard", "shard.index=2", "optim.epochs_per_slice=2")
+    cli(*args, "experiment_name=ref", artifacts=store_root)
+    killed = cli(*args, "experiment_name=resumed", "kill_at_step=5", artifacts=store_root, check=False)
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    store = ArtifactStore(store_root)
+    assert not (store.adapter_dir("resumed", "shard-02") / "card.json").exists()
+    assert (store.checkpoint_dir("resumed", "shard-02") / "last.ckpt").exists()
+    resumed = cli(*args, "experiment_name=resumed", artifacts=store_root)
+    assert "resuming shard-02" in resumed.stdout
+    ref = adapter_weights(store_root, "ref", "shard-02")
+    res = adapter_weights(store_root, "resumed", "shard-02")
+    assert all(torch.equal(ref[k], res[k]) for k in ref)
+    assert read_card(store.adapter_dir("resumed", "shard-02"))["manifest_hash"] == read_card(
+        store.adapter_dir("ref", "shard-02")
+    )["manifest_hash"]
+
+
+def test_resume_with_other_settings_is_refused(store_root, cli):
+    args = (*TINY, "stage=shard", "shard.index=3", "experiment_name=changed")
+    assert cli(*args, "kill_at_step=2", artifacts=store_root, check=False).returncode == 17
+    assert (ArtifactStore(store_root).checkpoint_dir("changed", "shard-03") / "last.ckpt").exists()
+    proc = cli(*args, "optim.lr=5e-4", artifacts=store_root, check=False)
+    assert proc.returncode != 0
+    assert "retrain=true" in proc.stderr
+
+
+def test_existing_artifact_is_kept_unless_retrain(store_root, train, capsys):
+    args = (*TINY, "stage=shard", "shard.index=0", "experiment_name=keep")
+    train(*args, artifacts=store_root)
+    path = ArtifactStore(store_root).adapter_dir("keep", "shard-00") / "card.json"
+    created = json.loads(path.read_text())["created"]
+    train(*args, artifacts=store_root)
+    assert "already trained" in capsys.readouterr().out
+    assert json.loads(path.read_text())["created"] == created
+    train(*args, "retrain=true", artifacts=store_root)
+    assert json.loads(path.read_text())["created"] != created
+
+
+def test_paragon_trains_on_all_private_data(store_root, train):
+    train(*TINY, "stage=paragon", "experiment_name=paragon", artifacts=store_root)
+    store = ArtifactStore(store_root)
+    card = read_card(store.adapter_dir("paragon", "paragon"))
+    private = store.load_manifest("paragon", "private")
+    shards = [store.load_manifest("paragon", f"shard-{k:02d}") for k in range(4)]
+    assert card["manifest_hash"] == private["hash"]
+    assert sorted(private["ids"]) == sorted(i for s in shards for i in s["ids"])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["stage=shard", "shard.index=7"], "shard.index=0..3"),
+        (["stage=shard", "shard.index=0", "backbone.id=never-trained"], "stage=backbone"),
+        (["stage=shard", "sharding.n_shards=20", "experiment_name=too-many"], "sharding=random"),
+        (["stage=backbone", "data=cifar10", "data.root=/nonexistent/cifar"], "cifar-10-batches-bin"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(store_root, train, overrides, message):
+    with pytest.raises((ValueError, FileNotFoundError)) as err:
+        train(*TINY, *overrides, artifacts=store_root)
+    assert message in str(err.value)
+
+
+def test_backbone_trained_on_another_safe_split_is_refused(store_root, train):
+    # same backbone id, but a safe split drawn with another seed: it may have seen private data
+    with pytest.raises(ValueError, match="may have seen private data"):
+        train(*TINY, "stage=shard", "seed=5", "backbone.id=digits-r8-tiny-safe0.3-seed0",
+              "experiment_name=other-safe", artifacts=store_root)  # fmt: skip
