@@ -22,13 +22,13 @@ data-fashion:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/
 	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz -o -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte || \
 	  { $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist || { $(if $(shell command -v sudo),sudo,) apt-get update -q && $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist; }; }
 
-test: install  ## fast tests (excludes slow and gpu)
+test: install data-fashion  ## fast tests (excludes slow and gpu)
 	$(PY) -m pytest -q
 
-test-slow: install  ## slow tests only
+test-slow: install data-fashion  ## slow tests only
 	$(PY) -m pytest -q -m slow
 
-test-all: install  ## every CPU test
+test-all: install data-fashion  ## every CPU test
 	$(PY) -m pytest -q -m 'not gpu'
 
 lint: install
@@ -41,9 +41,10 @@ format: install
 
 demo: install  ## safe backbone + 4 LoRA shard adapters on digits, then list them with their cards
 	$(VENV)/bin/cdm-train experiment=digits_4split stage=backbone paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART)
+	$(VENV)/bin/cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART) \
+	  hydra/launcher=joblib hydra.launcher.n_jobs=2 trainer.enable_progress_bar=false
 	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split
-	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split --json | head -n 60
+	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split --cards
 
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/train_step.py

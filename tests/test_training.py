@@ -135,3 +135,13 @@ def test_backbone_trained_on_another_safe_split_is_refused(store_root, train):
     with pytest.raises(ValueError, match="may have seen private data"):
         train(*TINY, "stage=shard", "seed=5", "backbone.id=digits-r8-tiny-safe0.3-seed0",
               "experiment_name=other-safe", artifacts=store_root)  # fmt: skip
+
+
+def test_wandb_offline_run_is_grouped_and_recorded_on_the_card(store_root, train):
+    card = train(*TINY, "stage=shard", "shard.index=3", "experiment_name=wb", "logger=wandb", artifacts=store_root)
+    run_id = card["wandb_run_id"]
+    assert run_id
+    runs = list((ArtifactStore(store_root).log_dir("wb") / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(runs) == 1
+    assert card["config"]["logger"]["wandb"]["group"] == "wb"
+    assert card["config"]["logger"]["wandb"]["job_type"] == "shard"

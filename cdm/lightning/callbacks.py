@@ -104,7 +104,10 @@ class ArtifactWriter(pl.Callback):
                 f"{self.expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
             )
         pl_module.copy_ema_to_model()
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        print(f"[cdm] {self.job}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {self.expected_hash[:12]}")
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.endswith("_step")}
+        if "train/loss_epoch" in metrics:
+            metrics["train/loss"] = metrics.pop("train/loss_epoch")
         card = dict(self.card)
         card.update(
             manifest_hash=fed_hash,

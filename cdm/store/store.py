@@ -61,7 +61,7 @@ LAST_CKPT = "last.ckpt"
 RESERVED_JOBS = frozenset({"manifests", "shards", "checkpoints", "logs"})
 # Commands named in error messages; kept here so they can follow the CLI.
 TRAIN_HINTS = {
-    "manifest": "cdm-train stage=shards experiment={experiment}",
+    "manifest": "cdm-train experiment={experiment} stage=backbone  (any stage writes the manifests)",
     "backbone": "cdm-train stage=backbone ...  (backbone id '{backbone_id}')",
     "shard": "cdm-train stage=shard shard.index={index} experiment={experiment}",
     "job": "cdm-train stage={job} experiment={experiment}",
