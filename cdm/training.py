@@ -19,7 +19,12 @@ from cdm.data.datasets import SampleDataset, build_dataset
 from cdm.data.sharding import Manifest, Split, indices_of, make_split, slice_indices
 from cdm.lightning.callbacks import ArtifactWriter, KillAtStep, SliceCheckpoint
 from cdm.lightning.jobs import BackbonePretraining, ShardTraining
-from cdm.models.backbone import UNET_CLASSES, backbone_hash, build_scheduler, build_unet, load_pretrained_unet
+from cdm.models.backbone import (
+    UNET_CLASSES,
+    build_scheduler,
+    build_unet,
+    load_pretrained_unet,
+)
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 
@@ -38,7 +43,9 @@ def load_data(cfg: DictConfig) -> SampleDataset:
     kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.data.kwargs, resolve=True))
     if cfg.data.get("root") is not None:
         kwargs["root"] = cfg.data.root
-    return build_dataset(cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels, **kwargs)
+    return build_dataset(
+        cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels, **kwargs
+    )
 
 
 def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
@@ -87,7 +94,9 @@ def select_manifest(stage: str, split: Split, index: int) -> Manifest:
     return split.shards[index]
 
 
-def load_backbone_for_shards(cfg: DictConfig, store: ArtifactStore, split: Split) -> tuple[torch.nn.Module, dict]:
+def load_backbone_for_shards(
+    cfg: DictConfig, store: ArtifactStore, split: Split
+) -> tuple[torch.nn.Module, dict]:
     """The experiment's safe backbone, checked to have seen nothing but the safe split."""
     try:
         unet, card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
@@ -128,7 +137,11 @@ def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: A
             unet, scheduler.alphas_cumprod, lr=p.lr, weight_decay=p.weight_decay, ema_decay=p.ema_decay,
             cond_drop_prob=cfg.optim.cond_drop_prob, **common,
         )  # fmt: skip
-        parents = [{"kind": "pretrained", "path": str(cfg.backbone.pretrained_path)}] if cfg.backbone.pretrained_path else []
+        parents = (
+            [{"kind": "pretrained", "path": str(cfg.backbone.pretrained_path)}]
+            if cfg.backbone.pretrained_path
+            else []
+        )
         return module, parents
     unet, bcard = load_backbone_for_shards(cfg, store, split)
     o = cfg.optim
@@ -160,37 +173,66 @@ def device_description() -> str:
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 
-def run_job(cfg: DictConfig) -> dict | None:
+def job_schedule(
+    cfg: DictConfig, dataset: SampleDataset, manifest: Manifest
+) -> tuple[list[list[int]], int, int]:
+    """(slices of dataset indices, epochs per slice, batch size) of this stage.
+
+    The backbone sees its safe split as one slice; shards and the paragon walk their SISA slices.
+    """
+    if cfg.stage == "backbone":
+        return (
+            [indices_of(dataset, manifest)],
+            int(cfg.pretrain.epochs),
+            int(cfg.pretrain.batch_size),
+        )
+    return (
+        slice_indices(dataset, manifest),
+        int(cfg.optim.epochs_per_slice),
+        int(cfg.optim.batch_size),
+    )
+
+
+def import_pretrained_backbone(
+    cfg: DictConfig, store: ArtifactStore, unet: torch.nn.Module, card: dict
+) -> dict:
+    """``pretrain.epochs=0``: store a local pretrained UNet as the backbone, untouched."""
+    if cfg.stage != "backbone" or not cfg.backbone.pretrained_path:
+        raise ValueError(
+            "zero epochs only imports a pretrained backbone: set backbone.pretrained_path"
+        )
+    card.update(manifest_hash=None, n_samples_fed=0, metrics={}, wall_time_s=0.0)
+    return store.save_backbone(cfg.backbone.id, unet, card)
+
+
+def run_job(cfg: DictConfig) -> dict:
     """Train the job ``cfg.stage`` (backbone | shard | paragon) and return its card."""
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
     job = job_name(cfg.stage, cfg.shard.index)
+    is_backbone = cfg.stage == "backbone"
 
     dataset = load_data(cfg)
     split = split_data(cfg, dataset)
     record_manifests(store, experiment, split)
     manifest = select_manifest(cfg.stage, split, int(cfg.shard.index))
-    artifact = store.backbone_dir(cfg.backbone.id) if cfg.stage == "backbone" else store.adapter_dir(experiment, job)
+    artifact = (
+        store.backbone_dir(cfg.backbone.id) if is_backbone else store.adapter_dir(experiment, job)
+    )
     if (artifact / "card.json").exists() and not cfg.retrain:
         print(f"[cdm] {job} already trained at {artifact}; pass retrain=true to train it again")
         return read_card(artifact)
-    ckpt_job = job if cfg.stage != "backbone" else f"backbone-{cfg.backbone.id}"
-    ckpt_dir = store.checkpoint_dir(experiment, ckpt_job)
+    ckpt_job = f"backbone-{cfg.backbone.id}" if is_backbone else job
     if cfg.retrain:
         store.clear_checkpoints(experiment, ckpt_job)
 
     module, parents = build_module(cfg, dataset, split, store)
-    if cfg.stage == "backbone":
-        epochs_per_slice, n_slices, batch_size = int(cfg.pretrain.epochs), 1, int(cfg.pretrain.batch_size)
-        slices = [indices_of(dataset, manifest)]
-    else:
-        epochs_per_slice, n_slices, batch_size = int(cfg.optim.epochs_per_slice), len(manifest.slices), int(cfg.optim.batch_size)
-        slices = slice_indices(dataset, manifest)
+    slices, epochs_per_slice, batch_size = job_schedule(cfg, dataset, manifest)
     config = OmegaConf.to_container(cfg, resolve=True)
     card = make_card(
-        kind="backbone" if cfg.stage == "backbone" else ("paragon" if cfg.stage == "paragon" else "shard"),
-        name=cfg.backbone.id if cfg.stage == "backbone" else job,
+        kind=cfg.stage,
+        name=cfg.backbone.id if is_backbone else job,
         experiment=experiment,
         shard_index=int(cfg.shard.index) if cfg.stage == "shard" else None,
         manifest_name=manifest.name,
@@ -200,24 +242,29 @@ def run_job(cfg: DictConfig) -> dict | None:
         device=device_description(),
     )
     if epochs_per_slice == 0:
-        if cfg.stage != "backbone" or not cfg.backbone.pretrained_path:
-            raise ValueError("zero epochs only imports a pretrained backbone: set backbone.pretrained_path")
-        unet = module.model
-        card.update(manifest_hash=None, n_samples_fed=0, backbone_hash=backbone_hash(unet), metrics={}, wall_time_s=0.0)
-        store.save_backbone(cfg.backbone.id, unet, card)
-        return read_card(store.backbone_dir(cfg.backbone.id))
+        return import_pretrained_backbone(cfg, store, module.model, card)
 
-    datamodule = ManifestDataModule(dataset, slices, batch_size=batch_size, epochs_per_slice=epochs_per_slice, seed=int(cfg.seed))
+    datamodule = ManifestDataModule(
+        dataset,
+        slices,
+        batch_size=batch_size,
+        epochs_per_slice=epochs_per_slice,
+        seed=int(cfg.seed),
+    )
+    ckpt_dir = store.checkpoint_dir(experiment, ckpt_job)
     callbacks: list[pl.Callback] = [
         SliceCheckpoint(ckpt_dir, epochs_per_slice, signature=config_signature(config)),
-        ArtifactWriter(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
+        ArtifactWriter(
+            str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind
+        ),
+        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
     ]
-    callbacks += [instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None]
     if cfg.kill_at_step is not None:
         callbacks.append(KillAtStep(int(cfg.kill_at_step)))
+    loggers = build_loggers(cfg, store.log_dir(experiment))
     trainer: pl.Trainer = instantiate(
-        cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=build_loggers(cfg, store.log_dir(experiment)) or False,
-    )  # fmt: skip
+        cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=loggers or False
+    )
     last = ckpt_dir / "last.ckpt"
     ckpt_path = str(last) if cfg.resume and last.exists() else None
     if ckpt_path:
@@ -228,6 +275,11 @@ def run_job(cfg: DictConfig) -> dict | None:
 
 def config_signature(config: dict) -> str:
     """Hash of the settings that change what a job computes (not where it logs or runs)."""
-    keep = {k: config.get(k) for k in ("data", "sharding", "backbone", "adapter", "seed", "stage", "shard", "threads")}
-    keep["train"] = config.get("pretrain") if config.get("stage") == "backbone" else config.get("optim")
+    keep = {
+        k: config.get(k)
+        for k in ("data", "sharding", "backbone", "adapter", "seed", "stage", "shard", "threads")
+    }
+    keep["train"] = (
+        config.get("pretrain") if config.get("stage") == "backbone" else config.get("optim")
+    )
     return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())

@@ -17,14 +17,18 @@ os.environ["PYTHONHASHSEED"] = "0"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def run_cli(*args: str, artifacts: Path, check: bool = True, timeout: int = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, artifacts: Path, check: bool = True, timeout: int = 600
+) -> subprocess.CompletedProcess:
     """Run ``python -m cdm.cli.train`` with overrides in a fresh process (as a user would)."""
     env = {**os.environ, "CDM_ARTIFACTS": str(artifacts), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "cdm.cli.train", *args, f"paths.artifacts={artifacts}",
            f"hydra.run.dir={artifacts}/hydra-run", f"hydra.sweep.dir={artifacts}/hydra-sweep"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 

@@ -17,7 +17,17 @@ CONF = Path(config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 GROUP_OPTIONS = [
     (group, p.stem)
-    for group in ("data", "sharding", "backbone", "adapter", "trainer", "logger", "callbacks", "paths", "debug")
+    for group in (
+        "data",
+        "sharding",
+        "backbone",
+        "adapter",
+        "trainer",
+        "logger",
+        "callbacks",
+        "paths",
+        "debug",
+    )
     for p in sorted((CONF / group).glob("*.yaml"))
 ]
 # Options that need a user-given local path or size: composing must leave exactly these unset.
@@ -55,14 +65,18 @@ def test_there_are_configs_to_check():
     assert len(GROUP_OPTIONS) >= 20
 
 
-@pytest.mark.parametrize(("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS])
+@pytest.mark.parametrize(
+    ("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS]
+)
 def test_every_group_option_composes_and_resolves(group, option):
     cfg = compose_train([f"{group}={option}"])
     assert missing_keys(cfg) == REQUIRED.get((group, option), set())
     # everything else resolves (interpolations, resolvers)
     for key in cfg:
         if key not in {k.split(".")[0] for k in REQUIRED.get((group, option), set())}:
-            OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(cfg[key]) else cfg[key]
+            OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(
+                cfg[key]
+            ) else cfg[key]
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "slurm"])
@@ -98,7 +112,10 @@ def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
         num_classes=cfg.data.num_classes,
     )
     module = BackbonePretraining(
-        unet, build_scheduler(cfg.backbone.scheduler).alphas_cumprod, dataset_size=len(dataset), lr=cfg.pretrain.lr
+        unet,
+        build_scheduler(cfg.backbone.scheduler).alphas_cumprod,
+        dataset_size=len(dataset),
+        lr=cfg.pretrain.lr,
     )
     batch = {k: torch.stack([dataset[i][k] for i in range(4)]) for k in ("image", "label", "index")}
     loss = module.denoising_loss(batch, step=0)

@@ -16,7 +16,9 @@ def digits():
 
 @pytest.fixture(scope="module")
 def split(digits):
-    return make_split(digits, strategy="by_class", n_shards=4, seed=0, safe_fraction=0.3, n_slices=3)
+    return make_split(
+        digits, strategy="by_class", n_shards=4, seed=0, safe_fraction=0.3, n_slices=3
+    )
 
 
 class FakeTrainer:
@@ -41,7 +43,9 @@ def test_dataloader_of_shard_k_never_yields_another_shards_id(digits, split, wor
                 dm.trainer = FakeTrainer(epoch, rank, world_size)
                 for batch in dm.train_dataloader():
                     ids = {digits.ids[i] for i in batch["index"].tolist()}
-                    assert ids <= own, f"shard {k} yielded ids of another shard: {sorted(ids - own)[:3]}"
+                    assert ids <= own, (
+                        f"shard {k} yielded ids of another shard: {sorted(ids - own)[:3]}"
+                    )
                     seen |= ids
             seen_by_epoch.append(seen)
         # slice s joins at epoch 2*s; every id of the active slices is seen each epoch

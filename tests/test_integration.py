@@ -32,8 +32,12 @@ def test_each_adapter_denoises_its_own_heldout_images_better_than_the_backbone(t
         bare, _ = store.load_backbone(backbone_card["name"], UNET_CLASSES["unet2d"])
         base_loss = heldout_denoising_loss(bare, dataset, indices, alphas)
         fresh, _ = store.load_backbone(backbone_card["name"], UNET_CLASSES["unet2d"])
-        adapted, _ = store.load_adapter("digits_4split", f"shard-{k:02d}", fresh, backbone_hash=card["backbone_hash"])
+        adapted, _ = store.load_adapter(
+            "digits_4split", f"shard-{k:02d}", fresh, backbone_hash=card["backbone_hash"]
+        )
         shard_loss = heldout_denoising_loss(adapted, dataset, indices, alphas)
         print(f"shard {k} classes {classes}: backbone {base_loss:.4f} -> adapter {shard_loss:.4f}")
-        assert shard_loss < base_loss, f"shard {k}: adapter {shard_loss:.4f} >= backbone {base_loss:.4f}"
+        assert shard_loss < base_loss, (
+            f"shard {k}: adapter {shard_loss:.4f} >= backbone {base_loss:.4f}"
+        )
     torch.set_num_threads(1)

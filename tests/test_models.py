@@ -22,7 +22,9 @@ def preset(name: str) -> dict:
     return OmegaConf.to_container(cfg.backbone, resolve=True)
 
 
-@pytest.mark.parametrize(("name", "size", "channels"), [("tiny", 8, 1), ("small", 8, 1), ("base", 32, 3)])
+@pytest.mark.parametrize(
+    ("name", "size", "channels"), [("tiny", 8, 1), ("small", 8, 1), ("base", 32, 3)]
+)
 def test_presets_build_and_predict_epsilon(name, size, channels):
     b = preset(name)
     unet = build_unet(b["kind"], b["unet"], sample_size=size, channels=channels, num_classes=10)
@@ -34,12 +36,18 @@ def test_presets_build_and_predict_epsilon(name, size, channels):
 def test_text_conditional_unet_trains_with_lora():
     b = preset("text_conditional")
     unet = build_unet(b["kind"], b["unet"], sample_size=8, channels=1, num_classes=10)
-    model = prepare_shard_model(unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["to_q", "to_k", "to_v"]})
+    model = prepare_shard_model(
+        unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["to_q", "to_k", "to_v"]}
+    )
     params = [p for _, p in trainable_parameters(model)]
     assert params and all("lora" in n for n, _ in trainable_parameters(model))
     x = torch.randn(3, 1, 8, 8)
     context = torch.randn(3, 4, b["unet"]["cross_attention_dim"])  # e.g. text-encoder tokens
-    loss = predict_epsilon(model, x, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), context).pow(2).mean()
+    loss = (
+        predict_epsilon(model, x, torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]), context)
+        .pow(2)
+        .mean()
+    )
     loss.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
@@ -51,7 +59,9 @@ def test_pretrained_unet_round_trip_from_a_local_dir(tmp_path: Path):
     loaded = load_pretrained_unet(tmp_path / "unet")
     assert backbone_hash(loaded) == backbone_hash(unet)
     x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 700])
-    torch.testing.assert_close(predict_epsilon(loaded, x, t), predict_epsilon(unet, x, t), rtol=0, atol=0)
+    torch.testing.assert_close(
+        predict_epsilon(loaded, x, t), predict_epsilon(unet, x, t), rtol=0, atol=0
+    )
 
 
 def test_missing_pretrained_path_says_what_is_expected(tmp_path: Path):
@@ -64,7 +74,12 @@ def test_pretrained_backbone_imports_and_trains_shards(tmp_path: Path, train):
     unet = build_unet(b["kind"], b["unet"], sample_size=8, channels=1, num_classes=10)
     unet.save_pretrained(tmp_path / "unet", safe_serialization=True)
     art = tmp_path / "art"
-    args = ["experiment=digits_2split", "debug=tiny", "backbone=pretrained", f"backbone.pretrained_path={tmp_path / 'unet'}"]
+    args = [
+        "experiment=digits_2split",
+        "debug=tiny",
+        "backbone=pretrained",
+        f"backbone.pretrained_path={tmp_path / 'unet'}",
+    ]
     card = train(*args, "stage=backbone", "pretrain.epochs=0", artifacts=art)
     assert card["backbone_hash"] == backbone_hash(unet)
     assert card["parents"][0]["path"] == str(tmp_path / "unet")
@@ -83,12 +98,16 @@ def test_lora_on_conv_layers_trains_only_adapter_weights():
     b = preset("tiny")
     unet = build_unet(b["kind"], b["unet"], sample_size=8, channels=1, num_classes=None)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
-    model = prepare_shard_model(unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["conv1", "conv2"]})
+    model = prepare_shard_model(
+        unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["conv1", "conv2"]}
+    )
     names = [n for n, _ in trainable_parameters(model)]
     assert names and all("lora_" in n for n in names) and any("conv1" in n for n in names)
     opt = torch.optim.SGD([p for _, p in trainable_parameters(model)], lr=0.1)
     predict_epsilon(model, torch.randn(2, 1, 8, 8), torch.tensor([5, 6])).pow(2).mean().backward()
     opt.step()
     base = model.get_base_model()
-    after = {k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k}
+    after = {
+        k.replace(".base_layer", ""): v for k, v in base.state_dict().items() if "lora_" not in k
+    }
     assert all(torch.equal(before[k], after[k]) for k in before)

@@ -40,7 +40,10 @@ def test_card_records_the_hash_of_the_ids_actually_fed(store_root, train):
     # the manifest hash is the hash of exactly those ids with their content hashes
     dataset = build_dataset("digits")
     index = dataset.id_to_index
-    assert hash_ids(manifest["ids"], [dataset.content_hashes[index[i]] for i in manifest["ids"]]) == card["manifest_hash"]
+    assert (
+        hash_ids(manifest["ids"], [dataset.content_hashes[index[i]] for i in manifest["ids"]])
+        == card["manifest_hash"]
+    )
     backbone = read_card(store.backbone_dir(card["parents"][0]["name"]))
     assert card["backbone_hash"] == backbone["backbone_hash"]
     assert card["config"]["shard"]["index"] == 1 and card["code_version"]
@@ -61,7 +64,14 @@ def test_seeded_runs_are_bit_identical_and_seed_matters(store_root, cli, train):
     b = adapter_weights(store_root, "det-b", "shard-00")
     assert a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a)
-    train(*TINY, "stage=shard", "shard.index=0", "experiment_name=det-c", "optim.lr=1e-3", artifacts=store_root)
+    train(
+        *TINY,
+        "stage=shard",
+        "shard.index=0",
+        "experiment_name=det-c",
+        "optim.lr=1e-3",
+        artifacts=store_root,
+    )
     c = adapter_weights(store_root, "det-c", "shard-00")
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
@@ -69,7 +79,9 @@ def test_seeded_runs_are_bit_identical_and_seed_matters(store_root, cli, train):
 def test_killed_and_resumed_run_ends_bit_identical(store_root, cli):
     args = (*TINY, "stage=shard", "shard.index=2", "optim.epochs_per_slice=2")
     cli(*args, "experiment_name=ref", artifacts=store_root)
-    killed = cli(*args, "experiment_name=resumed", "kill_at_step=5", artifacts=store_root, check=False)
+    killed = cli(
+        *args, "experiment_name=resumed", "kill_at_step=5", artifacts=store_root, check=False
+    )
     assert killed.returncode == 17, killed.stderr[-2000:]
     store = ArtifactStore(store_root)
     assert not (store.adapter_dir("resumed", "shard-02") / "card.json").exists()
@@ -79,9 +91,10 @@ def test_killed_and_resumed_run_ends_bit_identical(store_root, cli):
     ref = adapter_weights(store_root, "ref", "shard-02")
     res = adapter_weights(store_root, "resumed", "shard-02")
     assert all(torch.equal(ref[k], res[k]) for k in ref)
-    assert read_card(store.adapter_dir("resumed", "shard-02"))["manifest_hash"] == read_card(
-        store.adapter_dir("ref", "shard-02")
-    )["manifest_hash"]
+    assert (
+        read_card(store.adapter_dir("resumed", "shard-02"))["manifest_hash"]
+        == read_card(store.adapter_dir("ref", "shard-02"))["manifest_hash"]
+    )
 
 
 def test_resume_with_other_settings_is_refused(store_root, cli):
@@ -121,7 +134,10 @@ def test_paragon_trains_on_all_private_data(store_root, train):
         (["stage=shard", "shard.index=7"], "shard.index=0..3"),
         (["stage=shard", "shard.index=0", "backbone.id=never-trained"], "stage=backbone"),
         (["stage=shard", "sharding.n_shards=20", "experiment_name=too-many"], "sharding=random"),
-        (["stage=backbone", "data=cifar10", "data.root=/nonexistent/cifar"], "cifar-10-batches-bin"),
+        (
+            ["stage=backbone", "data=cifar10", "data.root=/nonexistent/cifar"],
+            "cifar-10-batches-bin",
+        ),
     ],
 )
 def test_bad_input_gets_a_clear_error(store_root, train, overrides, message):
@@ -138,7 +154,14 @@ def test_backbone_trained_on_another_safe_split_is_refused(store_root, train):
 
 
 def test_wandb_offline_run_is_grouped_and_recorded_on_the_card(store_root, train):
-    card = train(*TINY, "stage=shard", "shard.index=3", "experiment_name=wb", "logger=wandb", artifacts=store_root)
+    card = train(
+        *TINY,
+        "stage=shard",
+        "shard.index=3",
+        "experiment_name=wb",
+        "logger=wandb",
+        artifacts=store_root,
+    )
     run_id = card["wandb_run_id"]
     assert run_id
     runs = list((ArtifactStore(store_root).log_dir("wb") / "wandb").glob(f"offline-run-*-{run_id}"))

@@ -1,6 +1,6 @@
 """cdm-list: list the artifacts in the store with their cards.
 
-    cdm-list [--root artifacts] [--experiment digits_4split] [--cards | --json]
+cdm-list [--root artifacts] [--experiment digits_4split] [--cards | --json]
 """
 
 from __future__ import annotations
@@ -18,7 +18,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--experiment", default=None)
     parser.add_argument("--json", action="store_true", help="print the full cards as JSON")
     parser.add_argument(
-        "--cards", action="store_true", help="after the table, each model's card (without its config)"
+        "--cards",
+        action="store_true",
+        help="after the table, each model's card (without its config)",
     )
     args = parser.parse_args(argv)
     cards = ArtifactStore(args.root).list_artifacts(args.experiment)

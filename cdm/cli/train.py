@@ -1,7 +1,7 @@
 """cdm-train: train one job of a compartmentalized diffusion model.
 
-    cdm-train experiment=digits_4split stage=backbone
-    cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 [hydra/launcher=joblib]
+cdm-train experiment=digits_4split stage=backbone
+cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 [hydra/launcher=joblib]
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ from __future__ import annotations
 import torch
 
 
-def step_generator(seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(
+    seed: int, step: int, rank: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A generator seeded by (seed, step, rank) alone, so noise never depends on RNG history.
 
     This is what makes a resumed run bit-identical to an uninterrupted one.

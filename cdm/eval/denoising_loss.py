@@ -6,7 +6,12 @@ from collections.abc import Sequence
 
 import torch
 
-from cdm.core.diffusion import per_sample_epsilon_loss, q_sample, sample_noise_and_timesteps, step_generator
+from cdm.core.diffusion import (
+    per_sample_epsilon_loss,
+    q_sample,
+    sample_noise_and_timesteps,
+    step_generator,
+)
 from cdm.models.backbone import predict_epsilon
 
 
@@ -38,7 +43,9 @@ def heldout_denoising_loss(
             x0 = torch.stack([it["image"] for it in items])
             labels = torch.stack([it["label"] for it in items]) if conditional else None
             generator = step_generator(seed, r * 100_003 + b)
-            noise, timesteps = sample_noise_and_timesteps(x0, int(alphas_cumprod.shape[0]), generator)
+            noise, timesteps = sample_noise_and_timesteps(
+                x0, int(alphas_cumprod.shape[0]), generator
+            )
             x_t = q_sample(x0, noise, timesteps, alphas_cumprod)
             losses = per_sample_epsilon_loss(predict_epsilon(model, x_t, timesteps, labels), noise)
             total += float(losses.sum())

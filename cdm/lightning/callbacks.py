@@ -104,15 +104,25 @@ class ArtifactWriter(pl.Callback):
                 f"{self.expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
             )
         pl_module.copy_ema_to_model()
-        print(f"[cdm] {self.job}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {self.expected_hash[:12]}")
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1 and not k.endswith("_step")}
+        print(
+            f"[cdm] {self.job}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {self.expected_hash[:12]}"
+        )
+        metrics = {
+            k: float(v)
+            for k, v in trainer.callback_metrics.items()
+            if v.numel() == 1 and not k.endswith("_step")
+        }
         if "train/loss_epoch" in metrics:
             metrics["train/loss"] = metrics.pop("train/loss_epoch")
         card = dict(self.card)
         card.update(
             manifest_hash=fed_hash,
             n_samples_fed=len(fed),
-            metrics={**metrics, "global_step": trainer.global_step, "epochs": trainer.current_epoch},
+            metrics={
+                **metrics,
+                "global_step": trainer.global_step,
+                "epochs": trainer.current_epoch,
+            },
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=_wandb_run_id(trainer),

@@ -60,7 +60,9 @@ class DenoisingModule(pl.LightningModule):
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
 
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None):
+    def forward(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None = None
+    ):
         return predict_epsilon(self.model, x_t, timesteps, labels)
 
     def denoising_loss(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -70,7 +72,9 @@ class DenoisingModule(pl.LightningModule):
         noise, timesteps = sample_noise_and_timesteps(x0, self.num_train_timesteps, generator)
         labels = batch["label"] if self.conditional else None
         if labels is not None and self.cond_drop_prob > 0 and self.null_label is not None:
-            drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < self.cond_drop_prob
+            drop = (
+                torch.rand(x0.shape[0], generator=generator, device=x0.device) < self.cond_drop_prob
+            )
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         x_t = q_sample(x0, noise, timesteps, self.alphas_cumprod)
         return epsilon_loss(self(x_t, timesteps, labels), noise)
@@ -78,16 +82,29 @@ class DenoisingModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch, self.global_step)
         self.fed_mask[batch["index"].cpu()] = True
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(batch["index"]))
+        self.log(
+            "train/loss",
+            loss,
+            prog_bar=True,
+            on_step=True,
+            on_epoch=True,
+            batch_size=len(batch["index"]),
+        )
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for _, p in trainable_parameters(self.model)]
         if not params:
-            raise ValueError("the model has no trainable parameters: check adapter.kind / target_modules")
+            raise ValueError(
+                "the model has no trainable parameters: check adapter.kind / target_modules"
+            )
         fused = self.device.type == "cuda"
         return torch.optim.AdamW(
-            params, lr=self.lr, weight_decay=self.weight_decay, betas=self.betas, fused=fused or None
+            params,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            betas=self.betas,
+            fused=fused or None,
         )
 
     # ---- EMA of the trainable parameters -------------------------------------------------
@@ -104,7 +121,9 @@ class DenoisingModule(pl.LightningModule):
             names = list(self.ema)
             params = dict(trainable_parameters(self.model))
             torch._foreach_lerp_(
-                [self.ema[n] for n in names], [params[n].detach() for n in names], 1 - self.ema_decay
+                [self.ema[n] for n in names],
+                [params[n].detach() for n in names],
+                1 - self.ema_decay,
             )
 
     def copy_ema_to_model(self) -> None:
@@ -120,7 +139,9 @@ class DenoisingModule(pl.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["cdm"] = {
             "fed_mask": self.fed_mask.detach().cpu().clone(),
-            "ema": None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
+            "ema": None
+            if self.ema is None
+            else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
             "torch_rng": torch.get_rng_state(),
             "elapsed_s": self.elapsed_s(),
         }
@@ -128,7 +149,9 @@ class DenoisingModule(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         state = checkpoint.get("cdm")
         if state is None:
-            raise ValueError("checkpoint has no 'cdm' state: it was not written by a cdm training job")
+            raise ValueError(
+                "checkpoint has no 'cdm' state: it was not written by a cdm training job"
+            )
         self.fed_mask = state["fed_mask"].clone()
         self.ema = state["ema"]
         torch.set_rng_state(state["torch_rng"])

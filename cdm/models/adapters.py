@@ -26,7 +26,9 @@ def attach_lora(
     """
     names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()}
     full_names = {name for name, _ in unet.named_modules()}
-    missing = [t for t in target_modules if t not in names and not any(n.endswith(t) for n in full_names)]
+    missing = [
+        t for t in target_modules if t not in names and not any(n.endswith(t) for n in full_names)
+    ]
     if missing:
         raise ValueError(
             f"adapter.target_modules {missing} match no layer of this backbone; "
