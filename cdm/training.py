@@ -110,6 +110,13 @@ def load_backbone_for_shards(
             f"but this experiment's safe split is {split.safe.hash[:12]}: it may have seen private data. "
             "Retrain it with stage=backbone retrain=true, or set backbone.id to the right backbone."
         )
+    expected = cfg.data.num_classes + 1 if cfg.data.conditional else None
+    if unet.config.get("num_class_embeds") != expected:
+        raise StoreError(
+            f"backbone {cfg.backbone.id!r} has num_class_embeds={unet.config.get('num_class_embeds')} but "
+            f"data.conditional={cfg.data.conditional} with {cfg.data.num_classes} classes needs {expected}: "
+            "train a matching backbone under another backbone.id=..."
+        )
     return unet, card
 
 

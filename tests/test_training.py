@@ -168,3 +168,53 @@ def test_wandb_offline_run_is_grouped_and_recorded_on_the_card(store_root, train
     assert len(runs) == 1
     assert card["config"]["logger"]["wandb"]["group"] == "wb"
     assert card["config"]["logger"]["wandb"]["job_type"] == "shard"
+
+
+def test_full_finetune_shard_saves_a_whole_unet(store_root, train):
+    from diffusers import UNet2DModel
+
+    card = train(
+        *TINY,
+        "stage=shard",
+        "shard.index=1",
+        "experiment_name=full",
+        "adapter=full",
+        artifacts=store_root,
+    )
+    store = ArtifactStore(store_root)
+    assert card["adapter_kind"] == "full"
+    model = UNet2DModel.from_pretrained(
+        store.adapter_dir("full", "shard-01"), local_files_only=True
+    )
+    backbone, _ = store.load_backbone(card["parents"][0]["name"])
+    changed = [
+        k for k, v in model.state_dict().items() if not torch.equal(v, backbone.state_dict()[k])
+    ]
+    assert changed  # every weight is the shard's own
+
+
+def test_ema_weights_are_what_gets_saved(store_root, train):
+    train(*TINY, "stage=shard", "shard.index=0", "experiment_name=no-ema", artifacts=store_root)
+    train(
+        *TINY,
+        "stage=shard",
+        "shard.index=0",
+        "experiment_name=ema",
+        "optim.ema_decay=0.5",
+        artifacts=store_root,
+    )
+    plain = adapter_weights(store_root, "no-ema", "shard-00")
+    ema = adapter_weights(store_root, "ema", "shard-00")
+    assert not all(torch.equal(plain[k], ema[k]) for k in plain)
+
+
+def test_unconditional_backbone_has_no_class_embedding(tmp_path, train):
+    card = train(*TINY, "stage=backbone", "data.conditional=false", artifacts=tmp_path)
+    unet, _ = ArtifactStore(tmp_path).load_backbone(card["name"])
+    assert unet.config.num_class_embeds is None and unet.class_embedding is None
+
+
+def test_shard_refuses_a_backbone_of_the_other_conditioning(tmp_path, train):
+    train(*TINY, "stage=backbone", "data.conditional=false", artifacts=tmp_path)
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        train(*TINY, "stage=shard", "data.conditional=true", artifacts=tmp_path)
