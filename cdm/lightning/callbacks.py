@@ -112,8 +112,6 @@ class ArtifactWriter(pl.Callback):
             for k, v in trainer.callback_metrics.items()
             if v.numel() == 1 and not k.endswith("_step")
         }
-        if "train/loss_epoch" in metrics:
-            metrics["train/loss"] = metrics.pop("train/loss_epoch")
         card = dict(self.card)
         card.update(
             manifest_hash=fed_hash,

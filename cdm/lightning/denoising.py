@@ -54,6 +54,8 @@ class DenoisingModule(pl.LightningModule):
         self.seed = seed
         self.null_label = null_label(model)
         self.ema: dict[str, torch.Tensor] | None = None
+        self._epoch_loss: torch.Tensor | None = None
+        self._epoch_steps = 0
         self.elapsed_before_resume_s = 0.0
 
     @property
@@ -82,15 +84,23 @@ class DenoisingModule(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch, self.global_step)
         self.fed_mask[batch["index"].cpu()] = True
-        self.log(
-            "train/loss",
-            loss,
-            prog_bar=True,
-            on_step=True,
-            on_epoch=True,
-            batch_size=len(batch["index"]),
-        )
+        # accumulate on the device; hand Lightning a value only every log_every_n_steps steps
+        # (self.log on every step costs ~1 ms on CPU and a device sync for the progress bar)
+        detached = loss.detach()
+        self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
+        self._epoch_steps += 1
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % max(every, 1) == 0:
+            self.log("train/loss_step", detached, prog_bar=True, on_step=True, on_epoch=False)
         return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss, self._epoch_steps = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_steps:
+            mean = self._epoch_loss / self._epoch_steps
+            self.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for _, p in trainable_parameters(self.model)]
