@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
+import zlib
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["WANDB_MODE"] = "offline"
@@ -53,3 +56,46 @@ def run_inprocess(*overrides: str, artifacts: Path) -> dict | None:
 @pytest.fixture
 def train():
     return run_inprocess
+
+
+TINY_ATTN_UNET = {
+    "block_out_channels": [16, 32],
+    "layers_per_block": 1,
+    "down_block_types": ["DownBlock2D", "AttnDownBlock2D"],
+    "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,
+}
+
+
+@pytest.fixture(scope="session")
+def lora_shards(tmp_path_factory):
+    """A tiny class-conditional UNet and 3 peft LoRA folders (different ranks and targets, random factors)."""
+    from peft import LoraConfig, get_peft_model
+
+    from cdm.models.backbone import build_unet
+
+    torch.manual_seed(0)
+    base = build_unet("unet2d", TINY_ATTN_UNET, sample_size=8, channels=1, num_classes=10)
+    dirs = []
+    targets = [
+        ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"],
+        ["to_q", "conv1"],
+        ["to_v", "conv2", "conv1"],
+    ]
+    for k, (rank, target) in enumerate(zip([4, 2, 8], targets, strict=True)):
+        model = get_peft_model(
+            copy.deepcopy(base), LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=target)
+        )
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(
+                        0,
+                        0.2,
+                        generator=torch.Generator().manual_seed(zlib.crc32(f"{k}{name}".encode())),
+                    )
+        d = tmp_path_factory.mktemp(f"shard{k}")
+        model.save_pretrained(d)
+        dirs.append(d)
+    return base, dirs

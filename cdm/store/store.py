@@ -737,24 +737,13 @@ class ArtifactStore:
         _write_dir_atomically(final, write)
         return written
 
-    def load_adapter(
-        self,
-        experiment: str,
-        job: str,
-        base_unet: Any,
-        *,
-        backbone_hash: str,
-        adapter_name: str | None = None,
-        is_trainable: bool = False,
-    ) -> tuple[Any, dict[str, Any]]:
-        """Load a checked adapter -> ``(model, card)``.
+    def checked_adapter(
+        self, experiment: str, job: str, *, backbone_hash: str
+    ) -> tuple[Path, dict[str, Any]]:
+        """``(directory, card)`` of an adapter whose weights match its card and ``backbone_hash``.
 
-        Refuses (``StoreError`` subclasses) if the artifact is missing, its weights are corrupt,
-        or ``card["backbone_hash"] != backbone_hash``. LoRA: ``PeftModel.from_pretrained(base_unet,
-        dir, adapter_name=adapter_name or "default")`` (``base_unet`` gets LoRA layers injected);
-        if ``base_unet`` already is a PeftModel the adapter is added to it under ``adapter_name``
-        (default: the job name) and it is returned. Full: ``type(base_unet).from_pretrained(dir)``
-        (``UNet2DModel`` if ``base_unet`` is None).
+        Raises ``MissingArtifactError``, ``CorruptArtifactError`` or ``BackboneMismatchError``
+        with the command that (re)makes it. Loads nothing.
         """
         directory = self.adapter_dir(experiment, job)
         _recover(directory)
@@ -774,6 +763,28 @@ class ArtifactStore:
                 f"backbone_hash {trained_on}, but the backbone given has {backbone_hash}. "
                 f"Load the backbone it was trained on, or retrain it with `{hint}`."
             )
+        return directory, card
+
+    def load_adapter(
+        self,
+        experiment: str,
+        job: str,
+        base_unet: Any,
+        *,
+        backbone_hash: str,
+        adapter_name: str | None = None,
+        is_trainable: bool = False,
+    ) -> tuple[Any, dict[str, Any]]:
+        """Load a checked adapter -> ``(model, card)``.
+
+        Refuses (``StoreError`` subclasses) if the artifact is missing, its weights are corrupt,
+        or ``card["backbone_hash"] != backbone_hash``. LoRA: ``PeftModel.from_pretrained(base_unet,
+        dir, adapter_name=adapter_name or "default")`` (``base_unet`` gets LoRA layers injected);
+        if ``base_unet`` already is a PeftModel the adapter is added to it under ``adapter_name``
+        (default: the job name) and it is returned. Full: ``type(base_unet).from_pretrained(dir)``
+        (``UNet2DModel`` if ``base_unet`` is None).
+        """
+        directory, card = self.checked_adapter(experiment, job, backbone_hash=backbone_hash)
         kind = card.get("adapter_kind", card.get("kind"))
         if kind == "lora":
             from peft import PeftModel
@@ -803,7 +814,7 @@ class ArtifactStore:
             return cls.from_pretrained(str(directory), local_files_only=True), card
         raise CorruptArtifactError(
             f"card {directory / CARD_FILENAME} has unknown adapter_kind {kind!r} (expected one of "
-            f"{ADAPTER_KINDS}). {remedy}"
+            f"{ADAPTER_KINDS}). Retrain it with `{_train_hint(experiment, job)}`."
         )
 
     def has_adapter(self, experiment: str, job: str) -> bool:
@@ -813,6 +824,110 @@ class ArtifactStore:
     def read_adapter_card(self, experiment: str, job: str) -> dict[str, Any]:
         """The card of an adapter, without loading or checking its weights."""
         return read_card(self.adapter_dir(experiment, job))
+
+    # ---- routers -------------------------------------------------------------------------
+
+    ROUTER_WEIGHTS = "router.safetensors"
+    ROUTER_CONFIG = "router_config.json"
+
+    def router_dir(self, experiment: str, name: str = "router") -> Path:
+        """``<root>/experiments/<experiment>/<name>`` (a router: weights, config, card)."""
+        validate_name(name, "router name")
+        if _SHARD_RE.fullmatch(name) or name in RESERVED_JOBS or name == "paragon":
+            raise InvalidNameError(
+                f"router name {name!r} is taken by another kind of artifact (shard-KK, paragon, "
+                f"{sorted(RESERVED_JOBS)}); use e.g. 'router' or 'router-small'"
+            )
+        return self.experiment_dir(experiment) / name
+
+    def save_router(
+        self,
+        experiment: str,
+        model_state: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        card: Mapping[str, Any],
+        *,
+        name: str | None = None,
+    ) -> dict[str, Any]:
+        """Save a router atomically: ``router.safetensors`` + ``router_config.json`` + card.
+
+        ``model_state`` holds the router's own weights only (never the backbone's); ``config``
+        is what rebuilds its architecture. ``name`` defaults to ``card["name"]`` or "router".
+        ``card`` must carry ``backbone_hash``; it gains ``kind`` (default "router"), ``name``,
+        ``experiment``, ``created``, ``weights_file``, ``weights_sha256`` and
+        ``router_config_sha256``. Returns the written card.
+        """
+        from safetensors.torch import save_file
+
+        name = name or card.get("name") or "router"
+        final = self.router_dir(experiment, name)
+        if not card.get("backbone_hash"):
+            raise StoreError(
+                f"card for router {experiment}/{name} has no backbone_hash: a router is trained "
+                "on the backbone's noise schedule (and maybe its features); pass its hash"
+            )
+        tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+        if not tensors:
+            raise StoreError(f"router {experiment}/{name}: the state dict is empty")
+        written: dict[str, Any] = {}
+
+        def write(tmp: Path) -> None:
+            save_file(tensors, str(tmp / self.ROUTER_WEIGHTS), metadata={"format": "pt"})
+            config_sha = atomic_write_json(tmp / self.ROUTER_CONFIG, dict(config))
+            full = dict(card)
+            full.setdefault("kind", "router")
+            full.update(name=name, experiment=experiment, router_config_sha256=config_sha)
+            full.setdefault("created", utc_now())
+            full.update(_weights_record(tmp))
+            written.update(_write_card(tmp, full))
+
+        _write_dir_atomically(final, write)
+        return written
+
+    def load_router(
+        self, experiment: str, name: str = "router", *, backbone_hash: str | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """Load a checked router -> ``(state_dict, config, card)``.
+
+        Refuses (``StoreError`` subclasses) a missing router, weights or config whose sha256
+        differs from the card, and, when ``backbone_hash`` is given, a router trained on
+        another backbone.
+        """
+        from safetensors.torch import load_file
+
+        directory = self.router_dir(experiment, name)
+        _recover(directory)
+        hint = f"cdm-train stage=router router.name={name} experiment={experiment}"
+        if not (directory / CARD_FILENAME).is_file():
+            raise MissingArtifactError(
+                f"no router {name!r} for experiment {experiment!r} at {directory}. "
+                f"Make it with: {hint}"
+            )
+        card = read_card(directory)
+        remedy = f"Retrain it with `{hint} retrain=true` or restore {directory} from a backup."
+        _verify_weights(directory, card, remedy)
+        config_path = directory / self.ROUTER_CONFIG
+        if not config_path.is_file():
+            raise CorruptArtifactError(f"router {directory} has no {self.ROUTER_CONFIG}. {remedy}")
+        if sha256_file(config_path) != card.get("router_config_sha256"):
+            raise CorruptArtifactError(
+                f"router config {config_path} is corrupt: its sha256 differs from the card's "
+                f"router_config_sha256. {remedy}"
+            )
+        trained_on = card.get("backbone_hash")
+        if backbone_hash is not None and trained_on != backbone_hash:
+            raise BackboneMismatchError(
+                f"router {experiment}/{name} was trained on another backbone: its card has "
+                f"backbone_hash {trained_on}, but the backbone given has {backbone_hash}. "
+                f"Load the backbone it was trained on, or retrain it with `{hint} retrain=true`."
+            )
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        state = load_file(str(directory / card["weights_file"]))
+        return state, config, card
+
+    def has_router(self, experiment: str, name: str = "router") -> bool:
+        """True if a router card exists for ``experiment``/``name``."""
+        return (self.router_dir(experiment, name) / CARD_FILENAME).is_file()
 
     # ---- checkpoints ---------------------------------------------------------------------
 

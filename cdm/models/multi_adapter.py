@@ -1,0 +1,187 @@
+"""Many shards' LoRA adapters on one backbone, evaluated in ONE batched forward.
+
+Every LoRA-targeted layer of the backbone is wrapped by a grouped layer that holds the stacked
+factors A [n, r, ...] and B [n, out, r] of all shards. A batch carries a shard index per sample;
+the grouped layer computes ``base(x) + scale_k * B_k A_k x`` with sample b's own shard k in one
+kernel per layer whatever the number of shards: x is projected by all shards' A at once (n*r
+output channels, cheap since r is small), each sample keeps its own r-slice, and a batched
+product applies its own B. When the whole batch uses one shard, the layer runs exactly peft's
+ops (``lora_B(lora_A(x)) * scaling`` added to the base output), so a single shard reproduces the
+plain peft adapter bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from cdm.models.backbone import predict_epsilon
+
+PEFT_PREFIX = "base_model.model."
+
+
+class ShardSelection:
+    """The per-sample shard indices of the current forward, shared by all grouped layers."""
+
+    def __init__(self) -> None:
+        self.index: torch.Tensor | None = None  # [B] shard of each sample
+        self.used: torch.Tensor | None = None  # sorted distinct shards of the batch
+        self.position: torch.Tensor | None = None  # [B] position of each sample's shard in `used`
+        self.single: int | None = None  # set when the whole batch uses one shard
+
+
+class GroupedLoRA(nn.Module):
+    """A frozen base layer (nn.Linear or nn.Conv2d) plus n shards' LoRA factors."""
+
+    def __init__(
+        self,
+        base: nn.Module,
+        lora_a: Sequence[torch.Tensor | None],
+        lora_b: Sequence[torch.Tensor | None],
+        scaling: Sequence[float],
+        selection: ShardSelection,
+    ) -> None:
+        super().__init__()
+        if not isinstance(base, nn.Linear | nn.Conv2d):
+            raise TypeError(f"grouped LoRA supports nn.Linear and nn.Conv2d, not {type(base).__name__}")
+        self.base = base
+        self.selection = selection
+        rank = max(a.shape[0] for a in lora_a if a is not None)
+        like = next(a for a in lora_a if a is not None)
+        a_shape = (rank, *like.shape[1:])
+        out = base.out_channels if isinstance(base, nn.Conv2d) else base.out_features
+        a_list, b_list, present = [], [], []
+        for a, b in zip(lora_a, lora_b, strict=True):
+            if a is None:  # this shard did not adapt this layer: zero factors add nothing
+                a_list.append(like.new_zeros(a_shape))
+                b_list.append(like.new_zeros(out, rank))
+                present.append(False)
+                continue
+            r = a.shape[0]
+            a_list.append(F.pad(a, [0] * (2 * (a.dim() - 1)) + [0, rank - r]))
+            b_list.append(F.pad(b.reshape(out, r), (0, rank - r)))
+            present.append(True)
+        self.rank = rank
+        self.register_buffer("lora_a", torch.stack(a_list))  # [n, r, in(, k, k)]
+        self.register_buffer("lora_b", torch.stack(b_list))  # [n, out, r]
+        self.register_buffer("scaling", torch.tensor(list(scaling), dtype=torch.float32))
+        self.present = present
+        self.unpadded = [None if a is None else a.shape[0] for a in lora_a]
+
+    def _project_a(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.base, nn.Conv2d):
+            b = self.base
+            return F.conv2d(x, weight, None, b.stride, b.padding, b.dilation, b.groups)
+        return F.linear(x, weight)
+
+    def _single(self, x: torch.Tensor, k: int, result: torch.Tensor) -> torch.Tensor:
+        """peft's own computation for one shard: result + lora_B(lora_A(x)) * scaling."""
+        if not self.present[k]:
+            return result
+        r = self.unpadded[k]
+        a = self.lora_a[k, :r]
+        h = self._project_a(x, a)
+        if isinstance(self.base, nn.Conv2d):
+            delta = F.conv2d(h, self.lora_b[k, :, :r, None, None])
+        else:
+            delta = F.linear(h, self.lora_b[k, :, :r])
+        return result + delta * float(self.scaling[k])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        result = self.base(x)
+        sel = self.selection
+        if sel.single is not None:
+            return self._single(x, sel.single, result)
+        index, used, position = sel.index, sel.used, sel.position
+        n, r = used.numel(), self.rank
+        a = self.lora_a[used]  # only the shards in this batch: no other adapter is touched
+        h = self._project_a(x, a.reshape(n * r, *a.shape[2:]))
+        b_sel = self.lora_b[index] * self.scaling[index].to(x.dtype)[:, None, None]  # [B, out, r]
+        rows = torch.arange(x.shape[0], device=x.device)
+        if isinstance(self.base, nn.Conv2d):
+            bsz, _, hh, ww = h.shape
+            h = h.view(bsz, n, r, hh, ww)[rows, position]  # [B, r, H, W]
+            delta = torch.einsum("brhw,bor->bohw", h, b_sel)
+        else:
+            shape = h.shape
+            h = h.view(shape[0], -1, n, r)[rows, :, position]  # [B, S, r]
+            delta = torch.einsum("bsr,bor->bso", h, b_sel).reshape(*shape[:-1], -1)
+        return result + delta
+
+
+def read_peft_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """(state dict, adapter_config) of a standard peft LoRA folder (safetensors only)."""
+    directory = Path(directory)
+    config = json.loads((directory / "adapter_config.json").read_text())
+    return load_file(directory / "adapter_model.safetensors"), config
+
+
+def _scaling(config: Mapping) -> float:
+    r, alpha = int(config["r"]), float(config["lora_alpha"])
+    return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
+
+
+class MultiShardUNet(nn.Module):
+    """The backbone with n shards' adapters: ``forward(x_t, t, labels, shard_index) -> eps``.
+
+    ``shard_index`` gives each sample's shard; the whole batch is one forward pass.
+    """
+
+    def __init__(self, unet: nn.Module, adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]]) -> None:
+        super().__init__()
+        if not adapters:
+            raise ValueError("MultiShardUNet needs at least one adapter")
+        if any(config.get("use_dora") for _, config in adapters):
+            raise ValueError("DoRA adapters are not supported by the grouped forward")
+        unet.requires_grad_(False).eval()
+        self.unet = unet
+        self.n_shards = len(adapters)
+        self.selection = ShardSelection()
+        targets: set[str] = set()
+        for state, _ in adapters:
+            targets |= {k[len(PEFT_PREFIX) :].rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k}
+        if not targets:
+            raise ValueError("the adapters hold no LoRA weights (no '*.lora_A.weight' keys)")
+        modules = dict(unet.named_modules())
+        for name in sorted(targets):
+            if name not in modules:
+                raise ValueError(f"adapter layer {name!r} does not exist in this backbone: wrong backbone?")
+            a = [s.get(f"{PEFT_PREFIX}{name}.lora_A.weight") for s, _ in adapters]
+            b = [s.get(f"{PEFT_PREFIX}{name}.lora_B.weight") for s, _ in adapters]
+            scales = [_scaling(c) for _, c in adapters]
+            parent_name, _, child = name.rpartition(".")
+            parent = modules[parent_name] if parent_name else unet
+            setattr(parent, child, GroupedLoRA(modules[name], a, b, scales, self.selection))
+
+    @classmethod
+    def from_dirs(cls, unet: nn.Module, directories: Sequence[str | Path]) -> MultiShardUNet:
+        """Build from peft adapter folders (e.g. the store's ``shards/shard-KK``)."""
+        return cls(unet, [read_peft_adapter(d) for d in directories])
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None,
+        shard_index: torch.Tensor,
+    ) -> torch.Tensor:
+        if shard_index.shape != (x_t.shape[0],):
+            raise ValueError(f"shard_index must have shape ({x_t.shape[0]},), got {tuple(shard_index.shape)}")
+        if int(shard_index.min()) < 0 or int(shard_index.max()) >= self.n_shards:
+            raise ValueError(f"shard_index must lie in [0, {self.n_shards}), got {shard_index.tolist()}")
+        sel = self.selection
+        used = torch.unique(shard_index)
+        sel.single = int(used[0]) if used.numel() == 1 else None
+        sel.index = shard_index.to(x_t.device)
+        sel.used = used.to(x_t.device)
+        sel.position = torch.searchsorted(used, shard_index).to(x_t.device)
+        try:
+            return predict_epsilon(self.unet, x_t, timesteps, labels)
+        finally:
+            sel.index = sel.used = sel.position = sel.single = None

@@ -1,0 +1,262 @@
+"""The router stage: train f(x_t, t) -> P(z = shard | x_t) on every shard's data (paper Sec. 3.4).
+
+``run_router_job(cfg)`` reads the same data, split, manifests and safe backbone as the shard
+jobs (``cdm.training``), trains a router with ``RouterTraining`` and saves its own weights (never
+the backbone's) through the store, with a card naming every shard manifest and the backbone it
+depends on. Its softmax gives the weights w_i(x_t, t) of the mixture score (Prop. 3.1).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.core.hashing import hash_ids, sha256_bytes
+from cdm.data.datasets import SampleDataset
+from cdm.data.sharding import Split, held_out, indices_of
+from cdm.lightning.callbacks import KillAtStep, SliceCheckpoint
+from cdm.lightning.router import (
+    RouterDataModule,
+    RouterTraining,
+    RouterWriter,
+    train_log_prior,
+)
+from cdm.models.backbone import backbone_hash, build_scheduler
+from cdm.models.router import build_router, router_from_artifact, router_model_config
+from cdm.runtime import configure_runtime
+from cdm.store import ArtifactStore, StoreError, make_card, read_card
+from cdm.training import (
+    build_loggers,
+    device_description,
+    load_backbone_for_shards,
+    load_data,
+    record_manifests,
+    split_data,
+)
+
+_TAG_ROUTER_VAL = 4  # numpy RNG stream for the held-out part (sharding uses tags 1-3)
+
+
+@dataclass(frozen=True)
+class RouterData:
+    """Which samples train the router (per shard) and which validate it (never trained on)."""
+
+    train_groups: list[list[int]]
+    val_items: list[tuple[int, int]]
+    validation: dict[str, Any]
+    shard_manifests: list[dict[str, Any]] = field(default_factory=list)
+
+
+def router_data(
+    dataset: SampleDataset, split: Split, *, seed: int, val_fraction: float = 0.1
+) -> RouterData:
+    """Router training samples (label = shard index) and its validation set.
+
+    Validation: the dataset's "test" samples whose class belongs to exactly one shard (label =
+    that shard) when the shards are by class; otherwise (or if that leaves nothing) a
+    deterministic ``val_fraction`` of each shard, held out from router training only.
+    """
+    shards = [indices_of(dataset, m) for m in split.shards]
+    labels = np.asarray(dataset.labels)
+    by_class = all(m.meta.get("strategy") == "by_class" for m in split.shards)
+    val: list[tuple[int, int]] = []
+    train = [list(s) for s in shards]
+    kind = "holdout"
+    if by_class:
+        owners: dict[int, list[int]] = {}
+        for k, m in enumerate(split.shards):
+            for c in m.classes:
+                owners.setdefault(int(c), []).append(k)
+        val = [
+            (i, owners[int(labels[i])][0])
+            for i in held_out(dataset)
+            if len(owners.get(int(labels[i]), [])) == 1
+        ]
+        kind = "test_split_by_class" if val else kind
+    if not val:
+        if not 0.0 < val_fraction < 1.0:
+            raise ValueError(f"router.val_fraction must be in (0, 1), got {val_fraction}")
+        train = []
+        for k, idx in enumerate(shards):
+            ordered = sorted(idx, key=lambda i: dataset.ids[i])
+            n_val = min(max(1, round(val_fraction * len(ordered))), len(ordered) - 1)
+            picked = np.random.default_rng([seed, _TAG_ROUTER_VAL, k]).permutation(len(ordered))
+            chosen = {ordered[j] for j in picked[:n_val]}
+            val += [(i, k) for i in ordered if i in chosen]
+            train.append([i for i in idx if i not in chosen])
+    val_ids = [dataset.ids[i] for i, _ in val]
+    validation = {
+        "kind": kind,
+        "n_samples": len(val),
+        "per_shard": [sum(1 for _, k in val if k == s) for s in range(len(shards))],
+        "hash": hash_ids(val_ids, [dataset.content_hashes[i] for i, _ in val]),
+    }
+    if kind == "holdout":
+        validation["fraction"] = float(val_fraction)
+    records = [
+        {
+            "name": m.name,
+            "hash": m.hash,
+            "n_samples": len(m),
+            "n_train": len(train[k]),
+            "classes": list(m.classes),
+        }
+        for k, m in enumerate(split.shards)
+    ]
+    return RouterData(train, val, validation, records)
+
+
+def backbone_alphas_cumprod(cfg: DictConfig, backbone_card: dict) -> torch.Tensor:
+    """The backbone's own noise schedule (from its card), checked against ``cfg.backbone``."""
+    ours = OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
+    theirs = ((backbone_card.get("config") or {}).get("backbone") or {}).get("scheduler")
+    if theirs is not None and dict(theirs) != dict(ours):
+        raise StoreError(
+            f"backbone {cfg.backbone.id!r} was trained with noise schedule {theirs}, but this "
+            f"config has {ours}: the router must see x_t as the shard adapters do. "
+            "Set backbone.scheduler to the backbone's."
+        )
+    return build_scheduler(theirs or ours).alphas_cumprod
+
+
+def router_signature(config: dict) -> str:
+    """Hash of the settings that change what a router job computes (for resume checks)."""
+    keep = {k: config.get(k) for k in ("data", "sharding", "backbone", "router", "seed", "threads")}
+    return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
+
+
+def run_router_job(cfg: DictConfig) -> dict:
+    """Train the experiment's router on the union of its shards and return its card."""
+    configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
+    if cfg.get("router") is None:
+        raise ValueError(
+            "no router config: add `- router: small` to the defaults or pass +router=small"
+        )
+    rcfg: dict[str, Any] = OmegaConf.to_container(cfg.router, resolve=True)
+    store = ArtifactStore(cfg.paths.artifacts)
+    experiment = cfg.experiment_name
+    name = str(rcfg.get("name") or "router")
+
+    dataset = load_data(cfg)
+    split = split_data(cfg, dataset)
+    record_manifests(store, experiment, split)
+    artifact = store.router_dir(experiment, name)
+    if store.has_router(experiment, name) and not cfg.retrain:
+        print(
+            f"[cdm] router {name} already trained at {artifact}; pass retrain=true to train it again"
+        )
+        return read_card(artifact)
+    if cfg.retrain:
+        store.clear_checkpoints(experiment, name)
+
+    unet, bcard = load_backbone_for_shards(cfg, store, split)
+    alphas_cumprod = backbone_alphas_cumprod(cfg, bcard)
+    data = router_data(
+        dataset, split, seed=int(cfg.seed), val_fraction=float(rcfg.get("val_fraction", 0.1))
+    )
+    n_shards = len(split.shards)
+    router_config = router_model_config(
+        rcfg, n_shards=n_shards, channels=cfg.data.channels, resolution=cfg.data.resolution
+    )
+    router_config["num_train_timesteps"] = int(alphas_cumprod.shape[0])
+    torch.manual_seed(int(cfg.seed))
+    router = build_router(
+        rcfg,
+        n_shards=n_shards,
+        channels=cfg.data.channels,
+        resolution=cfg.data.resolution,
+        backbone=unet if router_config["arch"] == "backbone_head" else None,
+    )
+    module = RouterTraining(
+        router,
+        alphas_cumprod,
+        dataset_size=len(dataset),
+        lr=float(rcfg["lr"]),
+        weight_decay=float(rcfg.get("weight_decay", 0.0)),
+        bands=int(rcfg.get("bands", 5)),
+        val_draws=int(rcfg.get("val_draws", 1)),
+        seed=int(cfg.seed),
+    )
+    sampling = str(rcfg.get("sampling", "balanced"))
+    sizes = [len(g) for g in data.train_groups]
+    config = OmegaConf.to_container(cfg, resolve=True)
+    card = make_card(
+        kind="router",
+        name=name,
+        experiment=experiment,
+        arch=router_config["arch"],
+        parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}],
+        backbone_hash=bcard["backbone_hash"],
+        safe_manifest_hash=split.safe.hash,
+        shard_manifests=data.shard_manifests,
+        n_shards=n_shards,
+        sampling=sampling,
+        train_log_prior=train_log_prior(sizes, sampling),
+        shard_log_prior=[math.log(len(m) / len(split.private)) for m in split.shards],
+        validation=data.validation,
+        bands=list(module.band_names),
+        config=config,
+        device=device_description(),
+    )
+    train_ids = [dataset.ids[i] for g in data.train_groups for i in g]
+    train_hash = hash_ids(
+        train_ids, [dataset.content_hashes[i] for g in data.train_groups for i in g]
+    )
+
+    epochs = int(rcfg["epochs"])
+    datamodule = RouterDataModule(
+        dataset,
+        data.train_groups,
+        data.val_items,
+        batch_size=int(rcfg["batch_size"]),
+        sampling=sampling,
+        seed=int(cfg.seed),
+    )
+    ckpt_dir = store.checkpoint_dir(experiment, name)
+    callbacks: list[pl.Callback] = [
+        SliceCheckpoint(ckpt_dir, epochs, signature=router_signature(config)),
+        RouterWriter(str(store.root), experiment, name, train_hash, card, router_config),
+        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
+    ]
+    if cfg.get("kill_at_step") is not None:
+        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
+    loggers = build_loggers(cfg, store.log_dir(experiment))
+    trainer: pl.Trainer = instantiate(
+        cfg.trainer,
+        max_epochs=epochs,
+        callbacks=callbacks,
+        logger=loggers or False,
+        check_val_every_n_epoch=1,
+    )
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if cfg.resume and last.exists() else None
+    if ckpt_path:
+        print(f"[cdm] resuming router {name} from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    return read_card(artifact)
+
+
+def load_router_model(
+    store: ArtifactStore,
+    experiment: str,
+    name: str = "router",
+    *,
+    backbone: torch.nn.Module | None = None,
+    expected_backbone_hash: str | None = None,
+) -> tuple[torch.nn.Module, dict]:
+    """A saved router rebuilt in eval mode -> ``(router, card)``.
+
+    A ``backbone_head`` router needs ``backbone``; whenever one is given, its hash (computed,
+    unless passed as ``expected_backbone_hash``) must match the router card's.
+    """
+    expected = expected_backbone_hash or (backbone_hash(backbone) if backbone is not None else None)
+    state, config, card = store.load_router(experiment, name, backbone_hash=expected)
+    return router_from_artifact(state, config, backbone=backbone), card

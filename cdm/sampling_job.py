@@ -1,0 +1,178 @@
+"""Sample from a composed CDM from a resolved config: the library behind cdm-sample."""
+
+from __future__ import annotations
+
+import io
+import time
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_composed
+from cdm.core import composition as C
+from cdm.models.backbone import UNET_CLASSES, null_label
+from cdm.models.multi_adapter import MultiShardUNet, read_peft_adapter
+from cdm.runtime import configure_runtime
+from cdm.store import ArtifactStore, StoreError, make_card
+from cdm.store.samples import save_samples
+from cdm.training import device_description, job_name
+
+
+def shard_indices(store: ArtifactStore, experiment: str) -> list[int]:
+    """Indices of the experiment's shards, from its manifests."""
+    names = [m for m in store.list_manifests(experiment) if m.startswith("shard-")]
+    if not names:
+        raise StoreError(f"experiment {experiment!r} has no shard manifests: train it first (cdm-train stage=shard)")
+    return sorted(int(m.split("-")[1]) for m in names)
+
+
+def allowed_shards(cfg: DictConfig, available: list[int]) -> list[int]:
+    """The shards this request may use (``shards=[...]``), checked against the experiment."""
+    if cfg.shards is None:
+        return available
+    wanted = sorted({int(k) for k in cfg.shards})
+    unknown = [k for k in wanted if k not in available]
+    if unknown or not wanted:
+        raise ValueError(f"shards={wanted}: this experiment has shards {available}; unknown {unknown}")
+    return wanted
+
+
+def load_router(cfg: DictConfig, store: ArtifactStore, manifests: dict[int, dict], backbone) -> tuple:
+    """The router and its training log-prior, checked to be trained on these exact shards."""
+    from cdm.models.router import build_router
+
+    state, router_cfg, card = store.load_router(cfg.experiment_name, cfg.router_name)
+    trained = {m["name"]: m["hash"] for m in card["shard_manifests"]}
+    current = {f"shard-{k:02d}": m["hash"] for k, m in manifests.items()}
+    if any(trained.get(name) != h for name, h in current.items()):
+        raise StoreError(
+            f"router {cfg.router_name!r} was trained on other shard data than the current shards "
+            f"(manifests changed or shards were added/forgotten): retrain it with "
+            f"cdm-train experiment={cfg.experiment_name} stage=router"
+        )
+    order = [m["name"] for m in card["shard_manifests"]]
+    router = build_router(router_cfg, n_shards=len(order), channels=cfg.data.channels,
+                          resolution=cfg.data.resolution, backbone=backbone)  # fmt: skip
+    router.load_state_dict(state, strict=False)
+    router.eval()
+    return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32)
+
+
+def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
+    """A PNG grid of images in [-1, 1]."""
+    from PIL import Image
+
+    n, c, h, w = images.shape
+    ncol = ncol or int(np.ceil(np.sqrt(n)))
+    nrow = int(np.ceil(n / ncol))
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    canvas = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), dtype=np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = pixels[i]
+    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    scale = max(1, 256 // max(canvas.shape[:2]))
+    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def weights_plot_png(trace: torch.Tensor, shard_names: list[str], title: str) -> bytes:
+    """Mean router weight of each shard vs reverse step (paper Fig. 1 right / Fig. 3)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mean = trace.mean(dim=0).numpy()  # [steps, n]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    for i, name in enumerate(shard_names):
+        ax.plot(np.arange(len(mean)), mean[:, i], label=name)
+    ax.set_xlabel("reverse step (noise -> data)")
+    ax.set_ylabel("mean weight w_i(x_t, t)")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    return buffer.getvalue()
+
+
+def run_sampling(cfg: DictConfig) -> dict:
+    """Compose the allowed shards with ``cfg.composition``, sample, and store the result."""
+    configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
+    started = time.perf_counter()
+    store = ArtifactStore(cfg.paths.artifacts)
+    experiment = cfg.experiment_name
+    unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
+    shards = allowed_shards(cfg, shard_indices(store, experiment))
+    manifests = {k: store.load_manifest(experiment, f"shard-{k:02d}") for k in shard_indices(store, experiment)}
+    # only the allowed shards' adapters are ever read: a disallowed shard cannot be evaluated
+    dirs, adapter_cards = [], []
+    for k in shards:
+        directory, card = store.checked_adapter(experiment, job_name("shard", k), backbone_hash=backbone_card["backbone_hash"])
+        dirs.append(directory)
+        adapter_cards.append(card)
+    router = train_log_prior = None
+    if cfg.composition in ("classifier", "topk"):
+        full_router, order, log_prior = load_router(cfg, store, manifests, unet)
+        columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
+        router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
+        train_log_prior = log_prior[columns]
+    model = MultiShardUNet(unet, [read_peft_adapter(d) for d in dirs])
+    sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
+    prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
+    denoiser = ComposedDenoiser(
+        model, cfg.composition, prior.float(), router=router, train_log_prior=train_log_prior,
+        fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
+        topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
+        null_label=null_label(unet),
+    )  # fmt: skip
+    labels = None
+    if cfg.data.conditional:
+        if cfg.labels is not None:
+            pool = torch.tensor(list(cfg.labels))
+        else:
+            pool = torch.tensor(sorted({c for k in shards for c in manifests[k]["classes"]}))
+        labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
+    scheduler = build_sampling_scheduler(cfg.sampler, OmegaConf.to_container(cfg.backbone.scheduler, resolve=True))
+    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+    images, trace = sample_composed(
+        denoiser, scheduler, num_samples=int(cfg.num_samples), shape=shape, steps=int(cfg.steps),
+        labels=labels, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+    )  # fmt: skip
+    names = [f"shard-{k:02d}" for k in shards]
+    files = {
+        "grid.png": grid_png(images),
+        "samples.npz": _npz(images=((images + 1) * 127.5).round().to(torch.uint8).numpy(),
+                            labels=np.array([] if labels is None else labels.numpy())),  # fmt: skip
+        "trace.npz": _npz(weights=trace.numpy(), shards=np.array(shards), timesteps=scheduler.timesteps.numpy()),
+        "weights.png": weights_plot_png(trace, names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"),
+    }
+    card = make_card(
+        kind="samples",
+        name=cfg.name,
+        experiment=experiment,
+        composition=cfg.composition,
+        shards=shards,
+        parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": backbone_card["backbone_hash"]}]
+        + [{"kind": "adapter", "name": n, "hash": c["weights_sha256"], "manifest_hash": c["manifest_hash"]}
+           for n, c in zip(names, adapter_cards, strict=True)]  # fmt: skip
+        + ([{"kind": "router", "name": cfg.router_name}] if router is not None else []),
+        prior=prior.tolist(),
+        metrics={"evaluated_pairs_per_sample_step": denoiser.evaluated_pairs / (int(cfg.num_samples) * int(cfg.steps))},
+        config=OmegaConf.to_container(cfg, resolve=True),
+        device=device_description(),
+        wall_time_s=round(time.perf_counter() - started, 3),
+    )
+    return save_samples(store, experiment, cfg.name, files, card)
+
+
+def _npz(**arrays: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()

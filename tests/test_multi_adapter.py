@@ -1,0 +1,65 @@
+"""The grouped multi-shard forward equals each shard's own peft adapter."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import PeftModel
+
+from cdm.models.backbone import build_unet, predict_epsilon
+from cdm.models.multi_adapter import MultiShardUNet
+from tests.conftest import TINY_ATTN_UNET
+
+
+def peft_eps(base, directory, x, t, y):
+    model = PeftModel.from_pretrained(copy.deepcopy(base), directory).eval()
+    with torch.no_grad():
+        return predict_epsilon(model, x, t, y)
+
+
+def test_mixed_batch_equals_each_shards_peft_adapter(lora_shards):
+    base, dirs = lora_shards
+    multi = MultiShardUNet.from_dirs(copy.deepcopy(base), dirs)
+    g = torch.Generator().manual_seed(1)
+    x, t, y = (
+        torch.randn(9, 1, 8, 8, generator=g),
+        torch.randint(0, 1000, (9,), generator=g),
+        torch.randint(0, 11, (9,), generator=g),
+    )
+    shard = torch.tensor([0, 1, 2, 2, 1, 0, 0, 2, 1])
+    with torch.no_grad():
+        batched = multi(x, t, y, shard)
+    for k, d in enumerate(dirs):
+        rows = shard == k
+        expected = peft_eps(base, d, x[rows], t[rows], y[rows])
+        torch.testing.assert_close(batched[rows], expected, rtol=1e-5, atol=1e-5)
+    # and the shards really differ from one another and from the backbone
+    with torch.no_grad():
+        bare = predict_epsilon(base, x, t, y)
+        other = multi(x, t, y, (shard + 1) % 3)
+    assert (batched - bare).abs().max() > 1e-3 and (batched - other).abs().max() > 1e-3
+
+
+def test_single_shard_batch_is_bit_identical_to_peft(lora_shards):
+    base, dirs = lora_shards
+    multi = MultiShardUNet.from_dirs(copy.deepcopy(base), dirs)
+    g = torch.Generator().manual_seed(2)
+    x, t, y = (
+        torch.randn(5, 1, 8, 8, generator=g),
+        torch.randint(0, 1000, (5,), generator=g),
+        torch.randint(0, 11, (5,), generator=g),
+    )
+    for k, d in enumerate(dirs):
+        with torch.no_grad():
+            ours = multi(x, t, y, torch.full((5,), k))
+        assert torch.equal(ours, peft_eps(base, d, x, t, y))
+
+
+def test_adapter_of_another_backbone_is_refused(lora_shards):
+    base, dirs = lora_shards
+    other = build_unet("unet2d", {**TINY_ATTN_UNET, "down_block_types": ["DownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "UpBlock2D"]},
+                       sample_size=8, channels=1, num_classes=10)  # fmt: skip
+    with pytest.raises(ValueError, match="does not exist in this backbone"):
+        MultiShardUNet.from_dirs(other, dirs[:1])
