@@ -59,6 +59,34 @@ def load_router(cfg: DictConfig, store: ArtifactStore, manifests: dict[int, dict
     return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32)
 
 
+def knn_router(cfg: DictConfig, store: ArtifactStore, shards: list[int], manifests: dict[int, dict]):
+    """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone."""
+    from cdm.models.backbone import build_scheduler, predict_epsilon
+    from cdm.models.knn_router import KNNRouter, build_embedder
+    from cdm.store.knn import load_centroids
+
+    centroids = []
+    for k in shards:
+        c, card = load_centroids(store, cfg.experiment_name, cfg.knn.name, job_name("shard", k))
+        if card["manifest_hash"] != manifests[k]["hash"]:
+            raise StoreError(
+                f"k-NN centroids of shard-{k:02d} were computed on other data: recompute with "
+                f"cdm-train experiment={cfg.experiment_name} stage=knn retrain=true"
+            )
+        centroids.append(c)
+    bare, _ = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
+    bare.eval()
+    alphas = build_scheduler(OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)).alphas_cumprod
+    embedder = build_embedder(OmegaConf.to_container(cfg.knn.embedder, resolve=True))
+    null = null_label(bare)
+
+    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        labels = None if null is None else torch.full((x.shape[0],), null, device=x.device)
+        return predict_epsilon(bare, x, t, labels)
+
+    return KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature))
+
+
 def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
     """A PNG grid of images in [-1, 1]."""
     from PIL import Image
@@ -123,6 +151,8 @@ def run_sampling(cfg: DictConfig) -> dict:
         columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
         router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
         train_log_prior = log_prior[columns]
+    if cfg.composition == "knn":
+        router = knn_router(cfg, store, shards, manifests)
     model = MultiShardUNet(unet, [read_peft_adapter(d) for d in dirs])
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))

@@ -28,7 +28,7 @@ from cdm.models.backbone import (
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 
-STAGES = ("backbone", "shard", "paragon")
+STAGES = ("backbone", "shard", "paragon", "router", "knn")
 
 
 def job_name(stage: str, index: int | None = None) -> str:
@@ -212,8 +212,16 @@ def import_pretrained_backbone(
     return store.save_backbone(cfg.backbone.id, unet, card)
 
 
-def run_job(cfg: DictConfig) -> dict:
-    """Train the job ``cfg.stage`` (backbone | shard | paragon) and return its card."""
+def run_job(cfg: DictConfig) -> dict | list[dict]:
+    """Train the job ``cfg.stage`` (backbone | shard | paragon | router | knn) and return its card."""
+    if cfg.stage == "router":
+        from cdm.routing import run_router_job
+
+        return run_router_job(cfg)
+    if cfg.stage == "knn":
+        from cdm.knn_job import run_knn_job
+
+        return run_knn_job(cfg)
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name

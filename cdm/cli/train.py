@@ -19,9 +19,10 @@ def main(cfg: DictConfig) -> None:
     from cdm.store import format_table
     from cdm.training import run_job
 
-    card = run_job(cfg)
-    if card is not None:
-        print(format_table([card]))
+    result = run_job(cfg)
+    cards = result if isinstance(result, list) else [result]
+    if cards:
+        print(format_table(cards))
 
 
 if __name__ == "__main__":

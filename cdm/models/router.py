@@ -50,7 +50,8 @@ class _TimeMLP(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, timesteps: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(timesteps, self.dim))
+        emb = timestep_embedding(timesteps, self.dim)  # float32, cast like diffusers does
+        return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
 class _ResBlock(nn.Module):
@@ -274,7 +275,7 @@ class BackboneHeadRouter(nn.Module):
             return unet_mid_features(self.backbone, x_t.to(self._backbone_dtype()), timesteps)
 
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x_t, timesteps).float()
+        feats = self.features(x_t, timesteps).to(self.proj.weight.dtype)
         tokens = self.proj(feats.flatten(2).transpose(1, 2)) + self.pos
         tokens = tokens + self.t_proj(self.time(timesteps))[:, None, :]
         q = self.norm1(tokens)

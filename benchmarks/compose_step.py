@@ -1,0 +1,292 @@
+"""Cost of one composed denoising step over n LoRA shards, relative to one adapter.
+
+For n in {1, 2, 4, 8} shards and B samples, one step's epsilon is computed in several ways in the
+same process: one peft adapter (the baseline), a Python loop over peft adapters, peft's
+mixed-adapter batch, our grouped ``ComposedDenoiser(MultiShardUNet)``, top-k gating over a DDIM
+trajectory, and the bare backbone on n*B samples (the floor). Rounds rotate the method order;
+every time is also given as a ratio to the baseline of the same round. Run from the repo root:
+
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compose_step.py --preset small --batch-size 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+import zlib
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import diffusers
+import peft
+import torch
+from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
+
+from cdm.compose import ComposedDenoiser, build_sampling_scheduler
+from cdm.core import composition as C
+from cdm.core.sampling import sample as run_sampler
+from cdm.models.adapters import prepare_shard_model
+from cdm.models.backbone import build_unet, predict_epsilon
+from cdm.models.multi_adapter import MultiShardUNet
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED, NUM_CLASSES, N_MAX, SHARDS, T_STEP = 0, 10, 8, (1, 2, 4, 8), 500
+FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
+TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 10.0  # the trajectory router (see Router)
+METHODS = ("one_adapter", "loop", "peft_mixed", "grouped", "topk1", "topk", "bare_nB")
+
+
+def backbone_conf(preset: str) -> DictConfig:
+    """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
+    cfg = OmegaConf.load(ROOT / "conf" / "backbone" / f"{preset}.yaml")
+    parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
+    return OmegaConf.merge(*parents, cfg)
+
+
+def save_adapters(base: torch.nn.Module, adapter: dict, directory: Path) -> list[Path]:
+    """N_MAX peft LoRA folders (conf/adapter/lora.yaml) with seeded random non-zero factors."""
+    dirs = []
+    for k in range(N_MAX):
+        model = prepare_shard_model(copy.deepcopy(base), adapter)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    gen = torch.Generator().manual_seed(zlib.crc32(f"{k}{name}".encode()))
+                    p.copy_(torch.randn(p.shape, generator=gen) * FACTOR_STD)
+        model.save_pretrained(directory / f"shard-{k}")
+        dirs.append(directory / f"shard-{k}")
+    return dirs
+
+
+class Router:
+    """Fixed logits that sharpen as t decreases: ``s(t) * z_b`` with z_b ~ N(0, I_n) per sample.
+
+    s(t) = SHARP_MIN + (SHARP_MAX - SHARP_MIN) * (1 - t / T): near-uniform weights at high t (top-2
+    both above THRESHOLD: 2 shards kept), one dominant shard near t = 0 (1 kept).
+    """
+
+    def __init__(self, batch: int, n: int, num_train_timesteps: int, device: torch.device) -> None:
+        gen = torch.Generator().manual_seed(SEED + n)
+        self.z, self.T = torch.randn(batch, n, generator=gen).to(device), num_train_timesteps
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        s = SHARP_MIN + (SHARP_MAX - SHARP_MIN) * (1 - t.float() / self.T)
+        return s.to(self.z)[:, None] * self.z
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured (load average: this CPU may be shared)."""
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+        "peft": peft.__version__,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def parse_args() -> argparse.Namespace:
+    """Command line; resolution/channels default to 8/1 (tiny, small) or 32/3 (base)."""
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", choices=["tiny", "small", "base"], default="small")
+    p.add_argument("--resolution", type=int, default=None)
+    p.add_argument("--channels", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=16, help="B, samples per shard")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--rounds", type=int, default=3, help="rounds, method order rotated")
+    p.add_argument("--iters", type=int, default=10, help="timed calls per method per round")
+    p.add_argument("--warmup", type=int, default=2, help="untimed calls per method per round")
+    p.add_argument("--steps", type=int, default=20, help="DDIM steps of the topk trajectory")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--out", type=Path, help="default docs/benchmarks/compose_step-<device>.json")
+    args = p.parse_args()
+    big = args.preset == "base"
+    args.resolution = args.resolution or (32 if big else 8)
+    args.channels = args.channels or (3 if big else 1)
+    args.out = args.out or ROOT / "docs" / "benchmarks" / f"compose_step-{args.device}.json"
+    return args
+
+
+def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build every method for every n, check grouped == loop, run the rounds; (results, info)."""
+    device, sync = torch.device(args.device), args.device == "cuda"
+    amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
+    bcfg = backbone_conf(args.preset)
+    adapter = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml"))
+    kw = OmegaConf.to_container(bcfg.unet, resolve=True)
+    torch.manual_seed(SEED)
+    base = build_unet(bcfg.kind, kw, sample_size=args.resolution, channels=args.channels,
+                      num_classes=NUM_CLASSES).eval()  # fmt: skip
+    sched_kw = OmegaConf.to_container(bcfg.scheduler, resolve=True)
+    tmp = tempfile.TemporaryDirectory(prefix="compose_step-")
+    dirs = save_adapters(base, adapter, Path(tmp.name))
+    one = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="s0")
+    multi = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="s0")
+    for k in range(1, N_MAX):
+        multi.load_adapter(dirs[k], adapter_name=f"s{k}")
+    one, multi, bare = (m.to(device).eval() for m in (one, multi, copy.deepcopy(base)))
+    grouped = {n: MultiShardUNet.from_dirs(copy.deepcopy(base), dirs[:n]).to(device) for n in SHARDS}
+    tmp.cleanup()
+
+    gen, b = torch.Generator().manual_seed(SEED), args.batch_size
+    x = torch.randn(b, args.channels, args.resolution, args.resolution, generator=gen).to(device)
+    y = torch.randint(0, NUM_CLASSES, (b,), generator=gen).to(device)
+    t = torch.full((b,), T_STEP, device=device)
+
+    def now() -> float:
+        if sync:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def methods(n: int) -> dict[str, Callable[[], torch.Tensor]]:
+        """Zero-argument calls returning the composed eps [B, C, H, W] (or the floor's output)."""
+        prior, names = torch.ones(n), [f"s{k}" for k in range(n)]
+        w = C.average_weights(b, C.normalize_priors(prior).float()).to(device)
+        per_sample = [name for name in names for _ in range(b)]
+        avg = ComposedDenoiser(grouped[n], "average", prior)
+        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=Router(b, n, 1000, device), topk=1)
+
+        def loop() -> torch.Tensor:
+            eps = []
+            for name in names:
+                multi.set_adapter(name, inference_mode=True)
+                eps.append(predict_epsilon(multi, x, t, y))
+            return C.mix_epsilons(torch.stack(eps), w)
+
+        def mixed() -> torch.Tensor:
+            xs, ts, ys = x.repeat(n, 1, 1, 1), t.repeat(n), y.repeat(n)
+            out = multi(xs, ts, class_labels=ys, return_dict=False, adapter_names=per_sample)[0]
+            return C.mix_epsilons(out.view(n, *x.shape), w)
+
+        return {
+            "one_adapter": lambda: predict_epsilon(one, x, t, y),
+            "loop": loop,
+            "peft_mixed": mixed,
+            "grouped": lambda: avg(x, t, y),
+            "topk1": lambda: top1(x, t, y),
+            "bare_nB": lambda: predict_epsilon(bare, x.repeat(n, 1, 1, 1), t.repeat(n), y.repeat(n)),
+        }
+
+    def time_call(fn: Callable[[], torch.Tensor]) -> float:
+        """Median ms of ``iters`` calls after ``warmup`` untimed ones."""
+        for _ in range(args.warmup):
+            fn()
+        spans = []
+        for _ in range(args.iters):
+            start = now()
+            fn()
+            spans.append(1e3 * (now() - start))
+        return statistics.median(spans)
+
+    def trajectory(n: int) -> tuple[float, list[float]]:
+        """(mean ms per step, mean shards kept per sample at each step) of one topk DDIM run."""
+        den = ComposedDenoiser(grouped[n], "topk", torch.ones(n), topk=min(TOPK, n),
+                               threshold=THRESHOLD, router=Router(b, n, 1000, device))  # fmt: skip
+        spans: list[float] = []
+
+        def denoise(x_t: torch.Tensor, t_step: torch.Tensor) -> torch.Tensor:
+            start = now()
+            eps = den(x_t, t_step, y)
+            spans.append(1e3 * (now() - start))
+            return eps
+
+        scheduler = build_sampling_scheduler("ddim", sched_kw)
+        noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED)).to(device)
+        run_sampler(denoise, scheduler, noise, args.steps)
+        kept = [float((w > 0).sum(1).float().mean()) for w in den.trace]
+        return statistics.fmean(spans), kept
+
+    calls = {n: methods(n) for n in SHARDS}
+    tol = 1e-4 if args.precision == "32" else 5e-2
+    results: dict[str, Any] = {}
+    with torch.no_grad(), amp:
+        for n in SHARDS:  # correctness once per n, before timing
+            ref = calls[n]["loop"]().float()
+            diffs = {m: (calls[n][m]().float() - ref).abs().max().item() for m in ("grouped", "peft_mixed")}
+            results[str(n)] = {
+                "max_abs_diff_grouped_vs_loop": diffs["grouped"],
+                "max_abs_diff_peft_mixed_vs_loop": diffs["peft_mixed"],
+                "allclose": all(d <= tol for d in diffs.values()),
+                "tolerance": tol,
+                "eps_abs_mean": ref.abs().mean().item(),
+            }
+            trajectory(n)  # warm-up
+        times = {n: {m: [] for m in METHODS} for n in SHARDS}
+        kept: dict[int, list[float]] = {}
+        for r in range(args.rounds):
+            for n in SHARDS:
+                order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
+                for m in order:
+                    if m == "topk":
+                        ms, kept[n] = trajectory(n)
+                    else:
+                        ms = time_call(calls[n][m])
+                    times[n][m].append(ms)
+    for n in SHARDS:
+        row = results[str(n)]
+        for m in METHODS:
+            by_round = [a / o for a, o in zip(times[n][m], times[n]["one_adapter"], strict=True)]
+            row[m] = {
+                "ms": round(statistics.median(times[n][m]), 3),
+                "ratio": round(statistics.median(by_round), 4),
+                "ms_by_round": [round(v, 3) for v in times[n][m]],
+                "ratio_by_round": [round(v, 4) for v in by_round],
+            }
+        row["topk_kept_per_sample_by_step"] = [round(k, 3) for k in kept[n]]
+        row["topk_mean_kept_per_sample"] = round(statistics.fmean(kept[n]), 4)
+    n_lora = sum(p.numel() for name, p in one.named_parameters() if "lora_" in name)
+    info = {"total_params": bare.num_parameters(), "lora_params_per_shard": n_lora}
+    info["adapter"], info["scheduler"] = adapter, sched_kw
+    return results, info
+
+
+def main() -> None:
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    results, info = measure(args)
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    router = {"topk": TOPK, "threshold": THRESHOLD, "sharpness_min_max": [SHARP_MIN, SHARP_MAX]}
+    fixed = {"shards": list(SHARDS), "t_single_step": T_STEP, "factor_std": FACTOR_STD}
+    out = {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "wall_s": round(time.perf_counter() - started, 1),
+        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
+        "config": {**config, **info, **fixed, "topk_router": router},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    head = "".join(f"{m:>12}" for m in METHODS[1:])
+    print(f"{'n':>2}{'one ms':>9}{head}{'kept':>7}{'grouped-loop':>14}  (ratios to one_adapter)")
+    for n in SHARDS:
+        row = results[str(n)]
+        ratios = "".join(f"{row[m]['ratio']:>12.2f}" for m in METHODS[1:])
+        kept, diff = row["topk_mean_kept_per_sample"], row["max_abs_diff_grouped_vs_loop"]
+        print(f"{n:>2}{row['one_adapter']['ms']:>9.2f}{ratios}{kept:>7.2f}{diff:>14.1e}")
+    print(f"wrote {args.out} ({out['wall_s']} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""Compute each shard's k-NN router centroids from that shard's data alone (cdm-train stage=knn)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from cdm.data.sharding import indices_of
+from cdm.models.knn_router import build_embedder, kmeans
+from cdm.runtime import configure_runtime
+from cdm.store import ArtifactStore, make_card
+from cdm.store.knn import centroids_dir, save_centroids
+from cdm.training import job_name, load_data, record_manifests, split_data
+
+
+@torch.no_grad()
+def embed(embedder: torch.nn.Module, dataset, indices: list[int], batch_size: int = 256) -> torch.Tensor:
+    """Embeddings [N, d] of the clean images at ``indices``."""
+    out = []
+    for start in range(0, len(indices), batch_size):
+        images = torch.stack([dataset[i]["image"] for i in indices[start : start + batch_size]])
+        out.append(embedder(images).float())
+    return torch.cat(out)
+
+
+def run_knn_job(cfg: DictConfig) -> list[dict]:
+    """Centroids for every shard that has none yet (all of them with ``retrain=true``)."""
+    configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
+    store = ArtifactStore(cfg.paths.artifacts)
+    dataset = load_data(cfg)
+    split = split_data(cfg, dataset)
+    record_manifests(store, cfg.experiment_name, split)
+    embedder = build_embedder(OmegaConf.to_container(cfg.knn.embedder, resolve=True))
+    cards = []
+    for k, manifest in enumerate(tqdm(split.shards, desc="k-NN centroids")):
+        job = job_name("shard", k)
+        if (centroids_dir(store, cfg.experiment_name, cfg.knn.name, job) / "card.json").exists() and not cfg.retrain:
+            continue
+        started = time.perf_counter()
+        points = embed(embedder, dataset, indices_of(dataset, manifest))
+        centroids = kmeans(points, int(cfg.knn.k), seed=int(cfg.seed) + k)
+        card = make_card(
+            name=job, experiment=cfg.experiment_name, embedder=cfg.knn.name, manifest_hash=manifest.hash,
+            n_samples=len(manifest.ids), config=OmegaConf.to_container(cfg.knn, resolve=True),
+            wall_time_s=round(time.perf_counter() - started, 3),
+        )  # fmt: skip
+        cards.append(save_centroids(store, cfg.experiment_name, cfg.knn.name, job, centroids, card))
+    return cards
