@@ -50,7 +50,9 @@ def test_priors_from_sizes_is_proportional_to_sizes():
 
 def test_normalize_priors():
     torch.testing.assert_close(normalize_priors(torch.tensor([2.0, 2.0])), torch.tensor([0.5, 0.5]))
-    torch.testing.assert_close(normalize_priors([1, 0, 3]), torch.tensor([0.25, 0, 0.75], dtype=D64))
+    torch.testing.assert_close(
+        normalize_priors([1, 0, 3]), torch.tensor([0.25, 0, 0.75], dtype=D64)
+    )
 
 
 @pytest.mark.parametrize(
@@ -65,7 +67,15 @@ def test_priors_reject_bad_input(bad, match):
 
 
 def test_compositions_constant():
-    assert COMPOSITIONS == ("classifier", "knn", "average", "random", "fixed", "topk", "weight_merge")
+    assert COMPOSITIONS == (
+        "classifier",
+        "knn",
+        "average",
+        "random",
+        "fixed",
+        "topk",
+        "weight_merge",
+    )
 
 
 # ---------------------------------------------------------------- router posterior
@@ -165,7 +175,9 @@ def test_mask_weights_errors():
 def test_topk_keeps_the_k_largest():
     w = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.4, 0.3, 0.2, 0.1]], dtype=D64)
     out = topk_weights(w, k=2)
-    expected = torch.tensor([[0, 0.5 / 0.75, 0, 0.25 / 0.75], [0.4 / 0.7, 0.3 / 0.7, 0, 0]], dtype=D64)
+    expected = torch.tensor(
+        [[0, 0.5 / 0.75, 0, 0.25 / 0.75], [0.4 / 0.7, 0.3 / 0.7, 0, 0]], dtype=D64
+    )
     torch.testing.assert_close(out, expected)
 
 
@@ -173,7 +185,9 @@ def test_topk_threshold_and_combined():
     w = torch.tensor([[0.1, 0.5, 0.15, 0.25], [0.4, 0.3, 0.2, 0.1]], dtype=D64)
     out = topk_weights(w, threshold=0.2)
     torch.testing.assert_close(out[0], torch.tensor([0, 0.5 / 0.75, 0, 0.25 / 0.75], dtype=D64))
-    torch.testing.assert_close(out[1], torch.tensor([0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0], dtype=D64))
+    torch.testing.assert_close(
+        out[1], torch.tensor([0.4 / 0.9, 0.3 / 0.9, 0.2 / 0.9, 0], dtype=D64)
+    )
     both = topk_weights(w, k=2, threshold=0.3)  # at most 2, each >= 0.3
     torch.testing.assert_close(both[0], torch.tensor([0, 1.0, 0, 0], dtype=D64))
     torch.testing.assert_close(both[1], torch.tensor([0.4 / 0.7, 0.3 / 0.7, 0, 0], dtype=D64))
@@ -336,7 +350,9 @@ def test_merge_is_weighted_average_and_differs_from_delta_merge():
     delta = merge_lora_deltas(As, Bs, ws)
     expected = sum(w * b.double() @ a.double() for w, a, b in zip(ws, As, Bs, strict=True))
     torch.testing.assert_close(delta, expected)
-    product_of_averages = merged["down.lora_B.weight"].double() @ merged["down.lora_A.weight"].double()
+    product_of_averages = (
+        merged["down.lora_B.weight"].double() @ merged["down.lora_A.weight"].double()
+    )
     assert (product_of_averages - delta).abs().max() > 1e-2  # the cross terms
     # The same delta in LoRA form with rank r_1 + r_2 (as documented).
     b_cat = torch.cat([w * b.double() for w, b in zip(ws, Bs, strict=True)], dim=1)

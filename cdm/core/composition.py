@@ -176,7 +176,9 @@ def topk_weights(
     # A row whose argmax is 0 has all weights 0: give the argmax everything.
     argmax_onehot = torch.zeros_like(weights).scatter_(1, weights.argmax(dim=1, keepdim=True), 1.0)
     empty = total <= 0
-    return torch.where(empty, argmax_onehot, kept / torch.where(empty, torch.ones_like(total), total))
+    return torch.where(
+        empty, argmax_onehot, kept / torch.where(empty, torch.ones_like(total), total)
+    )
 
 
 def average_weights(batch: int, prior: torch.Tensor) -> torch.Tensor:

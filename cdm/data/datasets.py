@@ -689,6 +689,62 @@ DATASETS: dict[str, Callable[..., SampleDataset]] = {
 }
 
 
+class UnionDataset(SampleDataset):
+    """Several datasets at one resolution/channel count, side by side (e.g. a cross-domain pair).
+
+    Labels are the part's index (``label_by="domain"``) or the part's classes offset so they stay
+    distinct (``label_by="class"``). Ids keep their dataset prefix, so they stay unique.
+    """
+
+    def __init__(self, parts: Sequence[SampleDataset], label_by: str = "domain") -> None:
+        if not parts:
+            raise ValueError("union: give at least one dataset in data.kwargs.parts")
+        if len({(p.resolution, p.channels) for p in parts}) != 1:
+            raise ValueError("union: every part needs the same resolution and channels")
+        if label_by not in ("domain", "class"):
+            raise ValueError(f"union: label_by must be 'domain' or 'class', got {label_by!r}")
+        labels, names, offset = [], [], 0
+        for k, part in enumerate(parts):
+            if label_by == "domain":
+                labels.append(torch.full((len(part),), k, dtype=torch.long))
+                names.append(part.name)
+            else:
+                labels.append(part.labels + offset)
+                names += [f"{part.name}/{c}" for c in part.class_names]
+                offset += len(part.class_names)
+        super().__init__(
+            name="+".join(p.name for p in parts),
+            ids=[i for p in parts for i in p.ids],
+            content_hashes=[h for p in parts for h in p.content_hashes],
+            labels=torch.cat(labels),
+            class_names=names,
+            splits=[s for p in parts for s in p.splits],
+            channels=parts[0].channels,
+            resolution=parts[0].resolution,
+        )
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def image(self, i: int) -> torch.Tensor:
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k].image(i - int(self.starts[k]))
+
+
+def load_union(
+    parts: Sequence[dict], resolution: int = 8, channels: int | None = 1, label_by: str = "domain"
+) -> UnionDataset:
+    """``parts=[{"name": "digits"}, {"name": "fashion_mnist", "limit_per_split": 1500}]``."""
+    built = []
+    for spec in parts:
+        spec = dict(spec)
+        name = spec.pop("name")
+        built.append(build_dataset(name, resolution=resolution, channels=channels, **spec))
+    return UnionDataset(built, label_by=label_by)
+
+
+DATASETS["union"] = load_union
+
+
 def build_dataset(name: str, **kwargs) -> SampleDataset:
     """Build a registered dataset by name (see ``DATASETS``)."""
     if name not in DATASETS:
