@@ -1,10 +1,11 @@
 """Cost of one composed denoising step over n LoRA shards, relative to one adapter.
 
-For n in {1, 2, 4, 8} shards and B samples, one step's epsilon is computed in several ways in the
-same process: one peft adapter (the baseline), a Python loop over peft adapters, peft's
-mixed-adapter batch, our grouped ``ComposedDenoiser(MultiShardUNet)``, top-k gating over a DDIM
-trajectory, and the bare backbone on n*B samples (the floor). Rounds rotate the method order;
-every time is also given as a ratio to the baseline of the same round. Run from the repo root:
+For n in {1, 2, 4, 8} shards (``--shards``) and B samples, one step's epsilon is computed in
+several ways in the same process: one peft adapter (the baseline), a Python loop over peft
+adapters, peft's mixed-adapter batch, our grouped ``ComposedDenoiser(MultiShardUNet)``, top-k
+gating (one step and over a DDIM trajectory), and the bare backbone on n*B samples (the floor).
+Calls alternate between methods (order rotated); every time is also given as a ratio to the
+baseline of the same round. Times are wall and process CPU. Run from the repo root:
 
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/compose_step.py --preset small --batch-size 16
 """
@@ -32,6 +33,8 @@ import peft
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode
 
 from cdm.compose import ComposedDenoiser, build_sampling_scheduler
 from cdm.core import composition as C
@@ -41,9 +44,9 @@ from cdm.models.backbone import build_unet, predict_epsilon
 from cdm.models.multi_adapter import MultiShardUNet
 
 ROOT = Path(__file__).resolve().parents[1]
-SEED, NUM_CLASSES, N_MAX, SHARDS, T_STEP = 0, 10, 8, (1, 2, 4, 8), 500
+SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
 FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
-TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 10.0  # the trajectory router (see Router)
+TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 100.0  # the trajectory router (see Router)
 METHODS = ("one_adapter", "loop", "peft_mixed", "grouped", "topk1", "topk", "bare_nB")
 
 
@@ -69,11 +72,26 @@ def save_adapters(base: torch.nn.Module, adapter: dict, directory: Path) -> list
     return dirs
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts dispatched aten ops that are not views."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+    ) -> Any:
+        rets = func._schema.returns
+        self.count += not any(r.alias_info and not r.alias_info.is_write for r in rets)
+        return func(*args, **(kwargs or {}))
+
+
 class Router:
     """Fixed logits that sharpen as t decreases: ``s(t) * z_b`` with z_b ~ N(0, I_n) per sample.
 
-    s(t) = SHARP_MIN + (SHARP_MAX - SHARP_MIN) * (1 - t / T): near-uniform weights at high t (top-2
-    both above THRESHOLD: 2 shards kept), one dominant shard near t = 0 (1 kept).
+    s(t) = SHARP_MIN * (SHARP_MAX / SHARP_MIN) ** (1 - t / T), geometric: spread weights at high t
+    (top-2 both above THRESHOLD: 2 shards kept), one dominant shard near t = 0 (1 kept).
     """
 
     def __init__(self, batch: int, n: int, num_train_timesteps: int, device: torch.device) -> None:
@@ -81,7 +99,7 @@ class Router:
         self.z, self.T = torch.randn(batch, n, generator=gen).to(device), num_train_timesteps
 
     def __call__(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        s = SHARP_MIN + (SHARP_MAX - SHARP_MIN) * (1 - t.float() / self.T)
+        s = SHARP_MIN * (SHARP_MAX / SHARP_MIN) ** (1 - t.float() / self.T)
         return s.to(self.z)[:, None] * self.z
 
 
@@ -115,6 +133,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per method per round")
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the topk trajectory")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8], choices=range(1, 9))
     p.add_argument("--out", type=Path, help="default docs/benchmarks/compose_step-<device>.json")
     args = p.parse_args()
     big = args.preset == "base"
@@ -126,6 +145,7 @@ def parse_args() -> argparse.Namespace:
 
 def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     """Build every method for every n, check grouped == loop, run the rounds; (results, info)."""
+    shards: list[int] = args.shards
     device, sync = torch.device(args.device), args.device == "cuda"
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     bcfg = backbone_conf(args.preset)
@@ -137,12 +157,12 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     sched_kw = OmegaConf.to_container(bcfg.scheduler, resolve=True)
     tmp = tempfile.TemporaryDirectory(prefix="compose_step-")
     dirs = save_adapters(base, adapter, Path(tmp.name))
-    one = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="s0")
-    multi = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="s0")
+    one, multi = (PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], "s0") for _ in "12")
     for k in range(1, N_MAX):
         multi.load_adapter(dirs[k], adapter_name=f"s{k}")
     one, multi, bare = (m.to(device).eval() for m in (one, multi, copy.deepcopy(base)))
-    grouped = {n: MultiShardUNet.from_dirs(copy.deepcopy(base), dirs[:n]).to(device) for n in SHARDS}
+    grouped = {n: MultiShardUNet.from_dirs(copy.deepcopy(base), dirs[:n]) for n in shards}
+    grouped = {n: g.to(device) for n, g in grouped.items()}
     tmp.cleanup()
 
     gen, b = torch.Generator().manual_seed(SEED), args.batch_size
@@ -157,11 +177,12 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
     def methods(n: int) -> dict[str, Callable[[], torch.Tensor]]:
         """Zero-argument calls returning the composed eps [B, C, H, W] (or the floor's output)."""
-        prior, names = torch.ones(n), [f"s{k}" for k in range(n)]
+        prior, names = torch.ones(n, device=device), [f"s{k}" for k in range(n)]
         w = C.average_weights(b, C.normalize_priors(prior).float()).to(device)
         per_sample = [name for name in names for _ in range(b)]
         avg = ComposedDenoiser(grouped[n], "average", prior)
-        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=Router(b, n, 1000, device), topk=1)
+        router = Router(b, n, 1000, device)
+        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=router, topk=1)
 
         def loop() -> torch.Tensor:
             eps = []
@@ -181,74 +202,91 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             "peft_mixed": mixed,
             "grouped": lambda: avg(x, t, y),
             "topk1": lambda: top1(x, t, y),
-            "bare_nB": lambda: predict_epsilon(bare, x.repeat(n, 1, 1, 1), t.repeat(n), y.repeat(n)),
+            "bare_nB": lambda: predict_epsilon(
+                bare, x.repeat(n, 1, 1, 1), t.repeat(n), y.repeat(n)
+            ),
         }
 
-    def time_call(fn: Callable[[], torch.Tensor]) -> float:
-        """Median ms of ``iters`` calls after ``warmup`` untimed ones."""
-        for _ in range(args.warmup):
-            fn()
-        spans = []
-        for _ in range(args.iters):
-            start = now()
-            fn()
-            spans.append(1e3 * (now() - start))
-        return statistics.median(spans)
+    def span(fn: Callable[[], Any]) -> tuple[float, float]:
+        """(wall ms, process CPU ms) of one call; on CUDA synchronized before both timestamps."""
+        wall, cpu = now(), time.process_time()
+        fn()
+        return 1e3 * (now() - wall), 1e3 * (time.process_time() - cpu)
 
-    def trajectory(n: int) -> tuple[float, list[float]]:
-        """(mean ms per step, mean shards kept per sample at each step) of one topk DDIM run."""
-        den = ComposedDenoiser(grouped[n], "topk", torch.ones(n), topk=min(TOPK, n),
-                               threshold=THRESHOLD, router=Router(b, n, 1000, device))  # fmt: skip
-        spans: list[float] = []
+    def trajectory(n: int) -> tuple[float, float, list[float]]:
+        """One topk DDIM run: (mean wall ms, mean CPU ms per step, mean kept shards by step)."""
+        prior, router = torch.ones(n, device=device), Router(b, n, 1000, device)
+        den = ComposedDenoiser(grouped[n], "topk", prior, router=router, topk=min(TOPK, n),
+                               threshold=THRESHOLD)  # fmt: skip
+        spans: list[tuple[float, float]] = []
 
         def denoise(x_t: torch.Tensor, t_step: torch.Tensor) -> torch.Tensor:
-            start = now()
-            eps = den(x_t, t_step, y)
-            spans.append(1e3 * (now() - start))
-            return eps
+            out: list[torch.Tensor] = []
+            spans.append(span(lambda: out.append(den(x_t, t_step, y))))
+            return out[0]
 
         scheduler = build_sampling_scheduler("ddim", sched_kw)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED)).to(device)
         run_sampler(denoise, scheduler, noise, args.steps)
         kept = [float((w > 0).sum(1).float().mean()) for w in den.trace]
-        return statistics.fmean(spans), kept
+        return statistics.fmean(s[0] for s in spans), statistics.fmean(s[1] for s in spans), kept
 
-    calls = {n: methods(n) for n in SHARDS}
-    tol = 1e-4 if args.precision == "32" else 5e-2
+    def count(fn: Callable[[], Any]) -> dict[str, int]:
+        """FLOPs and dispatched aten ops (views excluded; a proxy for GPU kernel launches)."""
+        ops = OpCounter()
+        with FlopCounterMode(display=False) as flops, ops:
+            fn()
+        return {"flops": int(flops.get_total_flops()), "aten_ops": ops.count}
+
+    calls = {n: methods(n) for n in shards}
+    tol = 1e-4 if args.precision == "32" else 1e-1
     results: dict[str, Any] = {}
+    timed = [m for m in METHODS if m != "topk"]
     with torch.no_grad(), amp:
-        for n in SHARDS:  # correctness once per n, before timing
+        for n in shards:  # correctness and op counts once per n, before timing
             ref = calls[n]["loop"]().float()
-            diffs = {m: (calls[n][m]().float() - ref).abs().max().item() for m in ("grouped", "peft_mixed")}
+            diff = {
+                m: (calls[n][m]().float() - ref).abs().max().item()
+                for m in ("grouped", "peft_mixed")
+            }
             results[str(n)] = {
-                "max_abs_diff_grouped_vs_loop": diffs["grouped"],
-                "max_abs_diff_peft_mixed_vs_loop": diffs["peft_mixed"],
-                "allclose": all(d <= tol for d in diffs.values()),
+                "max_abs_diff_grouped_vs_loop": diff["grouped"],
+                "max_abs_diff_peft_mixed_vs_loop": diff["peft_mixed"],
+                "allclose": all(d <= tol for d in diff.values()),
                 "tolerance": tol,
                 "eps_abs_mean": ref.abs().mean().item(),
+                "counts": {m: count(calls[n][m]) for m in timed},
             }
             trajectory(n)  # warm-up
-        times = {n: {m: [] for m in METHODS} for n in SHARDS}
+        times = {n: {m: [] for m in METHODS} for n in shards}  # (wall ms, CPU ms) per round
         kept: dict[int, list[float]] = {}
         for r in range(args.rounds):
-            for n in SHARDS:
-                order = METHODS[r % len(METHODS) :] + METHODS[: r % len(METHODS)]
-                for m in order:
-                    if m == "topk":
-                        ms, kept[n] = trajectory(n)
-                    else:
-                        ms = time_call(calls[n][m])
-                    times[n][m].append(ms)
-    for n in SHARDS:
+            for n in shards:
+                spans: dict[str, list[tuple[float, float]]] = {m: [] for m in timed}
+                for i in range(args.warmup + args.iters):  # call by call, order rotated
+                    for m in timed[(i + r) % len(timed) :] + timed[: (i + r) % len(timed)]:
+                        spans[m].append(span(calls[n][m]))
+                    if i == args.warmup + args.iters // 2:  # one trajectory mid-round
+                        *traj, kept[n] = trajectory(n)
+                        times[n]["topk"].append(tuple(traj))
+                for m in timed:
+                    kept_spans = spans[m][args.warmup :]
+                    times[n][m].append(
+                        tuple(statistics.median(s[j] for s in kept_spans) for j in (0, 1))
+                    )
+    for n in shards:
         row = results[str(n)]
         for m in METHODS:
-            by_round = [a / o for a, o in zip(times[n][m], times[n]["one_adapter"], strict=True)]
-            row[m] = {
-                "ms": round(statistics.median(times[n][m]), 3),
-                "ratio": round(statistics.median(by_round), 4),
-                "ms_by_round": [round(v, 3) for v in times[n][m]],
-                "ratio_by_round": [round(v, 4) for v in by_round],
-            }
+            row[m] = {}
+            for kind, j in (("", 0), ("cpu_", 1)):
+                ms, one_ms = [v[j] for v in times[n][m]], [v[j] for v in times[n]["one_adapter"]]
+                by_round = [a / o for a, o in zip(ms, one_ms, strict=True)]
+                row[m] |= {
+                    f"{kind}ms": round(statistics.median(ms), 3),
+                    f"{kind}ratio": round(statistics.median(by_round), 4),
+                    f"{kind}ms_by_round": [round(v, 3) for v in ms],
+                    f"{kind}ratio_by_round": [round(v, 4) for v in by_round],
+                }
         row["topk_kept_per_sample_by_step"] = [round(k, 3) for k in kept[n]]
         row["topk_mean_kept_per_sample"] = round(statistics.fmean(kept[n]), 4)
     n_lora = sum(p.numel() for name, p in one.named_parameters() if "lora_" in name)
@@ -266,7 +304,7 @@ def main() -> None:
     results, info = measure(args)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     router = {"topk": TOPK, "threshold": THRESHOLD, "sharpness_min_max": [SHARP_MIN, SHARP_MAX]}
-    fixed = {"shards": list(SHARDS), "t_single_step": T_STEP, "factor_std": FACTOR_STD}
+    fixed = {"t_single_step": T_STEP, "factor_std": FACTOR_STD}
     out = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
@@ -279,12 +317,15 @@ def main() -> None:
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 
     head = "".join(f"{m:>12}" for m in METHODS[1:])
-    print(f"{'n':>2}{'one ms':>9}{head}{'kept':>7}{'grouped-loop':>14}  (ratios to one_adapter)")
-    for n in SHARDS:
-        row = results[str(n)]
-        ratios = "".join(f"{row[m]['ratio']:>12.2f}" for m in METHODS[1:])
-        kept, diff = row["topk_mean_kept_per_sample"], row["max_abs_diff_grouped_vs_loop"]
-        print(f"{n:>2}{row['one_adapter']['ms']:>9.2f}{ratios}{kept:>7.2f}{diff:>14.1e}")
+    for kind in ("", "cpu_"):  # wall, then process CPU time
+        print(f"{'n':>2}{kind + 'one ms':>11}{head}{'kept':>7}{'grouped-loop':>14}")
+        for n in args.shards:
+            row = results[str(n)]
+            ratios = "".join(f"{row[m][kind + 'ratio']:>12.2f}" for m in METHODS[1:])
+            kept, diff = row["topk_mean_kept_per_sample"], row["max_abs_diff_grouped_vs_loop"]
+            print(
+                f"{n:>2}{row['one_adapter'][kind + 'ms']:>11.2f}{ratios}{kept:>7.2f}{diff:>14.1e}"
+            )
     print(f"wrote {args.out} ({out['wall_s']} s)")
 
 

@@ -186,10 +186,11 @@ def _z_scores(x: torch.Tensor) -> dict[str, torch.Tensor]:
 def _sampler() -> DPMSolverMultistepScheduler:
     """A stochastic, second-order diffusers sampler (SDE-DPM-Solver++ 2M, 100 steps).
 
-    DDPM/DDIM with 100-200 steps are visibly biased here (the thin component's variance comes out
-    ~4% low, -1.2 to -2.3 SE of the covariance at 20k samples; 1000 DDPM steps still -0.6 SE):
-    their discretisation error, not the composition's. SDE-DPM-Solver++ at 100 steps showed
-    no bias beyond +-0.3 SE (200k-sample runs), so the test can use tight bounds.
+    With the exact epsilon, DDPM/DDIM at 100-200 steps under-disperse here (DDPM-200 gives the
+    thin component's variance ~4% low; covariance biases of -1.2 SE for DDPM-200, -2.2 for
+    DDIM-200, -4 for DDIM-100, in SEs of a 20k-sample run; DDPM-1000 about -0.6): their
+    discretisation error, not the composition's. SDE-DPM-Solver++ 2M at 100 steps showed no
+    bias beyond noise (|z| <= 0.3 at 200k samples), so the test can use tight bounds.
     """
     return DPMSolverMultistepScheduler(
         num_train_timesteps=NUM_TRAIN_TIMESTEPS,

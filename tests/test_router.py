@@ -358,3 +358,69 @@ def test_backbone_head_router_job_saves_only_the_head(trained):
     assert isinstance(router, BackboneHeadRouter) and router(*batch()).shape == (6, 4)
     with pytest.raises(BackboneMismatchError):
         load_router_model(store, "digits_4split", "router-head", backbone=tiny_unet(), expected_backbone_hash="0" * 64)  # fmt: skip
+
+
+def test_card_accuracies_are_those_of_the_saved_router(trained):
+    """Recompute the per-band validation accuracy from the stored router, outside Lightning."""
+    from cdm.core.diffusion import q_sample
+    from cdm.routing import backbone_alphas_cumprod, load_router_model, router_data
+    from cdm.training import load_data, split_data
+
+    root, cfg, card = trained
+    store = ArtifactStore(root)
+    dataset = load_data(cfg)
+    data = router_data(dataset, split_data(cfg, dataset), seed=int(cfg.seed))
+    assert data.validation == card["validation"]
+    router, _ = load_router_model(store, "digits_4split")
+    alphas = backbone_alphas_cumprod(cfg, read_card(store.backbone_dir(cfg.backbone.id)))
+    idx = torch.tensor([i for i, _ in data.val_items])
+    labels = torch.tensor([k for _, k in data.val_items])
+    x0 = torch.stack([dataset[i]["image"] for i in idx.tolist()])
+    for (lo, hi), name in zip(timestep_bands(1000, 5), card["bands"], strict=True):
+        noise, t = fixed_validation_noise(idx, x0.shape[1:], (lo, hi), 0, int(cfg.seed))
+        with torch.no_grad():
+            pred = router(q_sample(x0, noise, t, alphas), t).argmax(dim=1)
+        acc = (pred == labels).float().mean().item()
+        assert acc == pytest.approx(card["metrics"]["band_accuracy"][name], abs=1e-6)
+
+
+def run_router_main(root: str, *overrides: str) -> None:
+    """Entry point for the subprocess of the resume test (the kill is an ``os._exit``)."""
+    from cdm.routing import run_router_job
+
+    run_router_job(
+        compose_router_cfg(Path(root), "small", *overrides, **{**FAST_ROUTER, "epochs": 3})
+    )
+
+
+@pytest.mark.slow
+def test_killed_router_job_resumes_bit_identical(trained):
+    import subprocess
+    import sys
+
+    root, _, _ = trained
+    repo = Path(__file__).resolve().parents[1]
+
+    def run(*overrides: str) -> int:
+        code = "import sys; from tests.test_router import run_router_main; run_router_main(*sys.argv[1:])"  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-c",
+            code,
+            str(root),
+            "trainer.enable_progress_bar=false",
+            *overrides,
+        ]
+        return subprocess.run(cmd, cwd=repo, capture_output=True, timeout=300).returncode
+
+    assert run("experiment_name=resume", "kill_at_step=15") == 17
+    store = ArtifactStore(root)
+    assert store.last_checkpoint_path("resume", "router").is_file()
+    assert not store.has_router("resume")
+    assert run("experiment_name=resume") == 0
+    assert run("experiment_name=straight") == 0
+    a = load_file(store.router_dir("resume") / "router.safetensors")
+    b = load_file(store.router_dir("straight") / "router.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    card_a, card_b = read_card(store.router_dir("resume")), read_card(store.router_dir("straight"))
+    assert card_a["metrics"]["band_accuracy"] == card_b["metrics"]["band_accuracy"]
