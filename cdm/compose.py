@@ -35,8 +35,11 @@ def build_sampling_scheduler(name: str, scheduler_kwargs: dict):
 class ComposedDenoiser:
     """eps(x_t, t) of the CDM mixture (Prop. 3.1) over the allowed shards.
 
-    method: classifier | average | random | fixed | topk (knn plugs in as a router).
-    ``router(x_t, t) -> logits [B, n]`` is needed by classifier/topk; ``prior`` is lambda.
+    method: classifier | knn | average | random | fixed | topk.
+    ``router(x_t, t) -> logits [B, n]`` is needed by classifier/knn/topk; ``prior`` is lambda.
+    ``label_prior`` [num_labels, n] is P(shard | label) for class-conditional sampling: the
+    router's posterior then uses it in place of lambda, P(z | x_t, y) ~ P(z | x_t) P(z | y) / P(z)
+    (exact when each label lives in one shard, as with by-class shards).
     """
 
     model: MultiShardUNet
@@ -48,6 +51,7 @@ class ComposedDenoiser:
     fixed: torch.Tensor | None = None
     topk: int | None = None
     threshold: float | None = None
+    label_prior: torch.Tensor | None = None
     guidance_scale: float = 1.0
     null_label: int | None = None
     generator: torch.Generator | None = None
@@ -60,11 +64,15 @@ class ComposedDenoiser:
         if self.allowed is None:
             self.allowed = torch.ones(n, dtype=torch.bool)
         if self.method in ("classifier", "topk", "knn") and self.router is None:
-            raise ValueError(f"composition={self.method} needs a router (train one: cdm-train stage=router)")
+            raise ValueError(
+                f"composition={self.method} needs a router (train one: cdm-train stage=router)"
+            )
         if self.method == "fixed" and self.fixed is None:
             raise ValueError("composition=fixed needs weights: fixed_weights=[w_0, ..., w_n-1]")
 
-    def weights(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def weights(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """w [B, n] for this step, zero on disallowed shards, rows summing to one."""
         batch = x_t.shape[0]
         prior = C.mask_weights(self.prior[None], self.allowed)[0]
@@ -76,17 +84,25 @@ class ComposedDenoiser:
             w = C.fixed_weights(batch, self.fixed)
         else:  # classifier, knn, topk: the router's posterior under the mixture prior lambda
             logits = self.router(x_t, t).float()
-            w = C.router_posterior(logits, torch.log(self.prior.clamp_min(1e-30)), self.train_log_prior)
+            if self.label_prior is not None and labels is not None:
+                log_prior = torch.log(
+                    self.label_prior.to(logits.device)[labels]
+                )  # -inf: label not in shard
+            else:
+                log_prior = torch.log(self.prior.clamp_min(1e-30))
+            w = C.router_posterior(logits, log_prior, self.train_log_prior)
         w = C.mask_weights(w, self.allowed)
         if self.method == "topk":
             w = C.topk_weights(w, k=self.topk, threshold=self.threshold)
         return w
 
     @torch.no_grad()
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         batch = x_t.shape[0]
         t_batch = t.expand(batch) if t.dim() == 0 else t
-        w = self.weights(x_t, t_batch)
+        w = self.weights(x_t, t_batch, labels)
         self.trace.append(w.detach().cpu())
         sample_idx, shard_idx = C.active_pairs(w)
         x_pairs, t_pairs = x_t[sample_idx], t_batch[sample_idx]
@@ -130,7 +146,9 @@ def sample_composed(
         denoiser.trace = []
         x_T = torch.randn((stop - start, *shape), generator=generator)
         y = None if labels is None else labels[start:stop]
-        x0 = run_sampler(lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator)
+        x0 = run_sampler(
+            lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator
+        )
         images.append(x0.clamp(-1, 1))
         traces.append(torch.stack(denoiser.trace, dim=1))
     return torch.cat(images), torch.cat(traces)

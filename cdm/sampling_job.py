@@ -23,7 +23,9 @@ def shard_indices(store: ArtifactStore, experiment: str) -> list[int]:
     """Indices of the experiment's shards, from its manifests."""
     names = [m for m in store.list_manifests(experiment) if m.startswith("shard-")]
     if not names:
-        raise StoreError(f"experiment {experiment!r} has no shard manifests: train it first (cdm-train stage=shard)")
+        raise StoreError(
+            f"experiment {experiment!r} has no shard manifests: train it first (cdm-train stage=shard)"
+        )
     return sorted(int(m.split("-")[1]) for m in names)
 
 
@@ -34,32 +36,39 @@ def allowed_shards(cfg: DictConfig, available: list[int]) -> list[int]:
     wanted = sorted({int(k) for k in cfg.shards})
     unknown = [k for k in wanted if k not in available]
     if unknown or not wanted:
-        raise ValueError(f"shards={wanted}: this experiment has shards {available}; unknown {unknown}")
+        raise ValueError(
+            f"shards={wanted}: this experiment has shards {available}; unknown {unknown}"
+        )
     return wanted
 
 
-def load_router(cfg: DictConfig, store: ArtifactStore, manifests: dict[int, dict], backbone) -> tuple:
-    """The router and its training log-prior, checked to be trained on these exact shards."""
-    from cdm.models.router import build_router
+def load_router(
+    cfg: DictConfig, store: ArtifactStore, manifests: dict[int, dict], backbone, backbone_card: dict
+):
+    """The classifier router and its training log-prior, checked to be trained on these exact shards."""
+    import copy
 
-    state, router_cfg, card = store.load_router(cfg.experiment_name, cfg.router_name)
+    from cdm.routing import load_router_model
+
+    router, card = load_router_model(
+        store, cfg.experiment_name, cfg.router_name, backbone=copy.deepcopy(backbone),
+        expected_backbone_hash=backbone_card["backbone_hash"],
+    )  # fmt: skip
     trained = {m["name"]: m["hash"] for m in card["shard_manifests"]}
     current = {f"shard-{k:02d}": m["hash"] for k, m in manifests.items()}
-    if any(trained.get(name) != h for name, h in current.items()):
+    if trained != current:
         raise StoreError(
             f"router {cfg.router_name!r} was trained on other shard data than the current shards "
             f"(manifests changed or shards were added/forgotten): retrain it with "
-            f"cdm-train experiment={cfg.experiment_name} stage=router"
+            f"cdm-train experiment={cfg.experiment_name} stage=router retrain=true"
         )
     order = [m["name"] for m in card["shard_manifests"]]
-    router = build_router(router_cfg, n_shards=len(order), channels=cfg.data.channels,
-                          resolution=cfg.data.resolution, backbone=backbone)  # fmt: skip
-    router.load_state_dict(state, strict=False)
-    router.eval()
     return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32)
 
 
-def knn_router(cfg: DictConfig, store: ArtifactStore, shards: list[int], manifests: dict[int, dict]):
+def knn_router(
+    cfg: DictConfig, store: ArtifactStore, shards: list[int], manifests: dict[int, dict]
+):
     """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone."""
     from cdm.models.backbone import build_scheduler, predict_epsilon
     from cdm.models.knn_router import KNNRouter, build_embedder
@@ -76,7 +85,9 @@ def knn_router(cfg: DictConfig, store: ArtifactStore, shards: list[int], manifes
         centroids.append(c)
     bare, _ = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
     bare.eval()
-    alphas = build_scheduler(OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)).alphas_cumprod
+    alphas = build_scheduler(
+        OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
+    ).alphas_cumprod
     embedder = build_embedder(OmegaConf.to_container(cfg.knn.embedder, resolve=True))
     null = null_label(bare)
 
@@ -85,6 +96,27 @@ def knn_router(cfg: DictConfig, store: ArtifactStore, shards: list[int], manifes
         return predict_epsilon(bare, x, t, labels)
 
     return KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature))
+
+
+def shard_label_prior(
+    cfg: DictConfig, shards: list[int], manifests: dict[int, dict]
+) -> torch.Tensor:
+    """P(shard | label) [num_classes + 1, n] from each allowed shard's label counts.
+
+    A label no allowed shard holds (and the null label) falls back to the shard sizes.
+    """
+    from cdm.training import load_data
+
+    dataset = load_data(cfg)
+    index = dataset.id_to_index
+    counts = torch.zeros(int(cfg.data.num_classes) + 1, len(shards), dtype=torch.float64)
+    for j, k in enumerate(shards):
+        labels = dataset.labels[[index[i] for i in manifests[k]["ids"]]]
+        counts[:, j] = torch.bincount(labels, minlength=counts.shape[0]).double()[: counts.shape[0]]
+    sizes = counts.sum(dim=0)
+    empty = counts.sum(dim=1) == 0
+    counts[empty] = sizes
+    return (counts / counts.sum(dim=1, keepdim=True)).float()
 
 
 def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
@@ -98,7 +130,9 @@ def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
     canvas = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), dtype=np.uint8)
     for i in range(n):
         r, q = divmod(i, ncol)
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = pixels[i]
+        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = (
+            pixels[i]
+        )
     image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
     scale = max(1, 256 // max(canvas.shape[:2]))
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
@@ -138,16 +172,21 @@ def run_sampling(cfg: DictConfig) -> dict:
     experiment = cfg.experiment_name
     unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
     shards = allowed_shards(cfg, shard_indices(store, experiment))
-    manifests = {k: store.load_manifest(experiment, f"shard-{k:02d}") for k in shard_indices(store, experiment)}
+    manifests = {
+        k: store.load_manifest(experiment, f"shard-{k:02d}")
+        for k in shard_indices(store, experiment)
+    }
     # only the allowed shards' adapters are ever read: a disallowed shard cannot be evaluated
     dirs, adapter_cards = [], []
     for k in shards:
-        directory, card = store.checked_adapter(experiment, job_name("shard", k), backbone_hash=backbone_card["backbone_hash"])
+        directory, card = store.checked_adapter(
+            experiment, job_name("shard", k), backbone_hash=backbone_card["backbone_hash"]
+        )
         dirs.append(directory)
         adapter_cards.append(card)
     router = train_log_prior = None
     if cfg.composition in ("classifier", "topk"):
-        full_router, order, log_prior = load_router(cfg, store, manifests, unet)
+        full_router, order, log_prior = load_router(cfg, store, manifests, unet, backbone_card)
         columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
         router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
         train_log_prior = log_prior[columns]
@@ -156,20 +195,24 @@ def run_sampling(cfg: DictConfig) -> dict:
     model = MultiShardUNet(unet, [read_peft_adapter(d) for d in dirs])
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
-    denoiser = ComposedDenoiser(
-        model, cfg.composition, prior.float(), router=router, train_log_prior=train_log_prior,
-        fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
-        topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
-        null_label=null_label(unet),
-    )  # fmt: skip
-    labels = None
+    labels = label_prior = None
     if cfg.data.conditional:
+        label_prior = shard_label_prior(cfg, shards, manifests)
         if cfg.labels is not None:
             pool = torch.tensor(list(cfg.labels))
         else:
             pool = torch.tensor(sorted({c for k in shards for c in manifests[k]["classes"]}))
         labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
-    scheduler = build_sampling_scheduler(cfg.sampler, OmegaConf.to_container(cfg.backbone.scheduler, resolve=True))
+    denoiser = ComposedDenoiser(
+        model, cfg.composition, prior.float(), router=router, train_log_prior=train_log_prior,
+        fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
+        topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
+        label_prior=label_prior,
+        null_label=null_label(unet),
+    )  # fmt: skip
+    scheduler = build_sampling_scheduler(
+        cfg.sampler, OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
+    )
     shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
     images, trace = sample_composed(
         denoiser, scheduler, num_samples=int(cfg.num_samples), shape=shape, steps=int(cfg.steps),
@@ -178,10 +221,16 @@ def run_sampling(cfg: DictConfig) -> dict:
     names = [f"shard-{k:02d}" for k in shards]
     files = {
         "grid.png": grid_png(images),
-        "samples.npz": _npz(images=((images + 1) * 127.5).round().to(torch.uint8).numpy(),
-                            labels=np.array([] if labels is None else labels.numpy())),  # fmt: skip
-        "trace.npz": _npz(weights=trace.numpy(), shards=np.array(shards), timesteps=scheduler.timesteps.numpy()),
-        "weights.png": weights_plot_png(trace, names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"),
+        "samples.npz": _npz(
+            images=((images + 1) * 127.5).round().to(torch.uint8).numpy(),
+            labels=np.array([] if labels is None else labels.numpy()),
+        ),  # fmt: skip
+        "trace.npz": _npz(
+            weights=trace.numpy(), shards=np.array(shards), timesteps=scheduler.timesteps.numpy()
+        ),
+        "weights.png": weights_plot_png(
+            trace, names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"
+        ),
     }
     card = make_card(
         kind="samples",
@@ -189,12 +238,24 @@ def run_sampling(cfg: DictConfig) -> dict:
         experiment=experiment,
         composition=cfg.composition,
         shards=shards,
-        parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": backbone_card["backbone_hash"]}]
-        + [{"kind": "adapter", "name": n, "hash": c["weights_sha256"], "manifest_hash": c["manifest_hash"]}
-           for n, c in zip(names, adapter_cards, strict=True)]  # fmt: skip
+        parents=[
+            {"kind": "backbone", "name": cfg.backbone.id, "hash": backbone_card["backbone_hash"]}
+        ]
+        + [
+            {
+                "kind": "adapter",
+                "name": n,
+                "hash": c["weights_sha256"],
+                "manifest_hash": c["manifest_hash"],
+            }
+            for n, c in zip(names, adapter_cards, strict=True)
+        ]  # fmt: skip
         + ([{"kind": "router", "name": cfg.router_name}] if router is not None else []),
         prior=prior.tolist(),
-        metrics={"evaluated_pairs_per_sample_step": denoiser.evaluated_pairs / (int(cfg.num_samples) * int(cfg.steps))},
+        metrics={
+            "evaluated_pairs_per_sample_step": denoiser.evaluated_pairs
+            / (int(cfg.num_samples) * int(cfg.steps))
+        },
         config=OmegaConf.to_container(cfg, resolve=True),
         device=device_description(),
         wall_time_s=round(time.perf_counter() - started, 3),
