@@ -142,21 +142,39 @@ def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
 
 
 def weights_plot_png(trace: torch.Tensor, shard_names: list[str], title: str) -> bytes:
-    """Mean router weight of each shard vs reverse step (paper Fig. 1 right / Fig. 3)."""
+    """Router weights over the reverse process (paper Fig. 1 right / Fig. 3).
+
+    Left: mean weight of each shard. Right: mean weight of the shard each sample ends on, i.e.
+    how early the router commits to one shard (1/n = no preference).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mean = trace.mean(dim=0).numpy()  # [steps, n]
-    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    steps = np.arange(trace.shape[1])
+    final = trace[:, -1].argmax(dim=1)
+    chosen = trace[torch.arange(trace.shape[0]), :, final].numpy()  # [N, steps]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9, 3.2), dpi=120)
     for i, name in enumerate(shard_names):
-        ax.plot(np.arange(len(mean)), mean[:, i], label=name)
-    ax.set_xlabel("reverse step (noise -> data)")
-    ax.set_ylabel("mean weight w_i(x_t, t)")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7)
+        left.plot(steps, trace[:, :, i].mean(dim=0).numpy(), label=name)
+    left.set_ylabel("mean weight w_i(x_t, t)")
+    left.legend(fontsize=7)
+    right.plot(steps, chosen.mean(axis=0), color="black", label="final shard")
+    right.fill_between(
+        steps,
+        np.percentile(chosen, 25, axis=0),
+        np.percentile(chosen, 75, axis=0),
+        alpha=0.2,
+        color="gray",
+    )
+    right.axhline(1 / len(shard_names), ls="--", color="gray", lw=0.8, label="1/n")
+    right.set_ylabel("weight of each sample's final shard")
+    right.legend(fontsize=7)
+    for ax in (left, right):
+        ax.set_xlabel("reverse step (noise -> data)")
+        ax.set_ylim(0, 1.02)
+    fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
