@@ -17,7 +17,9 @@ from cdm.training import job_name, load_data, record_manifests, split_data
 
 
 @torch.no_grad()
-def embed(embedder: torch.nn.Module, dataset, indices: list[int], batch_size: int = 256) -> torch.Tensor:
+def embed(
+    embedder: torch.nn.Module, dataset, indices: list[int], batch_size: int = 256
+) -> torch.Tensor:
     """Embeddings [N, d] of the clean images at ``indices``."""
     out = []
     for start in range(0, len(indices), batch_size):
@@ -37,7 +39,9 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
     cards = []
     for k, manifest in enumerate(tqdm(split.shards, desc="k-NN centroids")):
         job = job_name("shard", k)
-        if (centroids_dir(store, cfg.experiment_name, cfg.knn.name, job) / "card.json").exists() and not cfg.retrain:
+        if (
+            centroids_dir(store, cfg.experiment_name, cfg.knn.name, job) / "card.json"
+        ).exists() and not cfg.retrain:
             continue
         started = time.perf_counter()
         points = embed(embedder, dataset, indices_of(dataset, manifest))

@@ -63,7 +63,8 @@ def load_router(
             f"cdm-train experiment={cfg.experiment_name} stage=router retrain=true"
         )
     order = [m["name"] for m in card["shard_manifests"]]
-    return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32)
+    parent = {"kind": "router", "name": cfg.router_name, "hash": card["weights_sha256"]}
+    return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32), parent
 
 
 def knn_router(
@@ -74,9 +75,16 @@ def knn_router(
     from cdm.models.knn_router import KNNRouter, build_embedder
     from cdm.store.knn import load_centroids
 
-    centroids = []
+    centroids, parents = [], []
     for k in shards:
         c, card = load_centroids(store, cfg.experiment_name, cfg.knn.name, job_name("shard", k))
+        parents.append(
+            {
+                "kind": "knn_centroids",
+                "name": f"{cfg.knn.name}/shard-{k:02d}",
+                "hash": card["weights_sha256"],
+            }
+        )
         if card["manifest_hash"] != manifests[k]["hash"]:
             raise StoreError(
                 f"k-NN centroids of shard-{k:02d} were computed on other data: recompute with "
@@ -95,7 +103,7 @@ def knn_router(
         labels = None if null is None else torch.full((x.shape[0],), null, device=x.device)
         return predict_epsilon(bare, x, t, labels)
 
-    return KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature))
+    return KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature)), parents
 
 
 def shard_label_prior(
@@ -203,13 +211,17 @@ def run_sampling(cfg: DictConfig) -> dict:
         dirs.append(directory)
         adapter_cards.append(card)
     router = train_log_prior = None
+    router_parents: list[dict] = []
     if cfg.composition in ("classifier", "topk"):
-        full_router, order, log_prior = load_router(cfg, store, manifests, unet, backbone_card)
+        full_router, order, log_prior, parent = load_router(
+            cfg, store, manifests, unet, backbone_card
+        )
+        router_parents = [parent]
         columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
         router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
         train_log_prior = log_prior[columns]
     if cfg.composition == "knn":
-        router = knn_router(cfg, store, shards, manifests)
+        router, router_parents = knn_router(cfg, store, shards, manifests)
     model = MultiShardUNet(unet, [read_peft_adapter(d) for d in dirs])
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
@@ -268,7 +280,7 @@ def run_sampling(cfg: DictConfig) -> dict:
             }
             for n, c in zip(names, adapter_cards, strict=True)
         ]  # fmt: skip
-        + ([{"kind": "router", "name": cfg.router_name}] if router is not None else []),
+        + router_parents,
         prior=prior.tolist(),
         metrics={
             "evaluated_pairs_per_sample_step": denoiser.evaluated_pairs

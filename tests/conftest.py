@@ -40,17 +40,18 @@ def cli():
     return run_cli
 
 
-def run_inprocess(*overrides: str, artifacts: Path) -> dict | None:
-    """Compose ``conf/train.yaml`` with overrides and run the job in this process (fast path)."""
+def run_inprocess(*overrides: str, artifacts: Path, config: str = "train"):
+    """Compose ``conf/<config>.yaml`` with overrides and run it in this process (fast path)."""
     from hydra import compose, initialize_config_dir
 
     from cdm.cli.config import config_dir, register_resolvers
+    from cdm.sampling_job import run_sampling
     from cdm.training import run_job
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(config_name="train", overrides=[*overrides, f"paths.artifacts={artifacts}"])
-    return run_job(cfg)
+        cfg = compose(config_name=config, overrides=[*overrides, f"paths.artifacts={artifacts}"])
+    return run_sampling(cfg) if config == "sample" else run_job(cfg)
 
 
 @pytest.fixture

@@ -41,7 +41,7 @@ def test_one_shard_composed_equals_plain_adapter_sampling_bit_for_bit(lora_shard
         generator = torch.Generator().manual_seed(3 * 1_000_003)
         x_T = torch.randn((4, 1, 8, 8), generator=generator)
         with torch.no_grad():
-            plain = sample(lambda x, t: predict_epsilon(peft, x, t.expand(4), labels), build_sampling_scheduler("ddim", SCHED),
+            plain = sample(lambda x, t, m=peft: predict_epsilon(m, x, t.expand(4), labels), build_sampling_scheduler("ddim", SCHED),
                            x_T, 10, generator=generator).clamp(-1, 1)  # fmt: skip
         assert torch.equal(ours, plain)
         assert torch.equal(trace, torch.ones(4, 10, 1))

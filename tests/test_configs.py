@@ -40,6 +40,7 @@ REQUIRED = {
     ("data", "npz"): {"data.root", "data.num_classes"},
     ("sharding", "manifest"): {"sharding.manifest_path"},
     ("backbone", "pretrained"): {"backbone.pretrained_path"},
+    ("knn", "clip"): {"knn.embedder.path"},
 }
 
 
@@ -122,3 +123,13 @@ def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
     assert torch.isfinite(loss)
     trainer = instantiate(cfg.trainer, max_epochs=1, logger=build_loggers(cfg, tmp_path) or False)
     assert trainer.max_epochs == 1
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_sample_config_composes_for_every_experiment(experiment):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(
+            config_name="sample", overrides=[f"experiment={experiment}", "composition=average"]
+        )
+    assert cfg.experiment_name == experiment and cfg.name == "average"
+    assert missing_keys(cfg) == set()

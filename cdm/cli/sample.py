@@ -1,7 +1,7 @@
 """cdm-sample: sample from a compartmentalized diffusion model.
 
-    cdm-sample experiment=digits_4split composition=classifier
-    cdm-sample experiment=digits_4split composition=average shards='[0,1]'
+cdm-sample experiment=digits_4split composition=classifier
+cdm-sample experiment=digits_4split composition=average shards='[0,1]'
 """
 
 from __future__ import annotations

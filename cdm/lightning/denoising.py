@@ -100,7 +100,9 @@ class DenoisingModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if self._epoch_steps:
             mean = self._epoch_loss / self._epoch_steps
-            self.log("train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+            self.log(
+                "train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True
+            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for _, p in trainable_parameters(self.model)]

@@ -47,7 +47,9 @@ class CLIPEmbedder(nn.Module):
                 "CLIPVisionModelWithProjection.save_pretrained (config.json + model.safetensors). "
                 "Nothing is downloaded."
             )
-        self.model = CLIPVisionModelWithProjection.from_pretrained(path, local_files_only=True).eval()
+        self.model = CLIPVisionModelWithProjection.from_pretrained(
+            path, local_files_only=True
+        ).eval()
         self.image_size = int(self.model.config.image_size)
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
@@ -82,11 +84,16 @@ def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> t
         d2 = torch.cdist(points, centroids).min(dim=1).values ** 2
         if float(d2.sum()) == 0:
             break
-        centroids = torch.cat([centroids, points[torch.multinomial(d2 / d2.sum(), 1, generator=generator)]])
+        centroids = torch.cat(
+            [centroids, points[torch.multinomial(d2 / d2.sum(), 1, generator=generator)]]
+        )
     for _ in range(iters):
         assign = torch.cdist(points, centroids).argmin(dim=1)
         moved = torch.stack(
-            [points[assign == j].mean(0) if (assign == j).any() else centroids[j] for j in range(len(centroids))]
+            [
+                points[assign == j].mean(0) if (assign == j).any() else centroids[j]
+                for j in range(len(centroids))
+            ]
         )
         if torch.allclose(moved, centroids):
             break
@@ -123,5 +130,7 @@ class KNNRouter(nn.Module):
         abar = self.alphas_cumprod[timesteps.long()]
         x0 = tweedie_x0(x_t, self.eps_fn(x_t, timesteps), abar).clamp(-1, 1)
         z = self.embedder(x0).float()
-        d2 = torch.stack([torch.cdist(z, c.to(z.device)).min(dim=1).values ** 2 for c in self.centroids], dim=1)
+        d2 = torch.stack(
+            [torch.cdist(z, c.to(z.device)).min(dim=1).values ** 2 for c in self.centroids], dim=1
+        )
         return -d2 / self.temperature

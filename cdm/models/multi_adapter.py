@@ -49,7 +49,9 @@ class GroupedLoRA(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Linear | nn.Conv2d):
-            raise TypeError(f"grouped LoRA supports nn.Linear and nn.Conv2d, not {type(base).__name__}")
+            raise TypeError(
+                f"grouped LoRA supports nn.Linear and nn.Conv2d, not {type(base).__name__}"
+            )
         self.base = base
         self.selection = selection
         rank = max(a.shape[0] for a in lora_a if a is not None)
@@ -133,7 +135,9 @@ class MultiShardUNet(nn.Module):
     ``shard_index`` gives each sample's shard; the whole batch is one forward pass.
     """
 
-    def __init__(self, unet: nn.Module, adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]]) -> None:
+    def __init__(
+        self, unet: nn.Module, adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]]
+    ) -> None:
         super().__init__()
         if not adapters:
             raise ValueError("MultiShardUNet needs at least one adapter")
@@ -145,13 +149,17 @@ class MultiShardUNet(nn.Module):
         self.selection = ShardSelection()
         targets: set[str] = set()
         for state, _ in adapters:
-            targets |= {k[len(PEFT_PREFIX) :].rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k}
+            targets |= {
+                k[len(PEFT_PREFIX) :].rsplit(".lora_A", 1)[0] for k in state if ".lora_A." in k
+            }
         if not targets:
             raise ValueError("the adapters hold no LoRA weights (no '*.lora_A.weight' keys)")
         modules = dict(unet.named_modules())
         for name in sorted(targets):
             if name not in modules:
-                raise ValueError(f"adapter layer {name!r} does not exist in this backbone: wrong backbone?")
+                raise ValueError(
+                    f"adapter layer {name!r} does not exist in this backbone: wrong backbone?"
+                )
             a = [s.get(f"{PEFT_PREFIX}{name}.lora_A.weight") for s, _ in adapters]
             b = [s.get(f"{PEFT_PREFIX}{name}.lora_B.weight") for s, _ in adapters]
             scales = [_scaling(c) for _, c in adapters]
@@ -172,9 +180,13 @@ class MultiShardUNet(nn.Module):
         shard_index: torch.Tensor,
     ) -> torch.Tensor:
         if shard_index.shape != (x_t.shape[0],):
-            raise ValueError(f"shard_index must have shape ({x_t.shape[0]},), got {tuple(shard_index.shape)}")
+            raise ValueError(
+                f"shard_index must have shape ({x_t.shape[0]},), got {tuple(shard_index.shape)}"
+            )
         if int(shard_index.min()) < 0 or int(shard_index.max()) >= self.n_shards:
-            raise ValueError(f"shard_index must lie in [0, {self.n_shards}), got {shard_index.tolist()}")
+            raise ValueError(
+                f"shard_index must lie in [0, {self.n_shards}), got {shard_index.tolist()}"
+            )
         sel = self.selection
         used = torch.unique(shard_index)
         sel.single = int(used[0]) if used.numel() == 1 else None

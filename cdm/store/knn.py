@@ -25,11 +25,21 @@ CENTROIDS_FILE = "centroids.safetensors"
 
 def centroids_dir(store: ArtifactStore, experiment: str, embedder: str, job: str) -> Path:
     """``<root>/experiments/<experiment>/knn/<embedder>/<job>``."""
-    return store.experiment_dir(experiment) / "knn" / validate_name(embedder, "embedder name") / validate_name(job)
+    return (
+        store.experiment_dir(experiment)
+        / "knn"
+        / validate_name(embedder, "embedder name")
+        / validate_name(job)
+    )
 
 
 def save_centroids(
-    store: ArtifactStore, experiment: str, embedder: str, job: str, centroids: torch.Tensor, card: Mapping[str, Any]
+    store: ArtifactStore,
+    experiment: str,
+    embedder: str,
+    job: str,
+    centroids: torch.Tensor,
+    card: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write one shard's centroids [k, d] (safetensors) and card atomically."""
     final = centroids_dir(store, experiment, embedder, job)
@@ -37,14 +47,21 @@ def save_centroids(
 
     def write(tmp: Path) -> None:
         save_file({"centroids": centroids.detach().cpu().contiguous()}, str(tmp / CENTROIDS_FILE))
-        written.update(card, kind="knn_centroids", weights_file=CENTROIDS_FILE, weights_sha256=sha256_file(tmp / CENTROIDS_FILE))
+        written.update(
+            card,
+            kind="knn_centroids",
+            weights_file=CENTROIDS_FILE,
+            weights_sha256=sha256_file(tmp / CENTROIDS_FILE),
+        )
         _write_card(tmp, written)
 
     _write_dir_atomically(final, write)
     return written
 
 
-def load_centroids(store: ArtifactStore, experiment: str, embedder: str, job: str) -> tuple[torch.Tensor, dict[str, Any]]:
+def load_centroids(
+    store: ArtifactStore, experiment: str, embedder: str, job: str
+) -> tuple[torch.Tensor, dict[str, Any]]:
     """One shard's centroids, checked against the sha256 in its card."""
     directory = centroids_dir(store, experiment, embedder, job)
     if not (directory / "card.json").is_file():

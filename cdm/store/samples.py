@@ -16,11 +16,19 @@ def samples_dir(store: ArtifactStore, experiment: str, name: str) -> Path:
 
 
 def save_samples(
-    store: ArtifactStore, experiment: str, name: str, files: Mapping[str, bytes], card: Mapping[str, Any]
+    store: ArtifactStore,
+    experiment: str,
+    name: str,
+    files: Mapping[str, bytes],
+    card: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write ``files`` and ``card.json`` (with each file's sha256) into one directory, atomically."""
     final = samples_dir(store, experiment, name)
-    written = {**card, "files": {f: sha256_bytes(data) for f, data in files.items()}, "path": str(final)}
+    written = {
+        **card,
+        "files": {f: sha256_bytes(data) for f, data in files.items()},
+        "path": str(final),
+    }
 
     def write(tmp: Path) -> None:
         for filename, data in files.items():

@@ -1,0 +1,100 @@
+"""cdm-sample end to end on a tiny store: files, trace, card, access rights, clear errors."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cdm.store import ArtifactStore, CorruptArtifactError, read_card
+
+TINY = ["experiment=digits_2split", "debug=tiny"]
+SAMPLE = [*TINY, "num_samples=6", "batch_size=4", "steps=4", "progress=false"]
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory):
+    from tests.conftest import run_inprocess
+
+    root = tmp_path_factory.mktemp("sample-store")
+    for stage in (
+        "stage=backbone",
+        "stage=shard shard.index=0",
+        "stage=shard shard.index=1",
+        "stage=router",
+        "stage=knn",
+    ):
+        run_inprocess(*TINY, *stage.split(), artifacts=root)
+    return root
+
+
+@pytest.mark.parametrize("composition", ["classifier", "knn", "average", "random", "topk"])
+def test_sample_writes_grid_samples_trace_and_card(store_root, train, composition):
+    card = train(*SAMPLE, f"composition={composition}", artifacts=store_root, config="sample")
+    directory = read_card(card["path"])["path"]
+    files = {
+        f: open(f"{directory}/{f}", "rb").read()
+        for f in ("grid.png", "samples.npz", "trace.npz", "weights.png")
+    }
+    assert Image.open(io.BytesIO(files["grid.png"])).size[0] > 0
+    samples = np.load(io.BytesIO(files["samples.npz"]))
+    assert samples["images"].shape == (6, 1, 8, 8) and samples["images"].dtype == np.uint8
+    assert samples["labels"].shape == (6,)
+    trace = np.load(io.BytesIO(files["trace.npz"]))
+    assert trace["weights"].shape == (6, 4, 2)
+    np.testing.assert_allclose(trace["weights"].sum(-1), 1.0, rtol=1e-5)
+    store = ArtifactStore(store_root)
+    kinds = [p["kind"] for p in card["parents"]]
+    assert kinds[:3] == ["backbone", "adapter", "adapter"]
+    for k, parent in enumerate(card["parents"][1:3]):
+        assert (
+            parent["manifest_hash"]
+            == store.load_manifest("digits_2split", f"shard-{k:02d}")["hash"]
+        )
+    assert ("router" in kinds) == (composition in ("classifier", "topk"))
+    assert kinds.count("knn_centroids") == (2 if composition == "knn" else 0)
+    if composition == "random":  # one shard per sample and step
+        assert set(np.unique(trace["weights"])) <= {0.0, 1.0}
+
+
+def test_a_user_sees_only_the_shards_they_may_use(store_root, train):
+    # shard 0's weights are corrupted: a request for shard 1 alone never reads them
+    path = (
+        ArtifactStore(store_root).adapter_dir("digits_2split", "shard-00")
+        / "adapter_model.safetensors"
+    )
+    original = path.read_bytes()
+    path.write_bytes(original[:-8] + b"\\x00" * 8)
+    try:
+        card = train(
+            *SAMPLE,
+            "composition=classifier",
+            "shards=[1]",
+            "name=only-1",
+            artifacts=store_root,
+            config="sample",
+        )
+        trace = np.load(f"{card['path']}/trace.npz")
+        assert card["shards"] == [1] and trace["weights"].shape == (6, 4, 1)
+        assert [p["name"] for p in card["parents"] if p["kind"] == "adapter"] == ["shard-01"]
+        with pytest.raises(CorruptArtifactError, match="corrupt"):
+            train(
+                *SAMPLE, "composition=average", "name=both", artifacts=store_root, config="sample"
+            )
+    finally:
+        path.write_bytes(original)
+
+
+def test_unknown_shard_and_missing_router_are_clear_errors(store_root, train, tmp_path):
+    with pytest.raises(ValueError, match="this experiment has shards"):
+        train(*SAMPLE, "composition=average", "shards=[5]", artifacts=store_root, config="sample")
+    with pytest.raises(ValueError, match="stage=router"):
+        train(
+            *SAMPLE,
+            "composition=classifier",
+            "router_name=nope",
+            artifacts=store_root,
+            config="sample",
+        )
