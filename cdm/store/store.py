@@ -58,7 +58,9 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_KINDS = ("lora", "full")
 LAST_CKPT = "last.ckpt"
 # Directories inside experiments/<exp>/ that are not adapter jobs.
-RESERVED_JOBS = frozenset({"manifests", "shards", "checkpoints", "logs"})
+RESERVED_JOBS = frozenset({"manifests", "shards", "checkpoints", "logs", "knn", "samples"})
+# list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
+ARTIFACT_OF_KIND = {"router": "router", "knn_centroids": "knn", "samples": "samples"}
 # Commands named in error messages; kept here so they can follow the CLI.
 TRAIN_HINTS = {
     "manifest": "cdm-train experiment={experiment} stage=backbone  (any stage writes the manifests)",
@@ -1004,15 +1006,18 @@ class ArtifactStore:
                     entry["error"] = str(exc)
                 entry.update(artifact="manifest", path=str(path), experiment=exp)
                 entries.append(entry)
-            job_dirs = _visible_dirs(exp_dir / "shards") + [
-                d for d in _visible_dirs(exp_dir) if d.name not in RESERVED_JOBS
-            ]
-            for directory in job_dirs:
-                if (directory / CARD_FILENAME).is_file():
-                    entries.append(
-                        self._entry("adapter", directory, experiment=exp, job=directory.name)
-                    )
-        order = {"backbone": 0, "manifest": 1, "adapter": 2}
+            # adapters, routers, k-NN centroids, samples: any card outside manifests/checkpoints/logs
+            for card_path in sorted(exp_dir.rglob(CARD_FILENAME)):
+                parts = card_path.relative_to(exp_dir).parts
+                if parts[0] in {"manifests", "checkpoints", "logs"} or any(
+                    p.startswith((_TMP_PREFIX, _OLD_PREFIX)) for p in parts
+                ):
+                    continue
+                directory = card_path.parent
+                entry = self._entry("adapter", directory, experiment=exp, job=directory.name)
+                entry["artifact"] = ARTIFACT_OF_KIND.get(entry.get("kind"), "adapter")
+                entries.append(entry)
+        order = {"backbone": 0, "manifest": 1, "adapter": 2, "router": 3, "knn": 4, "samples": 5}
         entries.sort(
             key=lambda e: (
                 e.get("experiment") or "",
