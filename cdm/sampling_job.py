@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.core import composition as C
 from cdm.models.backbone import UNET_CLASSES, null_label
-from cdm.models.multi_adapter import MultiShardUNet, read_peft_adapter
+from cdm.models.multi_adapter import MultiShardUNet, merge_adapters, read_peft_adapter
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card
 from cdm.store.samples import save_samples
@@ -222,9 +222,16 @@ def run_sampling(cfg: DictConfig) -> dict:
         train_log_prior = log_prior[columns]
     if cfg.composition == "knn":
         router, router_parents = knn_router(cfg, store, shards, manifests)
-    model = MultiShardUNet(unet, [read_peft_adapter(d) for d in dirs])
+    adapters = [read_peft_adapter(d) for d in dirs]
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
+    method = cfg.composition
+    if (
+        method == "weight_merge"
+    ):  # one model whose LoRA delta is the lambda-weighted sum of the shards'
+        adapters = [merge_adapters(adapters, C.normalize_priors(prior).tolist())]
+        method, prior = "average", torch.ones(1)
+    model = MultiShardUNet(unet, adapters)
     labels = label_prior = None
     if cfg.data.conditional:
         label_prior = shard_label_prior(cfg, shards, manifests)
@@ -234,7 +241,7 @@ def run_sampling(cfg: DictConfig) -> dict:
             pool = torch.tensor(sorted({c for k in shards for c in manifests[k]["classes"]}))
         labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
     denoiser = ComposedDenoiser(
-        model, cfg.composition, prior.float(), router=router, train_log_prior=train_log_prior,
+        model, method, prior.float(), router=router, train_log_prior=train_log_prior,
         fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
         topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
         label_prior=label_prior,
@@ -249,6 +256,7 @@ def run_sampling(cfg: DictConfig) -> dict:
         labels=labels, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
     )  # fmt: skip
     names = [f"shard-{k:02d}" for k in shards]
+    plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
     files = {
         "grid.png": grid_png(images),
         "samples.npz": _npz(
@@ -259,7 +267,7 @@ def run_sampling(cfg: DictConfig) -> dict:
             weights=trace.numpy(), shards=np.array(shards), timesteps=scheduler.timesteps.numpy()
         ),
         "weights.png": weights_plot_png(
-            trace, names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"
+            trace, plot_names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"
         ),
     }
     card = make_card(

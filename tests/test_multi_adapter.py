@@ -63,3 +63,50 @@ def test_adapter_of_another_backbone_is_refused(lora_shards):
                        sample_size=8, channels=1, num_classes=10)  # fmt: skip
     with pytest.raises(ValueError, match="does not exist in this backbone"):
         MultiShardUNet.from_dirs(other, dirs[:1])
+
+
+def test_weight_merge_is_the_weighted_sum_of_lora_deltas(lora_shards):
+    from cdm.models.multi_adapter import (
+        GroupedLoRA,
+        ShardSelection,
+        merge_adapters,
+        read_peft_adapter,
+    )
+
+    base, dirs = lora_shards
+    adapters = [read_peft_adapter(d) for d in dirs]
+    merged, config = merge_adapters(adapters, [0.2, 0.3, 0.5])
+    # layer level: exactly base(x) + sum_i w_i s_i B_i A_i x
+    layer = "base_model.model.mid_block.attentions.0.to_q"
+    linear = torch.nn.Linear(32, 32)
+    selection = ShardSelection()
+    grouped = GroupedLoRA(
+        linear,
+        [merged[f"{layer}.lora_A.weight"]],
+        [merged[f"{layer}.lora_B.weight"]],
+        [1.0],
+        selection,
+    )
+    selection.single = 0
+    x = torch.randn(4, 5, 32)
+    expected = linear(x)
+    for (state, cfg), w in zip(adapters, [0.2, 0.3, 0.5], strict=True):
+        if f"{layer}.lora_A.weight" in state:
+            a, b = state[f"{layer}.lora_A.weight"], state[f"{layer}.lora_B.weight"]
+            expected = expected + w * (cfg["lora_alpha"] / cfg["r"]) * (x @ a.T @ b.T)
+    torch.testing.assert_close(grouped(x), expected, rtol=1e-5, atol=1e-5)
+    # network level: merging one adapter with weight 1 is that adapter
+    one = MultiShardUNet(copy.deepcopy(base), [merge_adapters(adapters[:1], [1.0])])
+    g = torch.Generator().manual_seed(5)
+    x, t, y = (
+        torch.randn(3, 1, 8, 8, generator=g),
+        torch.tensor([5, 500, 900]),
+        torch.tensor([1, 2, 10]),
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(
+            one(x, t, y, torch.zeros(3, dtype=torch.long)),
+            peft_eps(base, dirs[0], x, t, y),
+            rtol=1e-5,
+            atol=1e-5,
+        )

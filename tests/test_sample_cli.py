@@ -30,7 +30,9 @@ def store_root(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("composition", ["classifier", "knn", "average", "random", "topk"])
+@pytest.mark.parametrize(
+    "composition", ["classifier", "knn", "average", "random", "topk", "weight_merge"]
+)
 def test_sample_writes_grid_samples_trace_and_card(store_root, train, composition):
     card = train(*SAMPLE, f"composition={composition}", artifacts=store_root, config="sample")
     directory = read_card(card["path"])["path"]
@@ -43,7 +45,7 @@ def test_sample_writes_grid_samples_trace_and_card(store_root, train, compositio
     assert samples["images"].shape == (6, 1, 8, 8) and samples["images"].dtype == np.uint8
     assert samples["labels"].shape == (6,)
     trace = np.load(io.BytesIO(files["trace.npz"]))
-    assert trace["weights"].shape == (6, 4, 2)
+    assert trace["weights"].shape == (6, 4, 1 if composition == "weight_merge" else 2)
     np.testing.assert_allclose(trace["weights"].sum(-1), 1.0, rtol=1e-5)
     store = ArtifactStore(store_root)
     kinds = [p["kind"] for p in card["parents"]]

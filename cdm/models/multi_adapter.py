@@ -197,3 +197,33 @@ class MultiShardUNet(nn.Module):
             return predict_epsilon(self.unet, x_t, timesteps, labels)
         finally:
             sel.index = sel.used = sel.position = sel.single = None
+
+
+def merge_adapters(
+    adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]], weights: Sequence[float]
+) -> tuple[dict[str, torch.Tensor], dict]:
+    """One adapter whose delta is sum_i w_i s_i B_i A_i: the weight-space merge baseline.
+
+    Merging in weight space (Diffusion-Soup style) averages the adapters' *deltas*; averaging A
+    and B separately would add cross terms B_i A_j. The merged factors are the concatenations
+    A = [A_1; ...; A_n], B = [w_1 s_1 B_1, ..., w_n s_n B_n] (rank sum_i r_i, scaling 1), so the
+    merged layer is exactly base(x) + sum_i w_i s_i B_i A_i x. For use inside cdm (ranks may
+    differ per layer), not a peft folder.
+    """
+    if len(adapters) != len(weights):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} merge weights")
+    layers = sorted(
+        {k.rsplit(".lora_A", 1)[0] for state, _ in adapters for k in state if ".lora_A." in k}
+    )
+    merged: dict[str, torch.Tensor] = {}
+    for layer in layers:
+        a_parts, b_parts = [], []
+        for (state, config), w in zip(adapters, weights, strict=True):
+            a = state.get(f"{layer}.lora_A.weight")
+            if a is None:
+                continue
+            a_parts.append(a)
+            b_parts.append(state[f"{layer}.lora_B.weight"] * (float(w) * _scaling(config)))
+        merged[f"{layer}.lora_A.weight"] = torch.cat(a_parts, dim=0)
+        merged[f"{layer}.lora_B.weight"] = torch.cat(b_parts, dim=1)
+    return merged, {"r": 1, "lora_alpha": 1}
