@@ -75,9 +75,7 @@ def save_adapters(base: torch.nn.Module, adapter: dict, directory: Path) -> list
 class OpCounter(TorchDispatchMode):
     """Counts dispatched aten ops that are not views."""
 
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
+    count = 0
 
     def __torch_dispatch__(
         self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
@@ -155,6 +153,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     base = build_unet(bcfg.kind, kw, sample_size=args.resolution, channels=args.channels,
                       num_classes=NUM_CLASSES).eval()  # fmt: skip
     sched_kw = OmegaConf.to_container(bcfg.scheduler, resolve=True)
+    T = int(sched_kw["num_train_timesteps"])
     tmp = tempfile.TemporaryDirectory(prefix="compose_step-")
     dirs = save_adapters(base, adapter, Path(tmp.name))
     one, multi = (PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], "s0") for _ in "12")
@@ -181,8 +180,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         w = C.average_weights(b, C.normalize_priors(prior).float()).to(device)
         per_sample = [name for name in names for _ in range(b)]
         avg = ComposedDenoiser(grouped[n], "average", prior)
-        router = Router(b, n, 1000, device)
-        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=router, topk=1)
+        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=Router(b, n, T, device), topk=1)
 
         def loop() -> torch.Tensor:
             eps = []
@@ -215,7 +213,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
     def trajectory(n: int) -> tuple[float, float, list[float]]:
         """One topk DDIM run: (mean wall ms, mean CPU ms per step, mean kept shards by step)."""
-        prior, router = torch.ones(n, device=device), Router(b, n, 1000, device)
+        prior, router = torch.ones(n, device=device), Router(b, n, T, device)
         den = ComposedDenoiser(grouped[n], "topk", prior, router=router, topk=min(TOPK, n),
                                threshold=THRESHOLD)  # fmt: skip
         spans: list[tuple[float, float]] = []
