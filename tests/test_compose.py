@@ -117,8 +117,12 @@ def test_classifier_free_guidance_combines_conditional_and_null_label_epsilons(l
     base, dirs = lora_shards
     prior = torch.tensor([0.5, 0.5])
     x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 400), torch.tensor([1, 2, 3, 4])
-    guided = ComposedDenoiser(multi(base, dirs[:2]), "average", prior, guidance_scale=3.0, null_label=10)
+    guided = ComposedDenoiser(
+        multi(base, dirs[:2]), "average", prior, guidance_scale=3.0, null_label=10
+    )
     plain = ComposedDenoiser(multi(base, dirs[:2]), "average", prior)
     cond, uncond = plain(x, t, y), plain(x, t, torch.full_like(y, 10))
-    torch.testing.assert_close(guided(x, t, y), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        guided(x, t, y), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5
+    )
     assert guided.evaluated_pairs == 16  # conditional and unconditional pairs in one forward

@@ -110,3 +110,27 @@ def test_weight_merge_is_the_weighted_sum_of_lora_deltas(lora_shards):
             rtol=1e-5,
             atol=1e-5,
         )
+
+
+def test_equal_blocks_fast_path_equals_the_general_path(lora_shards):
+    base, dirs = lora_shards
+    multi = MultiShardUNet.from_dirs(copy.deepcopy(base), dirs)
+    g = torch.Generator().manual_seed(7)
+    x, t, y = (
+        torch.randn(6, 1, 8, 8, generator=g),
+        torch.randint(0, 1000, (6,), generator=g),
+        torch.randint(0, 11, (6,), generator=g),
+    )
+    blocks = torch.tensor(
+        [0, 0, 1, 1, 2, 2]
+    )  # one contiguous block per shard: the grouped-conv / bmm path
+    with torch.no_grad():
+        fast = multi(x, t, y, blocks)
+        perm = torch.tensor([0, 2, 4, 1, 3, 5])  # same pairs, interleaved: the general path
+        general = multi(x[perm], t[perm], y[perm], blocks[perm])
+    torch.testing.assert_close(fast[perm], general, rtol=1e-5, atol=1e-5)
+    for k, d in enumerate(dirs):
+        rows = blocks == k
+        torch.testing.assert_close(
+            fast[rows], peft_eps(base, d, x[rows], t[rows], y[rows]), rtol=1e-5, atol=1e-5
+        )
