@@ -89,38 +89,19 @@ class ArtifactWriter(pl.Callback):
         self.adapter_kind = adapter_kind
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        from cdm.core.hashing import hash_ids
         from cdm.models.backbone import backbone_hash
         from cdm.store import ArtifactStore
 
-        fed = pl_module.fed_indices().tolist()  # collective under DDP: every rank calls it
-        if not trainer.is_global_zero:
+        checked = checked_fed_hash(trainer, pl_module, self.expected_hash, self.job)
+        if checked is None:  # not rank zero
             return
-        dataset = trainer.datamodule.dataset
-        fed_hash = hash_ids([dataset.ids[i] for i in fed], [dataset.content_hashes[i] for i in fed])
-        if fed_hash != self.expected_hash:
-            raise RuntimeError(
-                f"{self.job}: the {len(fed)} samples fed hash to {fed_hash[:12]} but the manifest is "
-                f"{self.expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
-            )
+        fed_hash, n_fed = checked
         pl_module.copy_ema_to_model()
-        print(
-            f"[cdm] {self.job}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {self.expected_hash[:12]}"
-        )
-        metrics = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if v.numel() == 1 and not k.endswith("_step")
-        }
         card = dict(self.card)
         card.update(
             manifest_hash=fed_hash,
-            n_samples_fed=len(fed),
-            metrics={
-                **metrics,
-                "global_step": trainer.global_step,
-                "epochs": trainer.current_epoch,
-            },
+            n_samples_fed=n_fed,
+            metrics=final_metrics(trainer),
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=_wandb_run_id(trainer),
@@ -142,3 +123,36 @@ def _wandb_run_id(trainer: pl.Trainer) -> str | None:
         if isinstance(logger, WandbLogger):
             return logger.experiment.id
     return None
+
+
+def checked_fed_hash(
+    trainer: pl.Trainer, pl_module, expected_hash: str, what: str
+) -> tuple[str, int] | None:
+    """(hash, count) of the ids the job was fed, on rank zero (None elsewhere); raises unless
+    the hash equals ``expected_hash``. A collective call: every rank must make it."""
+    from cdm.core.hashing import hash_ids
+
+    fed = pl_module.fed_indices().tolist()
+    if not trainer.is_global_zero:
+        return None
+    dataset = trainer.datamodule.dataset
+    fed_hash = hash_ids([dataset.ids[i] for i in fed], [dataset.content_hashes[i] for i in fed])
+    if fed_hash != expected_hash:
+        raise RuntimeError(
+            f"{what}: the {len(fed)} samples fed hash to {fed_hash[:12]} but the manifest is "
+            f"{expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
+        )
+    print(
+        f"[cdm] {what}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {expected_hash[:12]}"
+    )
+    return fed_hash, len(fed)
+
+
+def final_metrics(trainer: pl.Trainer) -> dict[str, float]:
+    """The run's last logged scalars (epoch values, not per-step ones), step and epoch count."""
+    metrics = {
+        k: float(v)
+        for k, v in trainer.callback_metrics.items()
+        if v.numel() == 1 and not k.endswith("_step")
+    }
+    return {**metrics, "global_step": trainer.global_step, "epochs": trainer.current_epoch}

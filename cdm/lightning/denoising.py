@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
-import pytorch_lightning as pl
 import torch
 
 from cdm.core.diffusion import (
@@ -13,11 +10,12 @@ from cdm.core.diffusion import (
     sample_noise_and_timesteps,
     step_generator,
 )
+from cdm.lightning.tracked import TrackedModule
 from cdm.models.adapters import trainable_parameters
 from cdm.models.backbone import null_label, predict_epsilon
 
 
-class DenoisingModule(pl.LightningModule):
+class DenoisingModule(TrackedModule):
     """Trains the trainable parameters of ``model`` with the epsilon objective (DDPM eq. 14).
 
     Noise, timesteps and label dropout come from a generator seeded by (seed, step, rank)
@@ -40,11 +38,9 @@ class DenoisingModule(pl.LightningModule):
         cond_drop_prob: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(dataset_size)
         self.model = model.train()
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
-        # a plain CPU tensor, not a buffer: DDP would broadcast a buffer from rank 0 to the others
-        self.fed_mask = torch.zeros(dataset_size, dtype=torch.bool)
         self.lr = lr
         self.weight_decay = weight_decay
         self.betas = tuple(betas)
@@ -54,9 +50,6 @@ class DenoisingModule(pl.LightningModule):
         self.seed = seed
         self.null_label = null_label(model)
         self.ema: dict[str, torch.Tensor] | None = None
-        self._epoch_loss: torch.Tensor | None = None
-        self._epoch_steps = 0
-        self.elapsed_before_resume_s = 0.0
 
     @property
     def num_train_timesteps(self) -> int:
@@ -83,26 +76,8 @@ class DenoisingModule(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.denoising_loss(batch, self.global_step)
-        self.fed_mask[batch["index"].cpu()] = True
-        # accumulate on the device; hand Lightning a value only every log_every_n_steps steps
-        # (self.log on every step costs ~1 ms on CPU and a device sync for the progress bar)
-        detached = loss.detach()
-        self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
-        self._epoch_steps += 1
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if (self.global_step + 1) % max(every, 1) == 0:
-            self.log("train/loss_step", detached, prog_bar=True, on_step=True, on_epoch=False)
+        self.track_step(batch, loss)
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_loss, self._epoch_steps = None, 0
-
-    def on_train_epoch_end(self) -> None:
-        if self._epoch_steps:
-            mean = self._epoch_loss / self._epoch_steps
-            self.log(
-                "train/loss", mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True
-            )
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         params = [p for _, p in trainable_parameters(self.model)]
@@ -147,39 +122,14 @@ class DenoisingModule(pl.LightningModule):
             for name, value in self.ema.items():
                 params[name].copy_(value)
 
-    # ---- what a resumed run needs beyond Lightning's own state ---------------------------
+    # ---- what a resumed run needs beyond TrackedModule's state ----------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["cdm"] = {
-            "fed_mask": self.fed_mask.detach().cpu().clone(),
-            "ema": None
-            if self.ema is None
-            else {k: v.detach().cpu().clone() for k, v in self.ema.items()},
-            "torch_rng": torch.get_rng_state(),
-            "elapsed_s": self.elapsed_s(),
-        }
+        super().on_save_checkpoint(checkpoint)
+        ema = (
+            None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()}
+        )
+        checkpoint["cdm"]["ema"] = ema
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("cdm")
-        if state is None:
-            raise ValueError(
-                "checkpoint has no 'cdm' state: it was not written by a cdm training job"
-            )
-        self.fed_mask = state["fed_mask"].clone()
-        self.ema = state["ema"]
-        torch.set_rng_state(state["torch_rng"])
-        self.elapsed_before_resume_s = float(state["elapsed_s"])
-
-    def elapsed_s(self) -> float:
-        """Wall time spent training this job, summed over interrupted runs."""
-        started = getattr(self, "_started_at", None)
-        return self.elapsed_before_resume_s + (time.perf_counter() - started if started else 0.0)
-
-    def on_fit_start(self) -> None:
-        self._started_at = time.perf_counter()
-
-    def fed_indices(self) -> torch.Tensor:
-        """Sorted dataset indices fed on any rank (a collective call under DDP)."""
-        mask = self.fed_mask
-        if self.trainer is not None and self.trainer.world_size > 1:
-            mask = self.all_gather(mask.to(self.device, torch.uint8)).bool().any(dim=0).cpu()
-        return mask.nonzero().flatten()
+        super().on_load_checkpoint(checkpoint)
+        self.ema = checkpoint["cdm"].get("ema")

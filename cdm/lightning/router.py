@@ -7,7 +7,6 @@ convergence softmax f(x_t, t) = P(z = k | x_t) = w_k(x_t, t) of Prop. 3.1.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
@@ -16,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.core.diffusion import q_sample, sample_noise_and_timesteps, step_generator
-from cdm.lightning.callbacks import _wandb_run_id
+from cdm.lightning.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
+from cdm.lightning.tracked import TrackedModule
 
 SAMPLINGS = ("balanced", "by_prior")
 _SAMPLER_TAG = 104_729  # a stream of (seed, epoch) orders distinct from the slice sampler's
@@ -195,7 +195,7 @@ def fixed_validation_noise(
     return torch.stack(noises), torch.tensor(steps, dtype=torch.long)
 
 
-class RouterTraining(pl.LightningModule):
+class RouterTraining(TrackedModule):
     """Trains a router f(x_t, t) with cross-entropy over shards (paper Sec. 3.4, Prop. 3.1).
 
     Noise and timesteps come from ``step_generator(seed, step, rank)`` as in ``DenoisingModule``
@@ -203,6 +203,8 @@ class RouterTraining(pl.LightningModule):
     validation epoch scores the router on fixed noised held-out samples in ``bands`` timestep
     bands: ``router/acc_t000-199``, ...; the last scores are kept in ``band_accuracy``.
     """
+
+    loss_name = "router/loss"
 
     def __init__(
         self,
@@ -216,10 +218,9 @@ class RouterTraining(pl.LightningModule):
         val_draws: int = 1,
         seed: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(dataset_size)
         self.router = router
         self.register_buffer("alphas_cumprod", alphas_cumprod.float().clone(), persistent=False)
-        self.fed_mask = torch.zeros(dataset_size, dtype=torch.bool)  # plain tensor: see denoising
         self.lr = lr
         self.weight_decay = weight_decay
         self.seed = seed
@@ -228,9 +229,6 @@ class RouterTraining(pl.LightningModule):
         self.bands = timestep_bands(T, int(bands))
         self.band_names = [band_name(lo, hi, T) for lo, hi in self.bands]
         self.band_accuracy: dict[str, float] = {}
-        self.elapsed_before_resume_s = 0.0
-        self._epoch_loss: torch.Tensor | None = None
-        self._epoch_steps = 0
         self._val: torch.Tensor | None = None  # [bands, 3]: correct, count, summed loss
 
     @property
@@ -250,22 +248,8 @@ class RouterTraining(pl.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self.router_loss(batch, self.global_step)
-        self.fed_mask[batch["index"].cpu()] = True
-        detached = loss.detach()
-        self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
-        self._epoch_steps += 1
-        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
-        if (self.global_step + 1) % max(every, 1) == 0:
-            self.log("router/loss_step", detached, prog_bar=True, on_step=True, on_epoch=False)
+        self.track_step(batch, loss)
         return loss
-
-    def on_train_epoch_start(self) -> None:
-        self._epoch_loss, self._epoch_steps = None, 0
-
-    def on_train_epoch_end(self) -> None:
-        if self._epoch_steps:
-            mean = self._epoch_loss / self._epoch_steps
-            self.log("router/loss", mean, prog_bar=True, on_epoch=True, sync_dist=True)
 
     # ---- validation: accuracy per timestep band on fixed noise ---------------------------
     def on_validation_epoch_start(self) -> None:
@@ -308,39 +292,6 @@ class RouterTraining(pl.LightningModule):
             fused=self.device.type == "cuda" or None,
         )
 
-    # ---- what a resumed run needs beyond Lightning's own state ---------------------------
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["cdm"] = {
-            "fed_mask": self.fed_mask.detach().cpu().clone(),
-            "torch_rng": torch.get_rng_state(),
-            "elapsed_s": self.elapsed_s(),
-        }
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        state = checkpoint.get("cdm")
-        if state is None:
-            raise ValueError(
-                "checkpoint has no 'cdm' state: it was not written by a cdm router job"
-            )
-        self.fed_mask = state["fed_mask"].clone()
-        torch.set_rng_state(state["torch_rng"])
-        self.elapsed_before_resume_s = float(state["elapsed_s"])
-
-    def on_fit_start(self) -> None:
-        self._started_at = time.perf_counter()
-
-    def elapsed_s(self) -> float:
-        """Wall time spent training this router, summed over interrupted runs."""
-        started = getattr(self, "_started_at", None)
-        return self.elapsed_before_resume_s + (time.perf_counter() - started if started else 0.0)
-
-    def fed_indices(self) -> torch.Tensor:
-        """Sorted dataset indices fed on any rank (a collective call under DDP)."""
-        mask = self.fed_mask
-        if self.trainer is not None and self.trainer.world_size > 1:
-            mask = self.all_gather(mask.to(self.device, torch.uint8)).bool().any(dim=0).cpu()
-        return mask.nonzero().flatten()
-
 
 # --------------------------------------------------------------------------------------------
 # writing the artifact
@@ -371,35 +322,17 @@ class RouterWriter(pl.Callback):
         self.router_config = router_config
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: RouterTraining) -> None:
-        from cdm.core.hashing import hash_ids
         from cdm.store import ArtifactStore
 
-        fed = pl_module.fed_indices().tolist()  # collective under DDP: every rank calls it
-        if not trainer.is_global_zero:
+        checked = checked_fed_hash(trainer, pl_module, self.expected_hash, f"router {self.name}")
+        if checked is None:  # not rank zero
             return
-        dataset = trainer.datamodule.dataset
-        fed_hash = hash_ids([dataset.ids[i] for i in fed], [dataset.content_hashes[i] for i in fed])
-        if fed_hash != self.expected_hash:
-            raise RuntimeError(
-                f"router {self.name}: the {len(fed)} samples fed hash to {fed_hash[:12]} but the "
-                f"router's training set is {self.expected_hash[:12]}. Nothing was written."
-            )
-        print(f"[cdm] router {self.name}: fed {len(fed)} samples, id hash {fed_hash[:12]} ok")
-        metrics = {
-            k: float(v)
-            for k, v in trainer.callback_metrics.items()
-            if v.numel() == 1 and not k.endswith("_step")
-        }
+        fed_hash, n_fed = checked
         card = dict(self.card)
         card.update(
             manifest_hash=fed_hash,
-            n_samples_fed=len(fed),
-            metrics={
-                **metrics,
-                "band_accuracy": dict(pl_module.band_accuracy),
-                "global_step": trainer.global_step,
-                "epochs": trainer.current_epoch,
-            },
+            n_samples_fed=n_fed,
+            metrics={**final_metrics(trainer), "band_accuracy": dict(pl_module.band_accuracy)},
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=_wandb_run_id(trainer),

@@ -1,0 +1,84 @@
+"""What every cdm training job records beyond Lightning's own state.
+
+- ``fed_mask``: every dataset index the job was fed. A plain CPU tensor, not a buffer: DDP
+  would broadcast a buffer from rank 0 to the other ranks. Artifact writers hash the ids it
+  names (gathered over ranks) and refuse to write unless they equal the manifest.
+- the running loss, accumulated on the device and handed to Lightning only every
+  ``log_every_n_steps`` steps plus the epoch mean (``self.log`` on every step costs ~1 ms on a
+  CPU and a device sync for the progress bar);
+- wall time summed over interrupted runs, and the torch RNG state, saved in checkpoints.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+import torch
+
+
+class TrackedModule(pl.LightningModule):
+    """Base of the training jobs: fed-id record, running loss, resumable wall time."""
+
+    loss_name = "train/loss"
+
+    def __init__(self, dataset_size: int) -> None:
+        super().__init__()
+        self.fed_mask = torch.zeros(dataset_size, dtype=torch.bool)
+        self.elapsed_before_resume_s = 0.0
+        self._epoch_loss: torch.Tensor | None = None
+        self._epoch_steps = 0
+
+    def track_step(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        """Record the batch's dataset indices and accumulate the loss for logging."""
+        self.fed_mask[batch["index"].cpu()] = True
+        detached = loss.detach()
+        self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
+        self._epoch_steps += 1
+        every = self.trainer.log_every_n_steps if self._trainer is not None else 1
+        if (self.global_step + 1) % max(every, 1) == 0:
+            self.log(
+                f"{self.loss_name}_step", detached, prog_bar=True, on_step=True, on_epoch=False
+            )
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss, self._epoch_steps = None, 0
+
+    def on_train_epoch_end(self) -> None:
+        if self._epoch_steps:
+            mean = self._epoch_loss / self._epoch_steps
+            self.log(
+                self.loss_name, mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True
+            )
+
+    def on_fit_start(self) -> None:
+        self._started_at = time.perf_counter()
+
+    def elapsed_s(self) -> float:
+        """Wall time spent training this job, summed over interrupted runs."""
+        started = getattr(self, "_started_at", None)
+        return self.elapsed_before_resume_s + (time.perf_counter() - started if started else 0.0)
+
+    def fed_indices(self) -> torch.Tensor:
+        """Sorted dataset indices fed on any rank (a collective call under DDP)."""
+        mask = self.fed_mask
+        if self.trainer is not None and self.trainer.world_size > 1:
+            mask = self.all_gather(mask.to(self.device, torch.uint8)).bool().any(dim=0).cpu()
+        return mask.nonzero().flatten()
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["cdm"] = {
+            "fed_mask": self.fed_mask.detach().cpu().clone(),
+            "torch_rng": torch.get_rng_state(),
+            "elapsed_s": self.elapsed_s(),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        state = checkpoint.get("cdm")
+        if state is None:
+            raise ValueError(
+                "checkpoint has no 'cdm' state: it was not written by a cdm training job"
+            )
+        self.fed_mask = state["fed_mask"].clone()
+        torch.set_rng_state(state["torch_rng"])
+        self.elapsed_before_resume_s = float(state["elapsed_s"])
