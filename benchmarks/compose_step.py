@@ -16,7 +16,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from cdm.core.sampling import sample as run_sampler
 from cdm.models.adapters import prepare_shard_model
 from cdm.models.backbone import build_unet, predict_epsilon
 from cdm.models.multi_adapter import MultiShardUNet
+from cdm.runtime import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
@@ -103,18 +103,7 @@ class Router:
 
 def machine() -> dict[str, Any]:
     """Where the numbers were measured (load average: this CPU may be shared)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "peft": peft.__version__,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
+    return machine_info(diffusers=diffusers.__version__, peft=peft.__version__)
 
 
 def parse_args() -> argparse.Namespace:

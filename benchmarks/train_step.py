@@ -14,7 +14,6 @@ import argparse
 import json
 import logging
 import os
-import platform
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from cdm.core.diffusion import epsilon_loss, q_sample, sample_noise_and_timestep
 from cdm.lightning.jobs import ShardTraining
 from cdm.models.adapters import prepare_shard_model, trainable_parameters
 from cdm.models.backbone import build_scheduler, build_unet, null_label
+from cdm.runtime import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
@@ -132,17 +132,7 @@ def count_flops(model, batch, alphas, null, amp) -> int:
 
 def machine() -> dict[str, Any]:
     """Where the numbers were measured (load average: this CPU may be shared)."""
-    return {
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "lightning": pl.__version__,
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
-    }
+    return machine_info(lightning=pl.__version__)
 
 
 def parse_args() -> argparse.Namespace:

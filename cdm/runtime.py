@@ -23,3 +23,20 @@ def configure_runtime(seed: int, threads: int, deterministic: bool = True) -> No
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
         torch.backends.cudnn.benchmark = False
+
+
+def machine_info(**versions: str) -> dict:
+    """Where numbers were measured: platform, CPUs, threads, torch (+ ``versions``), GPU, load."""
+    import platform
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        **versions,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "loadavg_1_5_15": [round(x, 2) for x in os.getloadavg()],
+    }
