@@ -39,11 +39,13 @@ format: install
 	$(VENV)/bin/ruff format cdm tests benchmarks
 	$(VENV)/bin/ruff check --fix cdm tests benchmarks
 
-demo: install  ## safe backbone + 4 LoRA shard adapters on digits, then list them with their cards
+demo: install  ## digits: safe backbone, 4 LoRA shards, router, composed samples; then every artifact with its card
 	$(VENV)/bin/cdm-train experiment=digits_4split stage=backbone paths.artifacts=$(ART)
 	$(VENV)/bin/cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART) \
 	  hydra/launcher=joblib hydra.launcher.n_jobs=2 trainer.enable_progress_bar=false
-	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split
+	$(VENV)/bin/cdm-train experiment=digits_4split stage=router paths.artifacts=$(ART) trainer.enable_progress_bar=false
+	$(VENV)/bin/cdm-sample experiment=digits_4split composition=classifier paths.artifacts=$(ART)
+	$(VENV)/bin/cdm-sample experiment=digits_4split composition=average paths.artifacts=$(ART)
 	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split --cards
 
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
