@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo data-fashion bench-train clean
+.PHONY: install test test-slow test-all lint format demo data-fashion bench-train bench-compose clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +50,9 @@ demo: install  ## digits: safe backbone, 4 LoRA shards, router, composed samples
 
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/train_step.py
+
+bench-compose: install  ## one composed denoising step for 1-8 shards vs one adapter (writes docs/benchmarks/*.json)
+	$(PY) benchmarks/compose_step.py
 
 clean:
 	rm -rf outputs multirun
