@@ -36,6 +36,7 @@ from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.training import (
     build_loggers,
     device_description,
+    fit_resumable,
     load_backbone_for_shards,
     load_data,
     record_manifests,
@@ -236,11 +237,9 @@ def run_router_job(cfg: DictConfig) -> dict:
         logger=loggers or False,
         check_val_every_n_epoch=1,
     )
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.exists() else None
-    if ckpt_path:
-        print(f"[cdm] resuming router {name} from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_resumable(
+        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"router {name}"
+    )
     return read_card(artifact)
 
 

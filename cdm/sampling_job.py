@@ -197,11 +197,9 @@ def run_sampling(cfg: DictConfig) -> dict:
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
     unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
-    shards = allowed_shards(cfg, shard_indices(store, experiment))
-    manifests = {
-        k: store.load_manifest(experiment, f"shard-{k:02d}")
-        for k in shard_indices(store, experiment)
-    }
+    available = shard_indices(store, experiment)
+    shards = allowed_shards(cfg, available)
+    manifests = {k: store.load_manifest(experiment, f"shard-{k:02d}") for k in available}
     # only the allowed shards' adapters are ever read: a disallowed shard cannot be evaluated
     dirs, adapter_cards = [], []
     for k in shards:

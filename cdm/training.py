@@ -280,12 +280,19 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
     trainer: pl.Trainer = instantiate(
         cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=loggers or False
     )
-    last = ckpt_dir / "last.ckpt"
-    ckpt_path = str(last) if cfg.resume and last.exists() else None
-    if ckpt_path:
-        print(f"[cdm] resuming {job} from {ckpt_path}")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    fit_resumable(trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job)
     return read_card(artifact)
+
+
+def fit_resumable(
+    trainer: pl.Trainer, module, datamodule, ckpt_dir: Path, *, resume: bool, what: str
+) -> None:
+    """``trainer.fit``, continuing from ``ckpt_dir/last.ckpt`` when ``resume`` and it exists."""
+    last = ckpt_dir / "last.ckpt"
+    ckpt_path = str(last) if resume and last.exists() else None
+    if ckpt_path:
+        print(f"[cdm] resuming {what} from {ckpt_path}")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
 def config_signature(config: dict) -> str:
