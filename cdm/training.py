@@ -28,7 +28,7 @@ from cdm.models.backbone import (
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 
-STAGES = ("backbone", "shard", "paragon", "router", "knn")
+STAGES = ("backbone", "shard", "paragon", "router", "knn", "feature_net")
 
 
 def job_name(stage: str, index: int | None = None) -> str:
@@ -213,7 +213,7 @@ def import_pretrained_backbone(
 
 
 def run_job(cfg: DictConfig) -> dict | list[dict]:
-    """Train the job ``cfg.stage`` (backbone | shard | paragon | router | knn) and return its card."""
+    """Train the job ``cfg.stage`` (backbone | shard | paragon | router | knn | feature_net); its card."""
     if cfg.stage == "router":
         from cdm.routing import run_router_job
 
@@ -222,6 +222,10 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
         from cdm.knn_job import run_knn_job
 
         return run_knn_job(cfg)
+    if cfg.stage == "feature_net":
+        from cdm.feature_net_job import run_feature_net_job
+
+        return run_feature_net_job(cfg)
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name

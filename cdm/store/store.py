@@ -58,9 +58,16 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_KINDS = ("lora", "full")
 LAST_CKPT = "last.ckpt"
 # Directories inside experiments/<exp>/ that are not adapter jobs.
-RESERVED_JOBS = frozenset({"manifests", "shards", "checkpoints", "logs", "knn", "samples"})
+RESERVED_JOBS = frozenset(
+    {"manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals", "tables"}
+)
 # list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
-ARTIFACT_OF_KIND = {"router": "router", "knn_centroids": "knn", "samples": "samples"}
+ARTIFACT_OF_KIND = {
+    "router": "router",
+    "knn_centroids": "knn",
+    "samples": "samples",
+    "evaluation": "evaluation",
+}
 # Commands named in error messages; kept here so they can follow the CLI.
 TRAIN_HINTS = {
     "manifest": "cdm-train experiment={experiment} stage=backbone  (any stage writes the manifests)",

@@ -1,0 +1,201 @@
+"""The paper's Table 1: compartmentalized models vs the monolithic paragon, as the number of
+shards grows (1, 2, 4, 8) and for each composition method (classifier, naive average, random).
+
+``run_table1`` walks the experiments ``<dataset>_<n>split``, trains only what the store lacks
+(backbone, shards, router, paragon: every job skips an existing artifact), draws samples only when
+the stored ones are stale, evaluates them, and writes the table as Markdown and CSV into
+``<root>/tables/<name>/`` (and to W&B when the wandb logger is on).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+from hydra import compose
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.store import ArtifactStore, make_card
+from cdm.store.store import _write_card, _write_dir_atomically, validate_name
+
+METHOD_TITLES = {"classifier": "Classifier", "average": "Naive Avg", "random": "Random"}
+
+
+def experiment_config(experiment: str, overrides: list[str], extra: list[str]) -> DictConfig:
+    """The composed ``eval`` config of one experiment with the user's and the job's overrides."""
+    return compose(config_name="eval", overrides=[f"experiment={experiment}", *overrides, *extra])
+
+
+def _train(
+    experiment: str, overrides: list[str], stages: list[tuple[str, int]], n_jobs: int
+) -> None:
+    """Train the jobs ``[(stage, shard index)]`` that the store lacks (each job checks itself)."""
+    from cdm.training import run_job
+
+    configs = [
+        experiment_config(experiment, overrides, [f"stage={stage}", f"shard.index={index}"])
+        for stage, index in stages
+    ]
+    if n_jobs > 1 and len(configs) > 1:
+        from joblib import Parallel, delayed
+
+        Parallel(n_jobs=n_jobs, backend="loky")(delayed(run_job)(c) for c in configs)
+    else:
+        for c in configs:
+            run_job(c)
+
+
+def plan(table: DictConfig) -> list[dict[str, Any]]:
+    """One entry per cell of the table: dataset, n shards, method, experiment and samples name."""
+    cells = []
+    for dataset in table.datasets:
+        if table.paragon:
+            n0 = int(table.splits[0])
+            cells.append({"dataset": dataset, "n": 0, "method": "paragon",
+                          "experiment": f"{dataset}_{n0}split", "samples": "paragon"})  # fmt: skip
+        for n in table.splits:
+            methods = ["average"] if int(n) == 1 else list(table.compositions)
+            for method in methods:
+                cells.append({"dataset": dataset, "n": int(n), "method": method,
+                              "experiment": f"{dataset}_{n}split", "samples": method})  # fmt: skip
+    return cells
+
+
+def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
+    """Train what is missing, sample, evaluate, and write the table (see module docstring)."""
+    from cdm.evaluation import run_evaluation
+    from cdm.sampling_job import run_sampling
+
+    started = time.perf_counter()
+    table = cfg.table1
+    store = ArtifactStore(cfg.paths.artifacts)
+    cells = plan(table)
+    experiments = sorted(
+        {c["experiment"] for c in cells}, key=lambda e: [c["experiment"] for c in cells].index(e)
+    )
+    timings: dict[str, float] = {}
+    statistic, space = str(table.metric), str(table.feature_space)
+    if space not in cfg.evaluate.feature_spaces:
+        raise ValueError(
+            f"table1.feature_space={space} is not evaluated: add it to evaluate.feature_spaces"
+        )
+    for experiment in experiments:
+        t0 = time.perf_counter()
+        mine = [c for c in cells if c["experiment"] == experiment]
+        n = mine[-1]["n"]
+        print(f"[cdm] table1: {experiment} ({n} shard(s)): train what is missing")
+        _train(experiment, overrides, [("backbone", 0)], 1)
+        _train(experiment, overrides, [("shard", k) for k in range(n)], int(table.n_jobs))
+        if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
+            _train(experiment, overrides, [("router", 0)], 1)
+        if any(c["method"] == "paragon" for c in mine):
+            _train(experiment, overrides, [("paragon", 0)], 1)
+        _train(
+            experiment, overrides, [("feature_net", 0)], 1
+        )  # shared by the dataset's experiments
+        for c in mine:
+            run_sampling(
+                experiment_config(
+                    experiment, overrides, [f"composition={c['method']}", f"name={c['samples']}"]
+                )
+            )
+        ecfg = experiment_config(
+            experiment, overrides, [f"evaluate.samples=[{','.join(c['samples'] for c in mine)}]"]
+        )
+        for c, card in zip(mine, run_evaluation(ecfg), strict=True):
+            c["metrics"] = card["metrics"]
+            c["metric_name"] = card["metric_names"][space][statistic]
+            c["value"] = card["metrics"][c["metric_name"]]
+        timings[experiment] = round(time.perf_counter() - t0, 1)
+    markdown, rows = format_table(cells, list(table.splits), list(table.compositions))
+    metric = ", ".join(dict.fromkeys(c["metric_name"] for c in cells))
+    card = make_card(
+        kind="table", name=str(table.name), metric=metric, cells=cells,
+        wall_time_s=round(time.perf_counter() - started, 1), experiment_wall_time_s=timings,
+        config=OmegaConf.to_container(cfg, resolve=True),
+    )  # fmt: skip
+    written = save_table(store, str(table.name), markdown, rows, card)
+    log_wandb(cfg, cells, rows, metric)
+    print(markdown)
+    print(f"[cdm] table written to {written['path']} in {written['wall_time_s']:.0f} s")
+    return written
+
+
+def format_table(
+    cells: list[dict], splits: list[int], methods: list[str]
+) -> tuple[str, list[list[str]]]:
+    """The paper's layout: one row per dataset; No split (paragon), then each split's methods.
+
+    Each cell holds ``value`` (its metric) and ``metric_name`` (e.g. ``FD_digits``).
+    """
+    header = ["Dataset"]
+    columns: list[tuple[int, str]] = []
+    if any(c["method"] == "paragon" for c in cells):
+        header.append("No split: Paragon")
+        columns.append((0, "paragon"))
+    for n in splits:
+        for m in ["average"] if int(n) == 1 else methods:
+            header.append("1 shard" if int(n) == 1 else f"{n}-Splits: {METHOD_TITLES.get(m, m)}")
+            columns.append((int(n), m))
+    rows = [header]
+    for dataset in dict.fromkeys(c["dataset"] for c in cells):
+        value = {(c["n"], c["method"]): c.get("value") for c in cells if c["dataset"] == dataset}
+        rows.append([dataset] + [_fmt(value.get(col)) for col in columns])
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    names = ", ".join(dict.fromkeys(c.get("metric_name", "?") for c in cells))
+    title = f"{names} (lower is better; samples per cell: see each evaluation card)"
+    return title + "\n\n" + "\n".join(lines) + "\n", rows
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def save_table(
+    store: ArtifactStore, name: str, markdown: str, rows: list[list[str]], card: dict
+) -> dict:
+    """Write ``table.md``, ``table.csv`` and the card under ``<root>/tables/<name>/`` atomically."""
+    final = store.root / "tables" / validate_name(name, "table name")
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    written: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        (tmp / "table.md").write_text(markdown, encoding="utf-8")
+        (tmp / "table.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        written.update(_write_card(tmp, {**card, "path": str(final)}))
+
+    _write_dir_atomically(final, write)
+    return written
+
+
+def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str) -> None:
+    """Table 1 as a W&B table, plus the metric per method (offline unless WANDB_API_KEY is set)."""
+    if not (cfg.logger and cfg.logger.get("wandb")):
+        return
+    import os
+
+    import wandb
+
+    spec = cfg.logger.wandb
+    run = wandb.init(
+        project=spec.project, group="table1", job_type="table1", name=str(cfg.table1.name),
+        dir=str(ArtifactStore(cfg.paths.artifacts).root), mode="offline" if not os.environ.get("WANDB_API_KEY") else None,
+    )  # fmt: skip
+    run.log({"table1": wandb.Table(columns=rows[0], data=rows[1:])})
+    per_method = wandb.Table(columns=["cell", metric], data=[
+        [f"{c['dataset']} {c['n']}-split {c['method']}" if c["n"] else f"{c['dataset']} paragon", c.get("value")]
+        for c in cells
+    ])  # fmt: skip
+    run.log(
+        {
+            f"{metric}_per_method": wandb.plot.bar(
+                per_method, "cell", metric, title=f"{metric} per method"
+            )
+        }
+    )
+    run.finish()
