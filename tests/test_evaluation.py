@@ -106,18 +106,8 @@ def test_training_images_as_samples_score_zero_and_are_all_memorized(store_root)
     assert abs(copies["metrics"]["FD_digits"]) < 1e-6
     assert copies["metrics"]["mem_memorized_share"] == 1.0
     assert copies["metrics"]["label_accuracy"] > 0.5  # the tiny feature net, on its own data
-    assert (
-        random["metrics"]["FD_digits"]
-        > 10
-        * max(
-            1e-3,
-            min(
-                c["metrics"]["FD_digits"]
-                for c in evaluate(store_root, "evaluate.samples=[paragon]")
-            ),
-        )
-        or random["metrics"]["FD_digits"] > 1.0
-    )
+    (paragon,) = evaluate(store_root, "evaluate.samples=[paragon]")
+    assert random["metrics"]["FD_digits"] > paragon["metrics"]["FD_digits"] > 0
     assert random["metrics"]["mem_memorized_share"] == 0.0
 
 
