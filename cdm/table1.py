@@ -42,10 +42,18 @@ def _train(
     if n_jobs > 1 and len(configs) > 1:
         from joblib import Parallel, delayed
 
-        Parallel(n_jobs=n_jobs, backend="loky")(delayed(run_job)(c) for c in configs)
+        # resolved first: worker processes do not have this process's OmegaConf resolvers
+        resolved = [OmegaConf.to_container(c, resolve=True) for c in configs]
+        Parallel(n_jobs=n_jobs, backend="loky")(delayed(_run_resolved)(c) for c in resolved)
     else:
         for c in configs:
             run_job(c)
+
+
+def _run_resolved(config: dict) -> None:
+    from cdm.training import run_job
+
+    run_job(OmegaConf.create(config))
 
 
 def plan(table: DictConfig) -> list[dict[str, Any]]:
@@ -173,19 +181,39 @@ def save_table(
     return written
 
 
-def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str) -> None:
-    """Table 1 as a W&B table, plus the metric per method (offline unless WANDB_API_KEY is set)."""
+def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str) -> list[str]:
+    """W&B (offline unless WANDB_API_KEY is set): one run per experiment in the experiment's group
+    with its sample grids, router-weight plots and metrics; one run with Table 1 as a table and
+    the metric per method. Returns the run directories."""
     if not (cfg.logger and cfg.logger.get("wandb")):
-        return
+        return []
     import os
 
     import wandb
 
+    from cdm.store.samples import samples_dir
+
+    store = ArtifactStore(cfg.paths.artifacts)
+    mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     spec = cfg.logger.wandb
-    run = wandb.init(
-        project=spec.project, group="table1", job_type="table1", name=str(cfg.table1.name),
-        dir=str(ArtifactStore(cfg.paths.artifacts).root), mode="offline" if not os.environ.get("WANDB_API_KEY") else None,
-    )  # fmt: skip
+    run_dirs = []
+    for experiment in dict.fromkeys(c["experiment"] for c in cells):
+        run = wandb.init(project=spec.project, group=experiment, job_type="eval", mode=mode,
+                         name=f"{experiment}-eval", dir=str(store.root), reinit="create_new")  # fmt: skip
+        for c in (c for c in cells if c["experiment"] == experiment):
+            directory = samples_dir(store, experiment, c["samples"])
+            logged = {f"samples/{c['samples']}": wandb.Image(str(directory / "grid.png"))}
+            if c["method"] in ("classifier", "topk", "knn"):
+                logged[f"router_weights/{c['samples']}"] = wandb.Image(
+                    str(directory / "weights.png")
+                )
+            logged.update({f"{c['samples']}/{k}": v for k, v in c["metrics"].items()
+                           if isinstance(v, int | float)})  # fmt: skip
+            run.log(logged)
+        run_dirs.append(run.dir)
+        run.finish()
+    run = wandb.init(project=spec.project, group="table1", job_type="table1", mode=mode,
+                     name=str(cfg.table1.name), dir=str(store.root), reinit="create_new")  # fmt: skip
     run.log({"table1": wandb.Table(columns=rows[0], data=rows[1:])})
     per_method = wandb.Table(columns=["cell", metric], data=[
         [f"{c['dataset']} {c['n']}-split {c['method']}" if c["n"] else f"{c['dataset']} paragon", c.get("value")]
@@ -193,9 +221,11 @@ def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric:
     ])  # fmt: skip
     run.log(
         {
-            f"{metric}_per_method": wandb.plot.bar(
+            "metric_per_method": wandb.plot.bar(
                 per_method, "cell", metric, title=f"{metric} per method"
             )
         }
     )
+    run_dirs.append(run.dir)
     run.finish()
+    return run_dirs

@@ -206,9 +206,18 @@ def test_table1_end_to_end_trains_only_what_is_missing(tmp_path):
         assert rows[1][4] == f"{cells[(2, 'average')]:.3f}" and rows[1][4] in md
         store = ArtifactStore(tmp_path)
         shard = store.read_adapter_card("digits_2split", "shard-00")["created"]
-        again = run_table1(
-            cfg, overrides
-        )  # everything is in the store: nothing is retrained or redrawn
+        # everything is in the store: nothing is retrained or redrawn; this time W&B (offline) logs it
+        cfg = compose(config_name="table1", overrides=[*overrides, *table, "logger=wandb"])
+        again = run_table1(cfg, [*overrides, "logger=wandb"])
         assert store.read_adapter_card("digits_2split", "shard-00")["created"] == shard
-        assert again["cells"] == card["cells"]
-        assert samples_dir(store, "digits_2split", "average").exists()
+        assert [c["value"] for c in again["cells"]] == [c["value"] for c in card["cells"]]
+    runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 3  # digits_1split, digits_2split (grids, router weights) and the table
+    split2 = [r for r in runs if (r / "files" / "media" / "images" / "router_weights").is_dir()]
+    assert len(split2) == 1  # only the 2-split experiment has a router
+    grids = sorted(
+        p.name.split("_")[0] for p in (split2[0] / "files/media/images/samples").iterdir()
+    )
+    assert grids == ["average", "classifier"]
+    tables = [t for r in runs for t in (r / "files" / "media").rglob("table1_*.table.json")]
+    assert len(tables) == 1 and "No split: Paragon" in tables[0].read_text()

@@ -106,6 +106,7 @@ class CleanInceptionExtractor(torch.nn.Module):
     def __init__(self, device: str | torch.device = "cpu") -> None:
         super().__init__()
         self.net = load_inception_network(device)
+        self.eval()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3 or tuple(x.shape[2:]) != INPUT_SIZE:
