@@ -83,11 +83,10 @@ class ComposedDenoiser:
         elif self.method == "fixed":
             w = C.fixed_weights(batch, self.fixed)
         else:  # classifier, knn, topk: the router's posterior under the mixture prior lambda
-            logits = self.router(x_t, t).float()
+            # weights live on the CPU ([B, n] is tiny; the trace is kept there anyway)
+            logits = self.router(x_t, t).float().cpu()
             if self.label_prior is not None and labels is not None:
-                log_prior = torch.log(
-                    self.label_prior.to(logits.device)[labels]
-                )  # -inf: label not in shard
+                log_prior = torch.log(self.label_prior[labels.cpu()])  # -inf: label not in shard
             else:
                 log_prior = torch.log(self.prior.clamp_min(1e-30))
             w = C.router_posterior(logits, log_prior, self.train_log_prior)
@@ -102,9 +101,9 @@ class ComposedDenoiser:
     ) -> torch.Tensor:
         batch = x_t.shape[0]
         t_batch = t.expand(batch) if t.dim() == 0 else t
-        w = self.weights(x_t, t_batch, labels)
-        self.trace.append(w.detach().cpu())
-        sample_idx, shard_idx = C.active_pairs(w)
+        w = self.weights(x_t, t_batch, labels)  # on the CPU
+        self.trace.append(w.detach())
+        sample_idx, shard_idx = (i.to(x_t.device) for i in C.active_pairs(w))
         x_pairs, t_pairs = x_t[sample_idx], t_batch[sample_idx]
         y_pairs = None if labels is None else labels[sample_idx]
         guided = labels is not None and self.guidance_scale != 1.0 and self.null_label is not None
@@ -119,7 +118,7 @@ class ComposedDenoiser:
         if guided:
             cond, uncond = eps.chunk(2)
             eps = uncond + self.guidance_scale * (cond - uncond)
-        return C.mix_selected(eps, sample_idx, shard_idx, w, batch)
+        return C.mix_selected(eps, sample_idx, shard_idx, w.to(eps.device), batch)
 
 
 def sample_composed(
@@ -133,8 +132,13 @@ def sample_composed(
     seed: int,
     batch_size: int,
     progress: bool = True,
+    device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples [N, C, H, W] in [-1, 1], trace [N, steps, n]): reverse process of the CDM."""
+    """(samples [N, C, H, W] in [-1, 1], trace [N, steps, n]): reverse process of the CDM.
+
+    Noise is drawn on the CPU from the seeded generator and moved to ``device``, so a seed gives
+    the same x_T on every device.
+    """
     from tqdm.auto import tqdm
 
     images, traces = [], []
@@ -144,11 +148,11 @@ def sample_composed(
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         denoiser.generator = generator
         denoiser.trace = []
-        x_T = torch.randn((stop - start, *shape), generator=generator)
-        y = None if labels is None else labels[start:stop]
+        x_T = torch.randn((stop - start, *shape), generator=generator).to(device)
+        y = None if labels is None else labels[start:stop].to(device)
         x0 = run_sampler(
             lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator
         )
-        images.append(x0.clamp(-1, 1))
+        images.append(x0.clamp(-1, 1).cpu())
         traces.append(torch.stack(denoiser.trace, dim=1))
     return torch.cat(images), torch.cat(traces)

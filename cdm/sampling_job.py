@@ -196,6 +196,7 @@ def run_sampling(cfg: DictConfig) -> dict:
     """Compose the allowed shards with ``cfg.composition``, sample, and store the result."""
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     started = time.perf_counter()
+    device = sampling_device(cfg)
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
     unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
@@ -228,6 +229,7 @@ def run_sampling(cfg: DictConfig) -> dict:
             cfg, store, manifests, unet, backbone_card
         )
         router_parents = [parent]
+        full_router.to(device)
         columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
         router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
         train_log_prior = log_prior[columns]
@@ -245,7 +247,7 @@ def run_sampling(cfg: DictConfig) -> dict:
     ):  # one model whose LoRA delta is the lambda-weighted sum of the shards'
         adapters = [merge_adapters(adapters, C.normalize_priors(prior).tolist())]
         method, prior = "average", torch.ones(1)
-    model = MultiShardUNet(unet, adapters)
+    model = MultiShardUNet(unet, adapters).to(device)
     labels = label_prior = None
     if cfg.data.conditional:
         label_prior = None if paragon else shard_label_prior(cfg, shards, manifests)
@@ -269,6 +271,7 @@ def run_sampling(cfg: DictConfig) -> dict:
     images, trace = sample_composed(
         denoiser, scheduler, num_samples=int(cfg.num_samples), shape=shape, steps=int(cfg.steps),
         labels=labels, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
+        device=device,
     )  # fmt: skip
     names = jobs
     plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
@@ -317,10 +320,20 @@ def run_sampling(cfg: DictConfig) -> dict:
     return save_samples(store, experiment, cfg.name, files, card)
 
 
+def sampling_device(cfg: DictConfig) -> torch.device:
+    """``cfg.device`` (cpu | cuda | cuda:K), checked to exist here."""
+    device = torch.device(str(cfg.device))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={cfg.device}: no CUDA device on this machine; use device=cpu")
+    if device.type != "cpu" and cfg.composition == "knn":
+        raise ValueError("composition=knn samples on the CPU only for now: use device=cpu")
+    return device
+
+
 def sampling_signature(cfg: DictConfig) -> str:
     """Hash of every setting that changes which samples are drawn (not where they are written)."""
     keys = ("composition", "shards", "prior", "fixed_weights", "topk", "router_name", "sampler",
-            "steps", "num_samples", "batch_size", "guidance_scale", "labels", "seed", "knn")  # fmt: skip
+            "steps", "num_samples", "batch_size", "guidance_scale", "labels", "seed", "knn", "device")  # fmt: skip
     config = OmegaConf.to_container(cfg, resolve=True)
     kept = {k: config.get(k) for k in keys} | {"backbone": config["backbone"]["id"]}
     return sha256_bytes(json.dumps(kept, sort_keys=True, default=str).encode())

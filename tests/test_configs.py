@@ -27,6 +27,7 @@ GROUP_OPTIONS = [
         "callbacks",
         "paths",
         "debug",
+        "feature_net",
     )
     for p in sorted((CONF / group).glob("*.yaml"))
 ]

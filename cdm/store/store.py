@@ -992,6 +992,9 @@ class ArtifactStore:
                         )
                     )
             experiments = self.list_experiments()
+            from cdm.store.feature_nets import list_feature_nets  # lazy: it imports this module
+
+            entries += list_feature_nets(self)
         else:
             experiments = [validate_name(experiment, "experiment name")]
         for exp in experiments:
@@ -1024,7 +1027,8 @@ class ArtifactStore:
                 entry = self._entry("adapter", directory, experiment=exp, job=directory.name)
                 entry["artifact"] = ARTIFACT_OF_KIND.get(entry.get("kind"), "adapter")
                 entries.append(entry)
-        order = {"backbone": 0, "manifest": 1, "adapter": 2, "router": 3, "knn": 4, "samples": 5}
+        order = {"backbone": 0, "manifest": 1, "adapter": 2, "router": 3, "knn": 4, "samples": 5,
+                 "evaluation": 6, "feature_net": 7}  # fmt: skip
         entries.sort(
             key=lambda e: (
                 e.get("experiment") or "",
