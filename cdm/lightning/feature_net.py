@@ -15,6 +15,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
+from torchmetrics import MeanMetric, SumMetric
 
 from cdm.data.datamodule import ManifestDataModule
 from cdm.lightning.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
@@ -79,7 +80,9 @@ class FeatureNetTraining(TrackedModule):
         self.weight_decay = float(weight_decay)
         self.label_smoothing = float(label_smoothing)
         self.test_accuracy: float | None = None
-        self._val: torch.Tensor | None = None  # correct, count, summed loss
+        # torchmetrics: accumulated over the epoch and synced over DDP ranks
+        self.val_correct, self.val_count = SumMetric(), SumMetric()
+        self.val_loss = MeanMetric()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -90,29 +93,23 @@ class FeatureNetTraining(TrackedModule):
         self.track_step(batch, loss)
         return loss
 
-    def on_validation_epoch_start(self) -> None:
-        self._val = torch.zeros(3, dtype=torch.float64, device=self.device)
-
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         logits = self(batch["image"]).float()
         labels = batch["label"]
-        loss = F.cross_entropy(logits, labels, reduction="sum")
-        correct = (logits.argmax(dim=1) == labels).sum()
-        self._val += torch.stack(
-            [correct.double(), torch.tensor(float(len(labels)), device=self.device).double(),
-             loss.double()]
-        )  # fmt: skip
+        self.val_correct.update((logits.argmax(dim=1) == labels).sum())
+        self.val_count.update(torch.tensor(float(len(labels)), device=logits.device))
+        self.val_loss.update(F.cross_entropy(logits, labels, reduction="none"))
 
     def on_validation_epoch_end(self) -> None:
-        totals = self._val
-        if self.trainer is not None and self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
-        if totals is None or float(totals[1]) == 0:
+        correct, count = self.val_correct.compute(), self.val_count.compute()
+        if float(count) == 0:
             return
-        acc = totals[0] / totals[1]
+        acc = correct.double() / count.double()  # exact: counts, not a float32 running mean
         self.test_accuracy = float(acc)
         self.log("feature_net/val_acc", acc.float(), prog_bar=True)
-        self.log("feature_net/val_loss", (totals[2] / totals[1]).float())
+        self.log("feature_net/val_loss", self.val_loss.compute().float())
+        for metric in (self.val_correct, self.val_count, self.val_loss):
+            metric.reset()
 
     def configure_optimizers(self) -> dict[str, Any]:
         optimizer = torch.optim.AdamW(
