@@ -134,3 +134,17 @@ def test_sample_config_composes_for_every_experiment(experiment):
         )
     assert cfg.experiment_name == experiment and cfg.name == "average"
     assert missing_keys(cfg) == set()
+
+
+@pytest.mark.parametrize("config", ["eval", "table1"])
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_eval_and_table1_configs_compose_for_every_experiment(config, experiment):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name=config, overrides=[f"experiment={experiment}"])
+    assert missing_keys(cfg) == set()
+    assert set(cfg.evaluate.feature_spaces) <= {"domain", "inception", "pixels"}
+    if config == "table1":
+        assert cfg.table1.feature_space in cfg.evaluate.feature_spaces
+        for dataset in cfg.table1.datasets:
+            for n in cfg.table1.splits:
+                assert f"{dataset}_{n}split" in EXPERIMENTS  # every cell has an experiment config
