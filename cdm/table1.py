@@ -96,7 +96,16 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         n = mine[-1]["n"]
         print(f"[cdm] table1: {experiment} ({n} shard(s)): train what is missing")
         _train(experiment, overrides, [("backbone", 0)], 1)
-        _train(experiment, overrides, [("shard", k) for k in range(n)], int(table.n_jobs))
+        missing = [
+            k
+            for k in range(n)
+            if cfg.retrain or not store.has_adapter(experiment, f"shard-{k:02d}")
+        ]
+        if len(missing) < n:
+            print(
+                f"[cdm] {n - len(missing)} of {n} shards of {experiment} are in the store already"
+            )
+        _train(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
         if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
             _train(experiment, overrides, [("router", 0)], 1)
         if any(c["method"] == "paragon" for c in mine):
