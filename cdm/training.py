@@ -16,7 +16,14 @@ from omegaconf import DictConfig, OmegaConf
 from cdm.core.hashing import sha256_bytes
 from cdm.data.datamodule import ManifestDataModule
 from cdm.data.datasets import SampleDataset, build_dataset
-from cdm.data.sharding import Manifest, Split, indices_of, make_split, slice_indices
+from cdm.data.sharding import (
+    Manifest,
+    Split,
+    indices_of,
+    make_split,
+    slice_indices,
+    without_ids,
+)
 from cdm.lightning.callbacks import ArtifactWriter, KillAtStep, SliceCheckpoint
 from cdm.lightning.jobs import BackbonePretraining, ShardTraining
 from cdm.models.backbone import (
@@ -49,9 +56,10 @@ def load_data(cfg: DictConfig) -> SampleDataset:
 
 
 def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
-    """The safe split and the shards, deterministic in ``cfg.seed``."""
+    """The safe split and the shards, deterministic in ``cfg.seed``, minus the ids forgotten from
+    the experiment (``cdm-forget``: each loses them from its slice, the rest is unchanged)."""
     s = cfg.sharding
-    return make_split(
+    split = make_split(
         dataset,
         strategy=s.strategy,
         n_shards=s.n_shards,
@@ -61,6 +69,24 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
         n_slices=s.n_slices,
         manifest_path=s.manifest_path,
     )
+    forgotten = forgotten_ids(cfg)
+    return without_ids(split, forgotten) if forgotten else split
+
+
+def forgotten_ids(cfg: DictConfig) -> list[str]:
+    """Ids forgotten from ``cfg.experiment_name`` (none without a store); refuses while a forget
+    request is half-committed, since manifests and adapters may then disagree."""
+    root = (cfg.get("paths") or {}).get("artifacts")
+    if root is None or cfg.get("experiment_name") is None:
+        return []
+    store = ArtifactStore(root)
+    journal = store.pending_forget(cfg.experiment_name)
+    if journal is not None and journal.get("state") == "committing":
+        raise StoreError(
+            f"a forget request on experiment {cfg.experiment_name!r} was interrupted while being "
+            f"committed: finish it with `cdm-forget experiment={cfg.experiment_name}` first"
+        )
+    return store.forgotten_ids(cfg.experiment_name)
 
 
 def record_manifests(store: ArtifactStore, experiment: str, split: Split) -> None:
@@ -245,7 +271,31 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
     ckpt_job = f"backbone-{cfg.backbone.id}" if is_backbone else job
     if cfg.retrain:
         store.clear_checkpoints(experiment, ckpt_job)
+    imported = fit_job(
+        cfg, store, dataset, split, manifest, ckpt_dir=store.checkpoint_dir(experiment, ckpt_job)
+    )
+    return imported if imported is not None else read_card(artifact)
 
+
+def fit_job(
+    cfg: DictConfig,
+    store: ArtifactStore,
+    dataset: SampleDataset,
+    split: Split,
+    manifest: Manifest,
+    *,
+    ckpt_dir: Path,
+    target_dir: Path | None = None,
+    card_extra: dict | None = None,
+) -> dict | None:
+    """Build the stage's module and Trainer and fit it on ``manifest`` (resuming from
+    ``ckpt_dir/last.ckpt``); the ArtifactWriter stores the result (in ``target_dir`` if given).
+
+    Returns the card of an imported pretrained backbone (zero epochs), else None.
+    """
+    experiment = cfg.experiment_name
+    job = job_name(cfg.stage, cfg.shard.index)
+    is_backbone = cfg.stage == "backbone"
     module, parents = build_module(cfg, dataset, split, store)
     slices, epochs_per_slice, batch_size = job_schedule(cfg, dataset, manifest)
     config = OmegaConf.to_container(cfg, resolve=True)
@@ -259,6 +309,7 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
         parents=parents,
         config=config,
         device=device_description(),
+        **(card_extra or {}),
     )
     if epochs_per_slice == 0:
         return import_pretrained_backbone(cfg, store, module.model, card)
@@ -270,11 +321,11 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
         epochs_per_slice=epochs_per_slice,
         seed=int(cfg.seed),
     )
-    ckpt_dir = store.checkpoint_dir(experiment, ckpt_job)
     callbacks: list[pl.Callback] = [
         SliceCheckpoint(ckpt_dir, epochs_per_slice, signature=config_signature(config)),
         ArtifactWriter(
-            str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind
+            *(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
+            target_dir=None if target_dir is None else str(target_dir),
         ),
         *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
     ]
@@ -285,7 +336,7 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
         cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=loggers or False
     )
     fit_resumable(trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job)
-    return read_card(artifact)
+    return None
 
 
 def fit_resumable(

@@ -8,7 +8,7 @@ result depends neither on dataset order, global RNG state nor Python hash random
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,43 @@ class Manifest:
         """Ids of SISA slice ``s``."""
         start, stop = self.slices[s]
         return self.ids[start:stop]
+
+    def slice_of(self, sample_id: str) -> int:
+        """The SISA slice that holds ``sample_id`` (ValueError if it is not in this manifest)."""
+        try:
+            pos = self.ids.index(sample_id)
+        except ValueError:
+            raise ValueError(f"id {sample_id!r} is not in manifest {self.name!r}") from None
+        return next(s for s, (a, b) in enumerate(self.slices) if a <= pos < b)
+
+    def without(self, ids: Iterable[str]) -> Manifest:
+        """This manifest minus ``ids`` (SISA forgetting, paper App. B), rehashed.
+
+        Every other id keeps its slice and its order inside it, so the slices before the first
+        one that loses an id are untouched and their checkpoints stay valid; a slice left empty
+        is dropped (the later ones move up by one). ``classes`` is kept: it names the classes the
+        shard was dealt, not those left. Ids not in the manifest are ignored. Raises ValueError
+        if nothing would be left.
+        """
+        drop = set(ids) & set(self.ids)
+        if not drop:
+            return self
+        keep_ids, keep_hashes, slices = [], [], []
+        for a, b in self.slices:
+            start = len(keep_ids)
+            for sid, h in zip(self.ids[a:b], self.content_hashes[a:b], strict=True):
+                if sid not in drop:
+                    keep_ids.append(sid)
+                    keep_hashes.append(h)
+            if len(keep_ids) > start:
+                slices.append((start, len(keep_ids)))
+        if not keep_ids:
+            raise ValueError(
+                f"forgetting {len(drop)} ids would leave manifest {self.name!r} empty: "
+                "forget the whole shard (drop its adapter) instead"
+            )
+        meta = {**self.meta, "n_forgotten": int(self.meta.get("n_forgotten", 0)) + len(drop)}
+        return Manifest.build(self.name, keep_ids, keep_hashes, slices, self.classes, meta)
 
     def to_json(self) -> dict:
         return {
@@ -415,6 +452,27 @@ def make_split(
     )
     safe_m = build("safe", safe, [(0, len(safe))] if safe else [], {})
     return Split(safe=safe_m, shards=tuple(shards), private=private_m)
+
+
+def without_ids(split: Split, ids: Iterable[str]) -> Split:
+    """``split`` with ``ids`` removed from every shard and from ``private`` (``Manifest.without``).
+
+    How a split is made after ``cdm-forget`` (paper App. B): the split the config computes, minus
+    the experiment's forgotten ids, so slice membership and order of every other id never change.
+    Raises ValueError if an id is in the safe split (the public backbone's data is never forgotten).
+    """
+    drop = set(ids)
+    in_safe = sorted(drop & set(split.safe.ids))
+    if in_safe:
+        raise ValueError(
+            f"ids {_few(in_safe)} are in the safe split, which trains the public backbone and is "
+            "never forgotten; they cannot be removed from it"
+        )
+    return Split(
+        safe=split.safe,
+        shards=tuple(m.without(drop) for m in split.shards),
+        private=split.private.without(drop),
+    )
 
 
 def held_out(dataset, classes: Sequence[int] | None = None, split: str = "test") -> list[int]:

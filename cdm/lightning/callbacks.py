@@ -67,7 +67,8 @@ class ArtifactWriter(pl.Callback):
 
     The card's ``manifest_hash`` is computed from the module's record of fed dataset indices
     (gathered over ranks), never copied from the manifest; a mismatch with the manifest means the
-    job saw other data or missed some, and nothing is written.
+    job saw other data or missed some, and nothing is written. ``target_dir`` writes the adapter
+    there instead of its place in the store (cdm-forget stages a retrained shard before swapping).
     """
 
     def __init__(
@@ -79,6 +80,7 @@ class ArtifactWriter(pl.Callback):
         expected_hash: str,
         card: dict,
         adapter_kind: str,
+        target_dir: str | None = None,
     ) -> None:
         self.store_root = store_root
         self.experiment = experiment
@@ -87,6 +89,7 @@ class ArtifactWriter(pl.Callback):
         self.expected_hash = expected_hash
         self.card = card
         self.adapter_kind = adapter_kind
+        self.target_dir = target_dir
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
         from cdm.models.backbone import backbone_hash
@@ -113,7 +116,10 @@ class ArtifactWriter(pl.Callback):
             store.save_backbone(card["name"], model, card)
         else:
             card["backbone_hash"] = card["parents"][0]["hash"]
-            store.save_adapter(self.experiment, self.job, model, card, kind=self.adapter_kind)
+            store.save_adapter(
+                self.experiment, self.job, model, card, kind=self.adapter_kind,
+                directory=self.target_dir,
+            )  # fmt: skip
 
 
 def _wandb_run_id(trainer: pl.Trainer) -> str | None:

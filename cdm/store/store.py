@@ -8,6 +8,9 @@ Layout under ``root``::
     experiments/<exp>/<job>/                      other adapters, e.g. paragon/ + card.json
     experiments/<exp>/checkpoints/<job>/          Lightning slice-<ss>.ckpt and last.ckpt
     experiments/<exp>/logs/                       csv / wandb dirs
+    experiments/<exp>/forget/                     forgotten.json, pending/ (a forget request
+                                                  in progress), quarantine/ (cdm-forget)
+    experiments/<exp>/certificates/<time>-<hash>.json   one per forget request
 
 Directory artifacts are written into a hidden temp dir beside the target and moved in with one
 atomic rename (an atomic exchange on Linux when replacing), so a reader sees either the old or the
@@ -42,6 +45,7 @@ __all__ = [
     "CorruptArtifactError",
     "InvalidNameError",
     "MissingArtifactError",
+    "StaleArtifactError",
     "StoreError",
     "atomic_write_bytes",
     "atomic_write_json",
@@ -59,8 +63,9 @@ ADAPTER_KINDS = ("lora", "full")
 LAST_CKPT = "last.ckpt"
 # Directories inside experiments/<exp>/ that are not adapter jobs.
 RESERVED_JOBS = frozenset(
-    {"manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals", "tables"}
-)
+    {"manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals", "tables", "forget",
+     "certificates"}
+)  # fmt: skip
 # list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
 ARTIFACT_OF_KIND = {
     "router": "router",
@@ -102,6 +107,10 @@ class CorruptArtifactError(StoreError):
 
 class BackboneMismatchError(StoreError):
     """An adapter was trained on a different backbone than the one it is being loaded onto."""
+
+
+class StaleArtifactError(StoreError):
+    """The artifact was trained on data the experiment no longer holds (e.g. after cdm-forget)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -697,6 +706,7 @@ class ArtifactStore:
         kind: str = "lora",
         *,
         adapter_name: str | None = None,
+        directory: str | Path | None = None,
     ) -> dict[str, Any]:
         """Save a shard/paragon adapter + card atomically; returns the written card.
 
@@ -706,7 +716,8 @@ class ArtifactStore:
         diffusers ``save_pretrained`` layout. ``card`` must carry ``backbone_hash``; it gains
         ``adapter_kind`` (= ``kind``), ``kind`` (unless the card has one, e.g. "shard"), ``job``,
         ``experiment``, ``name`` (default ``job``), ``weights_file``, ``weights_sha256`` and
-        ``created``. An existing artifact is replaced atomically.
+        ``created``. An existing artifact is replaced atomically. ``directory`` writes it
+        elsewhere than ``adapter_dir`` (cdm-forget stages a retrained adapter there first).
         """
         if kind not in ADAPTER_KINDS:
             raise StoreError(f"adapter kind must be one of {ADAPTER_KINDS}, got {kind!r}")
@@ -715,7 +726,7 @@ class ArtifactStore:
                 f"card for {experiment}/{job} has no backbone_hash: pass the backbone card's "
                 "backbone_hash so the adapter can be checked against its backbone on load"
             )
-        final = self.adapter_dir(experiment, job)
+        final = Path(directory) if directory is not None else self.adapter_dir(experiment, job)
         if kind == "lora":
             if not _is_peft_model(model):
                 raise StoreError(f"kind='lora' needs a peft.PeftModel, got {type(model).__name__}")
@@ -746,6 +757,19 @@ class ArtifactStore:
         _write_dir_atomically(final, write)
         return written
 
+    def install_adapter(self, experiment: str, job: str, staged: str | Path) -> dict[str, Any]:
+        """Move an adapter staged by ``save_adapter(directory=...)`` into its place, atomically,
+        after checking its weights against its card; the previous one is deleted. Its card."""
+        staged = Path(staged)
+        card = read_card(staged)
+        _verify_weights(staged, card, f"The staged adapter {staged} is corrupt; train it again.")
+        final = self.adapter_dir(experiment, job)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        _fsync_tree(staged)
+        _move_into_place(staged, final)
+        _fsync_dir(final.parent)
+        return card
+
     def checked_adapter(
         self, experiment: str, job: str, *, backbone_hash: str
     ) -> tuple[Path, dict[str, Any]]:
@@ -763,6 +787,13 @@ class ArtifactStore:
                 f"Make it with: {hint}"
             )
         card = read_card(directory)
+        stale = self.stale_reason(experiment, card)
+        if stale:
+            raise StaleArtifactError(
+                f"adapter {experiment}/{job} is stale: it was trained on data the experiment no "
+                f"longer holds ({stale}; see {self.certificate_dir(experiment)}). Retrain it with "
+                f"`{hint} retrain=true`."
+            )
         remedy = f"Retrain it with `{hint}` or restore {directory} from a backup."
         _verify_weights(directory, card, remedy)
         trained_on = card.get("backbone_hash")
@@ -913,6 +944,13 @@ class ArtifactStore:
                 f"Make it with: {hint}"
             )
         card = read_card(directory)
+        stale = self.stale_reason(experiment, card)
+        if stale:
+            raise StaleArtifactError(
+                f"router {experiment}/{name} is stale: it was trained on shard data the experiment "
+                f"no longer holds ({stale}; see {self.certificate_dir(experiment)}). Retrain it "
+                f"with `{hint} retrain=true`."
+            )
         remedy = f"Retrain it with `{hint} retrain=true` or restore {directory} from a backup."
         _verify_weights(directory, card, remedy)
         config_path = directory / self.ROUTER_CONFIG
@@ -963,6 +1001,91 @@ class ArtifactStore:
             return False
         shutil.rmtree(directory)
         return True
+
+    # ---- forgetting (cdm-forget; SISA, paper App. B) ---------------------------------------
+
+    def forget_dir(self, experiment: str) -> Path:
+        """``<root>/experiments/<experiment>/forget``: forgotten ids, pending request, quarantine."""
+        return self.experiment_dir(experiment) / "forget"
+
+    def forget_pending_dir(self, experiment: str) -> Path:
+        """``.../forget/pending``: the staged retrain and journal of a forget request in progress."""
+        return self.forget_dir(experiment) / "pending"
+
+    def pending_forget(self, experiment: str) -> dict[str, Any] | None:
+        """The journal of the forget request in progress on ``experiment``, or None."""
+        path = self.forget_pending_dir(experiment) / "journal.json"
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise CorruptArtifactError(f"forget journal {path} is corrupt ({exc})") from exc
+
+    def save_forget_journal(self, experiment: str, journal: Mapping[str, Any]) -> None:
+        """Write the journal of the forget request in progress, atomically."""
+        atomic_write_json(self.forget_pending_dir(experiment) / "journal.json", dict(journal))
+
+    def quarantine_dir(self, experiment: str, tag: str) -> Path:
+        """``.../forget/quarantine/<tag>``: derived artifacts set aside by one forget request."""
+        return self.forget_dir(experiment) / "quarantine" / validate_name(tag, "quarantine tag")
+
+    def forgotten_ids(self, experiment: str) -> list[str]:
+        """Sample ids forgotten from ``experiment`` (sorted); every split of it leaves them out."""
+        path = self.forget_dir(experiment) / "forgotten.json"
+        if not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text(encoding="utf-8"))["ids"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CorruptArtifactError(f"{path} is corrupt ({exc}); restore it") from exc
+
+    def add_forgotten_ids(self, experiment: str, ids: Iterable[str], certificate: str) -> None:
+        """Add ``ids`` to the experiment's forgotten ids, atomically (idempotent)."""
+        path = self.forget_dir(experiment) / "forgotten.json"
+        record: dict[str, Any] = {"ids": [], "requests": []}
+        if path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+        new = sorted(set(ids) - set(record["ids"]))
+        if not new and any(r.get("certificate") == certificate for r in record["requests"]):
+            return
+        record["ids"] = sorted(set(record["ids"]) | set(new))
+        record["requests"].append({"certificate": certificate, "n_ids": len(new), "at": utc_now()})
+        atomic_write_json(path, record)
+
+    def certificate_dir(self, experiment: str) -> Path:
+        """``<root>/experiments/<experiment>/certificates``."""
+        return self.experiment_dir(experiment) / "certificates"
+
+    def save_certificate(self, experiment: str, name: str, certificate: Mapping[str, Any]) -> Path:
+        """Write a forget certificate ``certificates/<name>.json`` atomically; its path."""
+        path = self.certificate_dir(experiment) / f"{validate_name(name, 'certificate name')}.json"
+        atomic_write_json(path, dict(certificate))
+        return path
+
+    def list_certificates(self, experiment: str) -> list[Path]:
+        """The forget certificates of ``experiment``, oldest first."""
+        directory = self.certificate_dir(experiment)
+        return sorted(directory.glob("[!.]*.json")) if directory.is_dir() else []
+
+    def stale_reason(self, experiment: str, card: Mapping[str, Any]) -> str | None:
+        """Why ``card``'s artifact no longer matches the experiment's manifests, or None.
+
+        An adapter names the manifest it was fed (``manifest_name``/``manifest_hash``), a router
+        every shard manifest (``shard_manifests``); after cdm-forget rewrites a manifest, every
+        artifact trained on its old version (e.g. the paragon) is stale until retrained.
+        """
+        trained = []
+        if card.get("manifest_name") and card.get("manifest_hash"):
+            trained.append((card["manifest_name"], card["manifest_hash"]))
+        trained += [(m.get("name"), m.get("hash")) for m in card.get("shard_manifests") or []]
+        for name, old in trained:
+            if not name or not self.manifest_path(experiment, name).is_file():
+                continue
+            now = self.load_manifest(experiment, name).get("hash")
+            if now != old:
+                return f"manifest {name} was {str(old)[:12]} when trained, is {str(now)[:12]} now"
+        return None
 
     # ---- listing -------------------------------------------------------------------------
 
@@ -1019,7 +1142,7 @@ class ArtifactStore:
             # adapters, routers, k-NN centroids, samples: any card outside manifests/checkpoints/logs
             for card_path in sorted(exp_dir.rglob(CARD_FILENAME)):
                 parts = card_path.relative_to(exp_dir).parts
-                if parts[0] in {"manifests", "checkpoints", "logs"} or any(
+                if parts[0] in {"manifests", "checkpoints", "logs", "forget"} or any(
                     p.startswith((_TMP_PREFIX, _OLD_PREFIX)) for p in parts
                 ):
                     continue
