@@ -10,7 +10,7 @@ import pytest
 
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
 from cdm.store import ArtifactStore, read_card
-from cdm.store.samples import samples_dir, save_samples
+from cdm.store.samples import save_samples
 from cdm.store.stats import stats_dir
 
 TINY = ["experiment=digits_2split", "debug=tiny"]
