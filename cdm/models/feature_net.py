@@ -115,35 +115,15 @@ class FeatureNet(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The JSON config that rebuilds this network (see ``feature_net_from_config``)."""
-        return feature_net_config(
-            channels=self.channels,
-            resolution=self.resolution,
-            n_classes=self.n_classes,
-            widths=self.widths,
-            feature_dim=self.feature_dim,
-            norm_groups=self.norm_groups,
-        )
-
-
-def feature_net_config(
-    *,
-    channels: int,
-    resolution: int,
-    n_classes: int,
-    widths: Sequence[int] = (32, 64, 128),
-    feature_dim: int = 128,
-    norm_groups: int = 8,
-) -> dict[str, Any]:
-    """The JSON config of a ``FeatureNet`` (stored beside its weights)."""
-    return {
-        "arch": FEATURE_NET_ARCH,
-        "channels": int(channels),
-        "resolution": int(resolution),
-        "n_classes": int(n_classes),
-        "widths": [int(w) for w in widths],
-        "feature_dim": int(feature_dim),
-        "norm_groups": int(norm_groups),
-    }
+        return {
+            "arch": FEATURE_NET_ARCH,
+            "channels": self.channels,
+            "resolution": self.resolution,
+            "n_classes": self.n_classes,
+            "widths": list(self.widths),
+            "feature_dim": self.feature_dim,
+            "norm_groups": self.norm_groups,
+        }
 
 
 def feature_net_from_config(config: Mapping[str, Any]) -> FeatureNet:
