@@ -28,6 +28,20 @@ def embed(
     return torch.cat(out)
 
 
+def knn_embedder(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[torch.nn.Module, list]:
+    """The configured embedder and the artifacts it comes from (a feature net is one: it saw data)."""
+    spec = OmegaConf.to_container(cfg.knn.embedder, resolve=True)
+    if spec.get("kind") != "feature_net":
+        return build_embedder(spec), []
+    from cdm.feature_net_job import load_domain_features, split_hashes
+
+    space = load_domain_features(
+        store, dataset.name, dataset.resolution, int(cfg.seed),
+        train_ids_hash=split_hashes(dataset)[1],
+    )  # fmt: skip
+    return build_embedder(spec, feature_net=space.net), space.parents
+
+
 def run_knn_job(cfg: DictConfig) -> list[dict]:
     """Centroids for every shard that has none yet (all of them with ``retrain=true``)."""
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
@@ -35,7 +49,7 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
     dataset = load_data(cfg)
     split = split_data(cfg, dataset)
     record_manifests(store, cfg.experiment_name, split)
-    embedder = build_embedder(OmegaConf.to_container(cfg.knn.embedder, resolve=True))
+    embedder, parents = knn_embedder(cfg, store, dataset)
     cards = []
     for k, manifest in enumerate(tqdm(split.shards, desc="k-NN centroids")):
         job = job_name("shard", k)
@@ -48,7 +62,7 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
         centroids = kmeans(points, int(cfg.knn.k), seed=int(cfg.seed) + k)
         card = make_card(
             name=job, experiment=cfg.experiment_name, embedder=cfg.knn.name, manifest_hash=manifest.hash,
-            n_samples=len(manifest.ids), config=OmegaConf.to_container(cfg.knn, resolve=True),
+            n_samples=len(manifest.ids), config=OmegaConf.to_container(cfg.knn, resolve=True), parents=parents,
             wall_time_s=round(time.perf_counter() - started, 3),
         )  # fmt: skip
         cards.append(save_centroids(store, cfg.experiment_name, cfg.knn.name, job, centroids, card))

@@ -74,7 +74,7 @@ def knn_router(
 ):
     """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone."""
     from cdm.models.backbone import build_scheduler, predict_epsilon
-    from cdm.models.knn_router import KNNRouter, build_embedder
+    from cdm.models.knn_router import KNNRouter
     from cdm.store.knn import load_centroids
 
     centroids, parents = [], []
@@ -98,7 +98,11 @@ def knn_router(
     alphas = build_scheduler(
         OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
     ).alphas_cumprod
-    embedder = build_embedder(OmegaConf.to_container(cfg.knn.embedder, resolve=True))
+    from cdm.knn_job import knn_embedder
+    from cdm.training import load_data
+
+    embedder, embedder_parents = knn_embedder(cfg, store, load_data(cfg))
+    parents += embedder_parents
     null = null_label(bare)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -370,6 +374,10 @@ def current_parent_hash(store: ArtifactStore, experiment: str, parent: dict) -> 
             return read_card(store.adapter_dir(experiment, parent["name"])).get("weights_sha256")
         if parent["kind"] == "router":
             return read_card(store.router_dir(experiment, parent["name"])).get("weights_sha256")
+        if parent["kind"] == "feature_net":
+            from cdm.store.feature_nets import feature_net_dir
+
+            return read_card(feature_net_dir(store, parent["name"])).get("weights_sha256")
         if parent["kind"] == "knn_centroids":
             from cdm.store.knn import centroids_dir
 

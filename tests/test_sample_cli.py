@@ -131,3 +131,18 @@ def test_cuda_sampling_matches_cpu(store_root, train, composition):
         d: np.load(f"{c['path']}/samples.npz")["images"].astype(int) for d, c in cards.items()
     }
     assert np.abs(images["cpu"] - images["cuda"]).max() <= 2  # uint8 steps after 4 DDIM steps
+
+
+def test_knn_router_on_the_domain_feature_net(store_root, train):
+    """k-NN over the features of a network trained on the domain: its centroids and samples name
+    the feature net as a parent, and a second request reuses the samples."""
+    train(*TINY, "stage=feature_net", artifacts=store_root)
+    cards = train(*TINY, "stage=knn", "knn=feature_net", artifacts=store_root)
+    assert len(cards) == 2 and all(c["parents"][0]["kind"] == "feature_net" for c in cards)
+    card = train(*SAMPLE, "composition=knn", "knn=feature_net", "name=knn-fn", artifacts=store_root, config="sample")  # fmt: skip
+    kinds = [p["kind"] for p in card["parents"]]
+    assert kinds.count("knn_centroids") == 2 and "feature_net" in kinds
+    trace = np.load(f"{card['path']}/trace.npz")["weights"]
+    np.testing.assert_allclose(trace.sum(-1), 1.0, rtol=1e-5)
+    again = train(*SAMPLE, "composition=knn", "knn=feature_net", "name=knn-fn", artifacts=store_root, config="sample")  # fmt: skip
+    assert again["created"] == card["created"]

@@ -62,14 +62,33 @@ class CLIPEmbedder(nn.Module):
         return self.model(pixel_values=(x - self.mean) / self.std).image_embeds
 
 
-def build_embedder(spec: Mapping) -> nn.Module:
-    """``{"kind": "pixels", "size": 8}`` or ``{"kind": "clip", "path": "/models/clip-vision"}``."""
+class FeatureNetEmbedder(nn.Module):
+    """A feature network trained on the domain (``stage=feature_net``): its penultimate features
+    of the image clamped to the data range [-1, 1]."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net.eval()
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net.features(images.clamp(-1, 1))
+
+
+def build_embedder(spec: Mapping, feature_net: nn.Module | None = None) -> nn.Module:
+    """``{"kind": "pixels", "size": 8}``, ``{"kind": "clip", "path": "/models/clip-vision"}`` or
+    ``{"kind": "feature_net"}`` with the loaded ``feature_net``."""
     kind = spec.get("kind", "pixels")
     if kind == "pixels":
         return PixelEmbedder(int(spec.get("size", 8)))
     if kind == "clip":
         return CLIPEmbedder(spec["path"])
-    raise ValueError(f"unknown embedder kind {kind!r}: choose pixels or clip")
+    if kind == "feature_net":
+        if feature_net is None:
+            raise ValueError(
+                "knn=feature_net needs the dataset's trained feature net: cdm-train stage=feature_net"
+            )
+        return FeatureNetEmbedder(feature_net)
+    raise ValueError(f"unknown embedder kind {kind!r}: choose pixels, clip or feature_net")
 
 
 def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> torch.Tensor:
