@@ -143,7 +143,8 @@ def sample_composed(
 
     images, traces = [], []
     starts = range(0, num_samples, batch_size)
-    for start in tqdm(starts, desc="sampling", disable=not progress):
+    bar = tqdm(total=len(starts) * steps, desc="sampling (batches x steps)", disable=not progress)
+    for start in starts:
         stop = min(start + batch_size, num_samples)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
         denoiser.generator = generator
@@ -151,8 +152,10 @@ def sample_composed(
         x_T = torch.randn((stop - start, *shape), generator=generator).to(device)
         y = None if labels is None else labels[start:stop].to(device)
         x0 = run_sampler(
-            lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator
-        )
+            lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator,
+            callback=lambda *_: bar.update(1),
+        )  # fmt: skip
         images.append(x0.clamp(-1, 1).cpu())
         traces.append(torch.stack(denoiser.trace, dim=1))
+    bar.close()
     return torch.cat(images), torch.cat(traces)
