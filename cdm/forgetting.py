@@ -9,9 +9,13 @@ al. 2021). A request names sample ids. For every shard holding some of them:
    (``cdm.training.split_data``) leaves them out the same way;
 2. the shard is retrained from ``slice-(s-1).ckpt``, the state after the last slice before the
    earliest slice s that held an id (from scratch if s = 0). The checkpoint's fed-id record is
-   checked to hold exactly slices 0..s-1 first. Because data order depends only on (seed, epoch,
-   active ids) and noise only on (seed, step, rank), the result is bit-identical to training the
-   shard from scratch on the new manifest (``tests/test_forgetting.py`` checks it);
+   checked to hold exactly slices 0..s-1 first. The result is bit-identical to training the
+   shard from scratch on the new manifest (CPU, deterministic kernels, equal thread count;
+   ``tests/test_forgetting.py`` checks it) because nothing before slice s depends on later
+   slices: epoch e's order is a permutation seeded by (seed, e) of the ids of the slices active
+   at e only (``SliceSampler``), noise by (seed, global step, rank), and the global step at the
+   boundary is the same. (A sampler seeded by, e.g., the manifest's total size would break this;
+   the test fails for it.)
 3. the retrain runs in a staging area (``forget/pending``); only once its ArtifactWriter has
    checked that the ids fed hash to the NEW manifest is it committed: manifests, forgotten ids,
    the adapter (one atomic swap), the checkpoints from slice s on. A journal makes the commit
@@ -113,7 +117,7 @@ class ForgetPlan:
 
     @property
     def private_first_slice(self) -> int:
-        return min(self.private_old.slice_of(i) for i in self.ids)
+        return min(self.private_old.slices_of(self.ids).values())
 
 
 def stored_manifests(store: ArtifactStore, experiment: str) -> dict[str, Manifest]:
@@ -144,8 +148,8 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
             f"ids already forgotten from experiment {experiment!r}: {_few(again)} (see "
             f"{store.certificate_dir(experiment)}); drop them from the request"
         )
-    safe = manifests.get("safe")
-    in_safe = [i for i in ids if safe is not None and i in set(safe.ids)]
+    safe = set(manifests["safe"].ids) if "safe" in manifests else set()
+    in_safe = [i for i in ids if i in safe]
     if in_safe:
         raise ForgetError(
             f"{len(in_safe)} ids are in the safe split of {experiment!r}: {_few(in_safe)}. The safe "
@@ -157,7 +161,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
     owner = {sid: name for name, m in shards.items() for sid in m.ids}
     unknown = [i for i in ids if i not in owner]
     if unknown:
-        example = next(iter(owner), "<dataset>/train/000123")
+        example = next(iter(owner), "<dataset>/000123")
         raise ForgetError(
             f"{len(unknown)} ids are in no shard manifest of experiment {experiment!r}: "
             f"{_few(unknown)}. Sample ids look like {example!r}; list them in "
@@ -172,6 +176,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
         old = shards[name]
         mine = [i for i in ids if owner[i] == name]
         pos = {sid: j for j, sid in enumerate(old.ids)}
+        where = old.slices_of(mine)
         for sid in mine:
             samples.append(
                 {
@@ -179,14 +184,18 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
                     "content_hash": old.content_hashes[pos[sid]],
                     "manifest": name,
                     "shard": int(name[6:]),
-                    "slice": old.slice_of(sid),
+                    "slice": where[sid],
                 }
             )
         try:
             new = old.without(mine)
-        except ValueError as err:
-            raise ForgetError(f"{err}: the request holds every sample of {name}") from None
-        plans.append(ShardPlan(int(name[6:]), old, new, min(old.slice_of(i) for i in mine)))
+        except ValueError:
+            raise ForgetError(
+                f"the request holds every sample of {name}: forgetting a whole source means "
+                "dropping its adapter (paper Sec. 5), which cdm-forget does not do yet; leave it "
+                "out of the composition meanwhile (cdm-sample shards=[...])"
+            ) from None
+        plans.append(ShardPlan(int(name[6:]), old, new, min(where.values())))
     private = manifests["private"]
     return ForgetPlan(
         experiment, tuple(ids), tuple(samples), tuple(plans), private, private.without(ids)
@@ -455,7 +464,12 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
         job = shard["job"]
         staged = pending / "adapters" / job
         if staged.is_dir():
-            store.install_adapter(experiment, job, staged)
+            # after a crash inside the swap, the staged path may hold the OLD adapter: never put
+            # back anything but the checked retrain
+            if read_card(staged).get("weights_sha256") == shard.get("new_weights_sha256"):
+                store.install_adapter(experiment, job, staged)
+            else:
+                shutil.rmtree(staged)
         ckpts = store.checkpoint_dir(experiment, job)
         staged_ckpts = pending / "checkpoints" / job
         replaced = done.setdefault("checkpoints_replaced", [])
@@ -467,6 +481,7 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
                 os.replace(path, ckpts / path.name)
         deleted = done.setdefault("checkpoints_deleted", [])
         deleted += _drop_checkpoints(ckpts, shard["first_slice"], shard.get("new_checkpoints", ()))
+        store.save_forget_journal(experiment, journal)
     deleted = done.setdefault("checkpoints_deleted", [])
     deleted += _drop_checkpoints(
         store.checkpoint_dir(experiment, "paragon"), journal["private_first_slice"]
@@ -517,54 +532,65 @@ def retrain_routers(
     return records
 
 
-def recompute_centroids(store: ArtifactStore, experiment: str, journal: dict) -> list[dict]:
-    """Recompute the k-NN centroids of every retrained shard that has some (each embedder)."""
-    from cdm.knn_job import embed
-    from cdm.models.knn_router import build_embedder, kmeans
+def recompute_centroids(
+    cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
+) -> list[dict]:
+    """Recompute the k-NN centroids of every shard that lost ids (each embedder); where that
+    fails, delete them (then they are missing, and ``cdm-train stage=knn`` remakes them)."""
+    from cdm.knn_job import embed, knn_embedder
+    from cdm.models.knn_router import kmeans
     from cdm.store.knn import save_centroids
     from cdm.training import load_data
 
     records = []
     for shard in journal["shards"]:
         job = shard["job"]
+        base = cfg
+        if store.has_adapter(experiment, job):
+            base = job_config(store.read_adapter_card(experiment, job)["config"], store, experiment)
         for card_path in sorted(
             (store.experiment_dir(experiment) / "knn").glob(f"*/{job}/card.json")
         ):
             card = read_card(card_path)
-            embedder_name = card_path.parent.parent.name
-            job_card = (
-                store.read_adapter_card(experiment, job)
-                if store.has_adapter(experiment, job)
-                else None
-            )
-            if job_card is None:
-                continue
-            job_cfg = job_config(job_card["config"], store, experiment)
-            dataset = load_data(job_cfg)
-            manifest = Manifest.from_json(store.load_manifest(experiment, job))
-            started = time.perf_counter()
-            knn = card["config"]
-            points = embed(build_embedder(knn["embedder"]), dataset, indices_of(dataset, manifest))
-            centroids = kmeans(points, int(knn["k"]), seed=int(job_cfg.seed) + int(shard["index"]))
-            new = make_card(
-                name=job,
-                experiment=experiment,
-                embedder=embedder_name,
-                manifest_hash=manifest.hash,
-                n_samples=len(manifest.ids),
-                config=knn,
-                wall_time_s=round(time.perf_counter() - started, 3),
-            )
-            new = save_centroids(store, experiment, embedder_name, job, centroids, new)
-            records.append(
-                {
-                    "artifact": f"knn centroids {embedder_name}/{job}",
-                    "action": "recomputed",
-                    "old_weights_sha256": card.get("weights_sha256"),
-                    "new_weights_sha256": new["weights_sha256"],
-                    "manifest_hash": manifest.hash,
-                }
-            )
+            name = card_path.parent.parent.name
+            record = {
+                "artifact": f"knn centroids {name}/{job}",
+                "old_weights_sha256": card.get("weights_sha256"),
+            }
+            try:
+                knn_cfg = job_config(OmegaConf.to_container(base, resolve=True), store, experiment)
+                knn_cfg.knn = card["config"]
+                dataset = load_data(knn_cfg)
+                manifest = Manifest.from_json(store.load_manifest(experiment, job))
+                started = time.perf_counter()
+                embedder, parents = knn_embedder(knn_cfg, store, dataset)
+                points = embed(embedder, dataset, indices_of(dataset, manifest))
+                k, seed = int(card["config"]["k"]), int(knn_cfg.seed) + int(shard["index"])
+                new = make_card(
+                    name=job,
+                    experiment=experiment,
+                    embedder=name,
+                    manifest_hash=manifest.hash,
+                    n_samples=len(manifest.ids),
+                    config=card["config"],
+                    parents=parents,
+                    wall_time_s=round(time.perf_counter() - started, 3),
+                )
+                new = save_centroids(
+                    store, experiment, name, job, kmeans(points, k, seed=seed), new
+                )
+                record.update(
+                    action="recomputed",
+                    new_weights_sha256=new["weights_sha256"],
+                    manifest_hash=manifest.hash,
+                )
+            except Exception as err:  # never leave centroids of the old shard in use
+                shutil.rmtree(card_path.parent)
+                record.update(
+                    action=f"deleted ({type(err).__name__}: {err})",
+                    rebuild=f"cdm-train experiment={experiment} stage=knn knn={name}",
+                )
+            records.append(record)
     return records
 
 
@@ -626,7 +652,7 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
     """Routers, centroids, stale list and the certificate; then the pending area is removed."""
     cert = dict(journal["certificate"])
     cert["routers"] = retrain_routers(cfg, store, experiment, bool(journal["retrain_router"]))
-    cert["knn_centroids"] = recompute_centroids(store, experiment, journal)
+    cert["knn_centroids"] = recompute_centroids(cfg, store, experiment, journal)
     cert["stale"] = stale_adapters(store, experiment)
     cert["checkpoints_replaced"] = journal.get("done", {}).get("checkpoints_replaced", [])
     cert["checkpoints_deleted"] = journal.get("done", {}).get("checkpoints_deleted", [])
@@ -705,6 +731,7 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
         raise
     for record, entry in zip(retrained, journal["shards"], strict=True):
         entry["new_checkpoints"] = record.get("new_checkpoints", [])
+        entry["new_weights_sha256"] = record.get("new_weights_sha256")
     journal["certificate"] = draft_certificate(store, plan, tag, retrained)
     journal["state"] = "committing"
     store.save_forget_journal(experiment, journal)
@@ -759,12 +786,13 @@ def draft_certificate(
         for k in forget_cost:
             forget_cost[k] += r.get("cost", {}).get(k, 0)
         optim = optim or r.get("optim")
+    forget_cost["wall_time_s"] = round(sum(r.get("wall_time_s", 0.0) for r in retrained), 3)
+    cost: dict[str, Any] = {"forget_retrain": forget_cost}
     paragon_optim = optim
     if store.has_adapter(experiment, "paragon"):
-        paragon_optim = (
-            store.read_adapter_card(experiment, "paragon").get("config", {}).get("optim") or optim
-        )
-    cost: dict[str, Any] = {"forget_retrain": forget_cost}
+        paragon = store.read_adapter_card(experiment, "paragon")
+        paragon_optim = paragon.get("config", {}).get("optim") or optim
+        cost["paragon_wall_time_s_when_trained"] = paragon.get("wall_time_s")
     if paragon_optim:
         p = schedule_cost(
             _sizes(plan.private_new),

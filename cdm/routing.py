@@ -150,12 +150,17 @@ def run_router_job(cfg: DictConfig) -> dict:
     split = split_data(cfg, dataset)
     record_manifests(store, experiment, split)
     artifact = store.router_dir(experiment, name)
-    if store.has_router(experiment, name) and not cfg.retrain:
-        print(
-            f"[cdm] router {name} already trained at {artifact}; pass retrain=true to train it again"
-        )
-        return read_card(artifact)
-    if cfg.retrain:
+    retrain = bool(cfg.retrain)
+    if store.has_router(experiment, name) and not retrain:
+        stale = store.stale_reason(experiment, read_card(artifact))
+        if stale is None:
+            print(
+                f"[cdm] router {name} already trained at {artifact}; pass retrain=true to train it again"
+            )
+            return read_card(artifact)
+        print(f"[cdm] router {name} is stale ({stale}, e.g. after cdm-forget): training it again")
+        retrain = True
+    if retrain:
         store.clear_checkpoints(experiment, name)
 
     unet, bcard = load_backbone_for_shards(cfg, store, split)

@@ -50,6 +50,14 @@ def _train(
             run_job(c)
 
 
+def _current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
+    """Shard k's adapter is stored and not stale (its manifest unchanged since it was trained)."""
+    job = f"shard-{k:02d}"
+    if not store.has_adapter(experiment, job):
+        return False
+    return store.stale_reason(experiment, store.read_adapter_card(experiment, job)) is None
+
+
 def _run_resolved(config: dict) -> None:
     from cdm.training import run_job
 
@@ -96,11 +104,7 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         n = mine[-1]["n"]
         print(f"[cdm] table1: {experiment} ({n} shard(s)): train what is missing")
         _train(experiment, overrides, [("backbone", 0)], 1)
-        missing = [
-            k
-            for k in range(n)
-            if cfg.retrain or not store.has_adapter(experiment, f"shard-{k:02d}")
-        ]
+        missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, experiment, k)]
         if len(missing) < n:
             print(
                 f"[cdm] {n - len(missing)} of {n} shards of {experiment} are in the store already"

@@ -265,11 +265,16 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
     artifact = (
         store.backbone_dir(cfg.backbone.id) if is_backbone else store.adapter_dir(experiment, job)
     )
-    if (artifact / "card.json").exists() and not cfg.retrain:
-        print(f"[cdm] {job} already trained at {artifact}; pass retrain=true to train it again")
-        return read_card(artifact)
     ckpt_job = f"backbone-{cfg.backbone.id}" if is_backbone else job
-    if cfg.retrain:
+    retrain = bool(cfg.retrain)
+    if (artifact / "card.json").exists() and not retrain:
+        stale = None if is_backbone else store.stale_reason(experiment, read_card(artifact))
+        if stale is None:
+            print(f"[cdm] {job} already trained at {artifact}; pass retrain=true to train it again")
+            return read_card(artifact)
+        print(f"[cdm] {job} is stale ({stale}, e.g. after cdm-forget): training it again")
+        retrain = True
+    if retrain:
         store.clear_checkpoints(experiment, ckpt_job)
     imported = fit_job(
         cfg, store, dataset, split, manifest, ckpt_dir=store.checkpoint_dir(experiment, ckpt_job)

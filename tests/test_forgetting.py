@@ -110,7 +110,7 @@ def backbone_hash(root: Path) -> str:
 # ------------------------------------------------------------------------------ exactness
 
 
-def test_forgetting_a_later_slice_equals_training_from_scratch(root, reference):
+def test_forgetting_a_later_slice_equals_training_from_scratch(root, reference, tmp_path):
     from cdm.data.datasets import build_dataset
 
     store = ArtifactStore(root)
@@ -184,9 +184,16 @@ def test_forgetting_a_later_slice_equals_training_from_scratch(root, reference):
     assert cert["routers"][0]["action"] == "retrained"
     store.load_router(EXP, backbone_hash=backbone_hash(root))  # not stale
     # shard 0's k-NN centroids were recomputed from the new manifest; shard 1's are untouched
-    assert [k["artifact"] for k in cert["knn_centroids"]] == ["knn centroids pixels/shard-00"]
+    assert [(k["artifact"], k["action"]) for k in cert["knn_centroids"]] == [
+        ("knn centroids pixels/shard-00", "recomputed")
+    ]
     knn0 = json.loads((root / f"experiments/{EXP}/knn/pixels/shard-00/card.json").read_text())
     assert knn0["manifest_hash"] == new0.hash
+    fresh = tmp_path / "fresh-knn"  # the same as computing them in a fresh store
+    ArtifactStore(fresh).add_forgotten_ids(EXP, ids, "reference")
+    run_inprocess(*TINY, "stage=knn", artifacts=fresh)
+    knn0 = f"experiments/{EXP}/knn/pixels/shard-00/centroids.safetensors"
+    assert sha256_file(root / knn0) == sha256_file(fresh / knn0)
     knn1 = f"experiments/{EXP}/knn/pixels/shard-01/centroids.safetensors"
     assert sha256_file(root / knn1) == before[knn1]
     # samples drawn from shard 0 are set aside; those of shard 1 alone are kept
@@ -206,7 +213,23 @@ def test_forgetting_a_later_slice_equals_training_from_scratch(root, reference):
 def test_forgetting_the_first_slice_retrains_from_scratch(root, reference):
     store = ArtifactStore(root)
     ids = [manifest(root, "shard-00").slice_ids(0)[3]]
+    old_private = manifest(root, "private").hash
+    for rel, card in [
+        (f"experiments/{EXP}/evals/both", {"parents": [{"kind": "samples", "name": "both"}]}),
+        (f"experiments/{EXP}/evals/only1", {"parents": [{"kind": "samples", "name": "only1"}]}),
+        ("stats/domain/private-ref", {"ids_hash": old_private}),
+        ("stats/domain/test-ref", {"ids_hash": "f" * 64}),
+    ]:
+        (root / rel).mkdir(parents=True)
+        (root / rel / "card.json").write_text(json.dumps(card))
     cert = forget(root, ids_arg(ids), "forget.retrain_router=false")
+    assert [q["artifact"] for q in cert["quarantined"]] == [
+        "samples/both",
+        "evals/both",
+        "stats/domain/private-ref",
+    ]
+    assert (root / f"experiments/{EXP}/evals/only1").is_dir()
+    assert (root / "stats/domain/test-ref").is_dir()
     assert weights_sha(root, "shard-00") == reference(ids)
     start = cert["retrained"][0]["restarted_from"]
     assert start["kind"] == "scratch" and "slice 0" in start["reason"]
@@ -229,7 +252,7 @@ def test_stale_paragon_is_refused_until_retrained(root):
         "slice-00.ckpt",
         "slice-01.ckpt",
     ]
-    card = run_inprocess(*TINY, "stage=paragon", "retrain=true", artifacts=root)
+    card = run_inprocess(*TINY, "stage=paragon", artifacts=root)  # stale: trained again
     assert card["manifest_hash"] == manifest(root, "private").hash
     store.checked_adapter(EXP, "paragon", backbone_hash=backbone_hash(root))
 
@@ -261,7 +284,7 @@ def test_bad_requests_are_refused_and_change_nothing(root, request_ids, message)
 
 def test_a_request_that_empties_a_shard_is_refused(root):
     ids = list(manifest(root, "shard-01").ids)
-    with pytest.raises(ForgetError, match="empty.*whole shard"):
+    with pytest.raises(ForgetError, match="every sample of shard-01.*whole source"):
         forget(root, ids_arg(ids))
 
 
@@ -321,6 +344,7 @@ def test_manifest_without_keeps_slices_and_drops_emptied_ones():
     assert out.ids == (ids[0], ids[1], ids[2], ids[4], ids[6])
     assert out.slices == ((0, 3), (3, 5))  # the one-id slice 1 is gone, slice 2 moved up
     assert out.meta["n_forgotten"] == 2 and out.classes == m.classes
+    assert [m.slice_of(i) for i in ids] == [0, 0, 0, 1, 2, 2, 2]
     assert m.without(["not/there"]) is m
     with pytest.raises(ValueError, match="empty"):
         m.without(ids)

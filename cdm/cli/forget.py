@@ -1,6 +1,6 @@
 """cdm-forget: forget sample ids from a compartmentalized diffusion model exactly (paper App. B).
 
-cdm-forget experiment=digits_4split forget.ids='[digits/train/000123,digits/train/000456]'
+cdm-forget experiment=digits_4split forget.ids='[digits/000123,digits/000456]'
 cdm-forget experiment=digits_4split forget.ids_file=ids.txt
 cdm-forget experiment=digits_4split          # finish a request that was interrupted
 """

@@ -7,6 +7,7 @@ result depends neither on dataset order, global RNG state nor Python hash random
 
 from __future__ import annotations
 
+import bisect
 import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -88,11 +89,17 @@ class Manifest:
 
     def slice_of(self, sample_id: str) -> int:
         """The SISA slice that holds ``sample_id`` (ValueError if it is not in this manifest)."""
-        try:
-            pos = self.ids.index(sample_id)
-        except ValueError:
-            raise ValueError(f"id {sample_id!r} is not in manifest {self.name!r}") from None
-        return next(s for s, (a, b) in enumerate(self.slices) if a <= pos < b)
+        return self.slices_of([sample_id])[sample_id]
+
+    def slices_of(self, sample_ids: Iterable[str]) -> dict[str, int]:
+        """``{id: SISA slice}`` of ``sample_ids`` (ValueError naming those not in this manifest)."""
+        position = {sid: j for j, sid in enumerate(self.ids)}
+        wanted = list(sample_ids)
+        missing = [sid for sid in wanted if sid not in position]
+        if missing:
+            raise ValueError(f"ids not in manifest {self.name!r}: {_few(missing)}")
+        stops = [b for _, b in self.slices]
+        return {sid: bisect.bisect_right(stops, position[sid]) for sid in wanted}
 
     def without(self, ids: Iterable[str]) -> Manifest:
         """This manifest minus ``ids`` (SISA forgetting, paper App. B), rehashed.

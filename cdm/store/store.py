@@ -63,9 +63,9 @@ ADAPTER_KINDS = ("lora", "full")
 LAST_CKPT = "last.ckpt"
 # Directories inside experiments/<exp>/ that are not adapter jobs.
 RESERVED_JOBS = frozenset(
-    {"manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals", "tables", "forget",
-     "certificates"}
-)  # fmt: skip
+    {"manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals", "tables"}
+    | {"forget", "certificates"}  # cdm-forget's bookkeeping
+)
 # list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
 ARTIFACT_OF_KIND = {
     "router": "router",
