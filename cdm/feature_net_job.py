@@ -83,16 +83,15 @@ def _check_existing(card: dict, key: str, train_hash: str, channels: int, hint: 
 def run_feature_net_job(cfg: DictConfig) -> dict:
     """Train the dataset's feature net unless the store has it (or ``retrain=true``); its card."""
     import pytorch_lightning as pl
-    from hydra.utils import instantiate
 
-    from cdm.lightning.callbacks import KillAtStep, SliceCheckpoint
+    from cdm.lightning.callbacks import SliceCheckpoint
     from cdm.lightning.feature_net import (
         FeatureNetDataModule,
         FeatureNetTraining,
         FeatureNetWriter,
     )
     from cdm.runtime import configure_runtime
-    from cdm.training import build_loggers, device_description, fit_resumable, load_data
+    from cdm.training import build_trainer, device_description, fit_resumable, load_data
 
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     if cfg.get("feature_net") is None:
@@ -184,19 +183,11 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     callbacks: list[pl.Callback] = [
         SliceCheckpoint(ckpt_dir, epochs, signature=feature_net_signature(config)),
         FeatureNetWriter(str(store.root), key, train_hash, card),
-        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
     ]
-    if cfg.get("kill_at_step") is not None:
-        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
-    loggers = build_loggers(cfg, feature_net_log_dir(store))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=loggers or False,
-        check_val_every_n_epoch=1,
-        limit_val_batches=1.0 if test_idx else 0,
-    )
+    trainer = build_trainer(
+        cfg, callbacks, feature_net_log_dir(store), epochs,
+        check_val_every_n_epoch=1, limit_val_batches=1.0 if test_idx else 0,
+    )  # fmt: skip
     fit_resumable(
         trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"feature net {key}"
     )

@@ -16,13 +16,12 @@ from typing import Any
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids, sha256_bytes
 from cdm.data.datasets import SampleDataset
 from cdm.data.sharding import Split, held_out, indices_of
-from cdm.lightning.callbacks import KillAtStep, SliceCheckpoint
+from cdm.lightning.callbacks import SliceCheckpoint
 from cdm.lightning.router import (
     RouterDataModule,
     RouterTraining,
@@ -34,7 +33,7 @@ from cdm.models.router import build_router, router_from_artifact, router_model_c
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.training import (
-    build_loggers,
+    build_trainer,
     device_description,
     fit_resumable,
     load_backbone_for_shards,
@@ -230,17 +229,9 @@ def run_router_job(cfg: DictConfig) -> dict:
     callbacks: list[pl.Callback] = [
         SliceCheckpoint(ckpt_dir, epochs, signature=router_signature(config)),
         RouterWriter(str(store.root), experiment, name, train_hash, card, router_config),
-        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
     ]
-    if cfg.get("kill_at_step") is not None:
-        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
-    loggers = build_loggers(cfg, store.log_dir(experiment))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer,
-        max_epochs=epochs,
-        callbacks=callbacks,
-        logger=loggers or False,
-        check_val_every_n_epoch=1,
+    trainer = build_trainer(
+        cfg, callbacks, store.log_dir(experiment), epochs, check_val_every_n_epoch=1
     )
     fit_resumable(
         trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"router {name}"

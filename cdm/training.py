@@ -186,6 +186,24 @@ def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: A
     return module, parents
 
 
+def build_trainer(
+    cfg: DictConfig, callbacks: list[pl.Callback], log_dir: Path, max_epochs: int, **trainer_kwargs
+) -> pl.Trainer:
+    """``cfg.trainer`` with a job's own callbacks, the configured ones, ``kill_at_step`` and the
+    loggers (every training job: backbone, shard, paragon, router, feature net)."""
+    callbacks = [
+        *callbacks,
+        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
+    ]
+    if cfg.get("kill_at_step") is not None:
+        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
+    loggers = build_loggers(cfg, log_dir)
+    return instantiate(
+        cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=loggers or False,
+        **trainer_kwargs,
+    )  # fmt: skip
+
+
 def build_loggers(cfg: DictConfig, save_dir: Path) -> list:
     """Lightning loggers from ``cfg.logger`` (csv, wandb: offline unless WANDB_API_KEY is set)."""
     loggers = []
@@ -332,14 +350,8 @@ def fit_job(
             *(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
             target_dir=None if target_dir is None else str(target_dir),
         ),
-        *(instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None),
     ]
-    if cfg.kill_at_step is not None:
-        callbacks.append(KillAtStep(int(cfg.kill_at_step)))
-    loggers = build_loggers(cfg, store.log_dir(experiment))
-    trainer: pl.Trainer = instantiate(
-        cfg.trainer, max_epochs=datamodule.max_epochs, callbacks=callbacks, logger=loggers or False
-    )
+    trainer = build_trainer(cfg, callbacks, store.log_dir(experiment), datamodule.max_epochs)
     fit_resumable(trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job)
     return None
 
