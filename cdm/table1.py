@@ -89,9 +89,7 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     table = cfg.table1
     store = ArtifactStore(cfg.paths.artifacts)
     cells = plan(table)
-    experiments = sorted(
-        {c["experiment"] for c in cells}, key=lambda e: [c["experiment"] for c in cells].index(e)
-    )
+    experiments = list(dict.fromkeys(c["experiment"] for c in cells))  # in table order
     timings: dict[str, float] = {}
     statistic, space = str(table.metric), str(table.feature_space)
     if space not in cfg.evaluate.feature_spaces:
