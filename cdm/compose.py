@@ -134,7 +134,7 @@ def sample_composed(
     progress: bool = True,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples [N, C, H, W] in [-1, 1], trace [N, steps, n]): reverse process of the CDM.
+    """(samples [N, C, H, W] in [-1, 1], trace [N, steps, n]), both on the CPU: reverse process of the CDM.
 
     Noise is drawn on the CPU from the seeded generator and moved to ``device``, so a seed gives
     the same x_T on every device.
@@ -156,6 +156,6 @@ def sample_composed(
             callback=lambda *_: bar.update(1),
         )  # fmt: skip
         images.append(x0.clamp(-1, 1).cpu())
-        traces.append(torch.stack(denoiser.trace, dim=1))
+        traces.append(torch.stack(denoiser.trace, dim=1).cpu())
     bar.close()
     return torch.cat(images), torch.cat(traces)
