@@ -102,6 +102,7 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     fcfg: dict[str, Any] = OmegaConf.to_container(cfg.feature_net, resolve=True)
     store = ArtifactStore(cfg.paths.artifacts)
     dataset = load_data(cfg)
+    dataset = getattr(dataset, "base", dataset)  # the config's data, not sources added later
     seed, resolution, channels = int(cfg.seed), int(dataset.resolution), int(dataset.channels)
     key = feature_net_key(
         dataset.name,

@@ -191,9 +191,9 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
             new = old.without(mine)
         except ValueError:
             raise ForgetError(
-                f"the request holds every sample of {name}: forgetting a whole source means "
-                "dropping its adapter (paper Sec. 5), which cdm-forget does not do yet; leave it "
-                "out of the composition meanwhile (cdm-sample shards=[...])"
+                f"the request holds every sample of {name}: forget the whole source instead, "
+                f"which deletes its adapter (paper Sec. 5): cdm-forget experiment={experiment} "
+                f"forget.source={name}"
             ) from None
         plans.append(ShardPlan(int(name[6:]), old, new, min(where.values())))
     private = manifests["private"]
@@ -277,14 +277,14 @@ def retrain_shard(
     configure_runtime(int(job_cfg.seed), int(job_cfg.threads), bool(job_cfg.deterministic))
     dataset = load_data(job_cfg)
     current = split_data(job_cfg, dataset)
-    if current.shards[shard.index].hash != shard.old.hash:
+    if current[job].hash != shard.old.hash:
         raise ForgetError(
             f"the config on {job}'s card no longer reproduces its stored manifest "
-            f"({current.shards[shard.index].hash[:12]} != {shard.old.hash[:12]}): the data or code "
+            f"({current[job].hash[:12]} != {shard.old.hash[:12]}): the data or code "
             "changed since it was trained; retrain the experiment under a new experiment_name"
         )
     new_split = without_ids(current, plan.ids)
-    manifest = new_split.shards[shard.index]
+    manifest = new_split[job]
     assert manifest.hash == shard.new.hash, "Manifest.without is not deterministic"
     ckpt_dir = pending / "checkpoints" / job
     ckpt_dir.mkdir(parents=True, exist_ok=True)
@@ -657,6 +657,8 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
     cert["checkpoints_replaced"] = journal.get("done", {}).get("checkpoints_replaced", [])
     cert["checkpoints_deleted"] = journal.get("done", {}).get("checkpoints_deleted", [])
     cert["quarantined"] = journal.get("done", {}).get("quarantined", [])
+    if journal.get("kind") == "source":
+        cert["deleted"] = journal.get("done", {}).get("deleted", [])
     cert["not_covered"] = not_covered(store, experiment, journal["ids"], cert.get("dataset"))
     cert["finished"] = utc_now()
     cert["wall_time_s"] = round(time.time() - journal["started_unix"], 3)
@@ -680,7 +682,12 @@ def recover(cfg: DictConfig, store: ArtifactStore, experiment: str) -> dict | No
         return None
     print(f"[cdm] forget: finishing the interrupted request {journal['tag']}")
     if journal["state"] == "committing":
-        commit(store, experiment, journal)
+        if journal.get("kind") == "source":
+            from cdm.forget_source import commit_source
+
+            commit_source(store, experiment, journal)
+        else:
+            commit(store, experiment, journal)
         journal["state"] = "committed"
         store.save_forget_journal(experiment, journal)
     return finish(cfg, store, experiment, journal)
@@ -696,8 +703,18 @@ def run_forget(cfg: DictConfig) -> dict:
     f = cfg.forget
     with experiment_lock(store, experiment):
         recovered = recover(cfg, store, experiment)
-        if recovered is not None and not f.ids and not f.ids_file:
+        source = f.get("source")
+        if recovered is not None and not f.ids and not f.ids_file and source is None:
             return recovered
+        if source is not None:
+            if f.ids or f.ids_file:
+                raise ForgetError(
+                    "give either forget.source (a whole source) or forget.ids/forget.ids_file "
+                    "(samples), not both: run two requests"
+                )
+            from cdm.forget_source import forget_source, plan_forget_source
+
+            return forget_source(cfg, store, plan_forget_source(store, experiment, source))
         ids = read_request(f.ids, f.ids_file)
         plan = plan_forget(store, experiment, ids)
         return forget(cfg, store, plan)
@@ -747,6 +764,23 @@ def _write_staged_manifest(pending: Path, manifest: Manifest) -> None:
     atomic_write_json(pending / "manifests" / f"{manifest.name}.json", manifest.to_json())
 
 
+def paragon_cost(
+    store: ArtifactStore, experiment: str, private_new: Manifest, optim: dict | None
+) -> dict[str, Any]:
+    """What retraining the monolithic paragon on the data left would cost: its SISA schedule
+    (the paragon card's optimizer settings, else ``optim``) and its last training's wall time."""
+    cost: dict[str, Any] = {}
+    if store.has_adapter(experiment, "paragon"):
+        paragon = store.read_adapter_card(experiment, "paragon")
+        optim = paragon.get("config", {}).get("optim") or optim
+        cost["paragon_wall_time_s_when_trained"] = paragon.get("wall_time_s")
+    if optim:
+        cost["paragon_from_scratch"] = schedule_cost(
+            _sizes(private_new), int(optim["epochs_per_slice"]), int(optim["batch_size"])
+        )
+    return cost
+
+
 def draft_certificate(
     store: ArtifactStore, plan: ForgetPlan, tag: str, retrained: list[dict]
 ) -> dict:
@@ -788,20 +822,10 @@ def draft_certificate(
         optim = optim or r.get("optim")
     forget_cost["wall_time_s"] = round(sum(r.get("wall_time_s", 0.0) for r in retrained), 3)
     cost: dict[str, Any] = {"forget_retrain": forget_cost}
-    paragon_optim = optim
-    if store.has_adapter(experiment, "paragon"):
-        paragon = store.read_adapter_card(experiment, "paragon")
-        paragon_optim = paragon.get("config", {}).get("optim") or optim
-        cost["paragon_wall_time_s_when_trained"] = paragon.get("wall_time_s")
-    if paragon_optim:
-        p = schedule_cost(
-            _sizes(plan.private_new),
-            int(paragon_optim["epochs_per_slice"]),
-            int(paragon_optim["batch_size"]),
-        )
-        cost["paragon_from_scratch"] = p
-        if forget_cost["samples_fed"]:
-            cost["samples_saved_factor"] = round(p["samples_fed"] / forget_cost["samples_fed"], 3)
+    cost.update(paragon_cost(store, experiment, plan.private_new, optim))
+    if forget_cost["samples_fed"] and "paragon_from_scratch" in cost:
+        p = cost["paragon_from_scratch"]["samples_fed"]
+        cost["samples_saved_factor"] = round(p / forget_cost["samples_fed"], 3)
     return {
         "kind": "forget_certificate",
         "name": tag,

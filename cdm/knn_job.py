@@ -13,7 +13,7 @@ from cdm.models.knn_router import build_embedder, kmeans
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, make_card
 from cdm.store.knn import centroids_dir, save_centroids
-from cdm.training import job_name, load_data, record_manifests, split_data
+from cdm.training import load_data, record_manifests, split_data
 
 
 @torch.no_grad()
@@ -51,8 +51,8 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
     record_manifests(store, cfg.experiment_name, split)
     embedder, parents = knn_embedder(cfg, store, dataset)
     cards = []
-    for k, manifest in enumerate(tqdm(split.shards, desc="k-NN centroids")):
-        job = job_name("shard", k)
+    for manifest in tqdm(split.shards, desc="k-NN centroids"):
+        job, k = manifest.name, int(manifest.name[6:])  # shard indices may have gaps
         if (
             centroids_dir(store, cfg.experiment_name, cfg.knn.name, job) / "card.json"
         ).exists() and not cfg.retrain:

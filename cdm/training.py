@@ -15,14 +15,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import sha256_bytes
 from cdm.data.datamodule import ManifestDataModule
-from cdm.data.datasets import SampleDataset, build_dataset
+from cdm.data.datasets import SampleDataset, UnionDataset, build_dataset, load_npz
 from cdm.data.sharding import (
     Manifest,
     Split,
     indices_of,
     make_split,
     slice_indices,
+    with_shards,
     without_ids,
+    without_shards,
 )
 from cdm.lightning.callbacks import ArtifactWriter, KillAtStep, SliceCheckpoint
 from cdm.lightning.jobs import BackbonePretraining, ShardTraining
@@ -46,21 +48,45 @@ def job_name(stage: str, index: int | None = None) -> str:
 
 
 def load_data(cfg: DictConfig) -> SampleDataset:
-    """The dataset named by ``cfg.data``."""
+    """The dataset named by ``cfg.data``, plus the samples of sources added to the experiment
+    (``cdm-add-source``: the store keeps a copy of each, labels in the same class space)."""
     kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.data.kwargs, resolve=True))
     if cfg.data.get("root") is not None:
         kwargs["root"] = cfg.data.root
-    return build_dataset(
+    base = build_dataset(
         cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels, **kwargs
     )
+    store = experiment_store(cfg)
+    added = [] if store is None else store.read_sources(cfg.experiment_name)["added"]
+    parts = [
+        load_npz(
+            path=str(store.source_data_path(cfg.experiment_name, a["source"])),
+            resolution=cfg.data.resolution,
+            channels=cfg.data.channels,
+            name=a["source"],
+        )  # fmt: skip
+        for a in added
+        if store.source_data_path(cfg.experiment_name, a["source"]).is_file()
+    ]
+    return UnionDataset([base, *parts], label_by="keep") if parts else base
+
+
+def experiment_store(cfg: DictConfig) -> ArtifactStore | None:
+    """The store of ``cfg.experiment_name`` (None for a config without one)."""
+    root = (cfg.get("paths") or {}).get("artifacts")
+    if root is None or cfg.get("experiment_name") is None:
+        return None
+    return ArtifactStore(root)
 
 
 def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
-    """The safe split and the shards, deterministic in ``cfg.seed``, minus the ids forgotten from
-    the experiment (``cdm-forget``: each loses them from its slice, the rest is unchanged)."""
+    """The safe split and the shards, deterministic in ``cfg.seed``; then the experiment's
+    changes since: shards of added sources (``cdm-add-source``), minus forgotten sources
+    (``cdm-forget forget.shard``), minus forgotten ids (``cdm-forget``: each loses them from its
+    slice, the rest is unchanged)."""
     s = cfg.sharding
     split = make_split(
-        dataset,
+        getattr(dataset, "base", dataset),  # added sources' samples are in no config split
         strategy=s.strategy,
         n_shards=s.n_shards,
         seed=cfg.seed,
@@ -69,6 +95,13 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
         n_slices=s.n_slices,
         manifest_path=s.manifest_path,
     )
+    store = experiment_store(cfg)
+    if store is not None:
+        sources = store.read_sources(cfg.experiment_name)
+        added = [Manifest.from_json(a["manifest"]) for a in sources["added"]]
+        split = with_shards(split, added)
+        removed = [r["job"] for r in sources["removed"]]
+        split = without_shards(split, removed) if removed else split
     forgotten = forgotten_ids(cfg)
     return without_ids(split, forgotten) if forgotten else split
 
@@ -76,10 +109,9 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
 def forgotten_ids(cfg: DictConfig) -> list[str]:
     """Ids forgotten from ``cfg.experiment_name`` (none without a store); refuses while a forget
     request is half-committed, since manifests and adapters may then disagree."""
-    root = (cfg.get("paths") or {}).get("artifacts")
-    if root is None or cfg.get("experiment_name") is None:
+    store = experiment_store(cfg)
+    if store is None:
         return []
-    store = ArtifactStore(root)
     journal = store.pending_forget(cfg.experiment_name)
     if journal is not None and journal.get("state") == "committing":
         raise StoreError(
@@ -112,12 +144,15 @@ def select_manifest(stage: str, split: Split, index: int) -> Manifest:
         return split.safe
     if stage == "paragon":
         return split.private
-    if not 0 <= index < len(split.shards):
-        raise ValueError(
-            f"shard.index={index} but this experiment has {len(split.shards)} shards: "
-            f"use shard.index=0..{len(split.shards) - 1}"
-        )
-    return split.shards[index]
+    name = f"shard-{int(index):02d}"
+    for manifest in split.shards:
+        if manifest.name == name:
+            return manifest
+    have = [int(m.name[6:]) for m in split.shards]
+    raise ValueError(
+        f"shard.index={index} but this experiment has shards {have} (forgotten sources leave "
+        f"gaps, added ones come after): use one of them"
+    )
 
 
 def load_backbone_for_shards(

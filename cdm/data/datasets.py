@@ -692,8 +692,10 @@ DATASETS: dict[str, Callable[..., SampleDataset]] = {
 class UnionDataset(SampleDataset):
     """Several datasets at one resolution/channel count, side by side (e.g. a cross-domain pair).
 
-    Labels are the part's index (``label_by="domain"``) or the part's classes offset so they stay
-    distinct (``label_by="class"``). Ids keep their dataset prefix, so they stay unique.
+    Labels are the part's index (``label_by="domain"``), the part's classes offset so they stay
+    distinct (``label_by="class"``), or kept as they are in the first part's class space
+    (``label_by="keep"``: sources added to an experiment, whose labels mean the same classes).
+    Ids keep their dataset prefix, so they stay unique. ``base`` is the first part.
     """
 
     def __init__(self, parts: Sequence[SampleDataset], label_by: str = "domain") -> None:
@@ -701,11 +703,25 @@ class UnionDataset(SampleDataset):
             raise ValueError("union: give at least one dataset in data.kwargs.parts")
         if len({(p.resolution, p.channels) for p in parts}) != 1:
             raise ValueError("union: every part needs the same resolution and channels")
-        if label_by not in ("domain", "class"):
-            raise ValueError(f"union: label_by must be 'domain' or 'class', got {label_by!r}")
+        if label_by not in ("domain", "class", "keep"):
+            raise ValueError(
+                f"union: label_by must be 'domain', 'class' or 'keep', got {label_by!r}"
+            )
         labels, names, offset = [], [], 0
         for k, part in enumerate(parts):
-            if label_by == "domain":
+            if label_by == "keep":
+                n_classes = len(parts[0].class_names)
+                if (
+                    len(part)
+                    and not 0 <= int(part.labels.min()) <= int(part.labels.max()) < n_classes
+                ):
+                    raise ValueError(
+                        f"union: {part.name} has labels outside the {n_classes} classes of "
+                        f"{parts[0].name} (0..{n_classes - 1})"
+                    )
+                labels.append(part.labels)
+                names = list(parts[0].class_names)
+            elif label_by == "domain":
                 labels.append(torch.full((len(part),), k, dtype=torch.long))
                 names.append(part.name)
             else:
@@ -713,7 +729,7 @@ class UnionDataset(SampleDataset):
                 names += [f"{part.name}/{c}" for c in part.class_names]
                 offset += len(part.class_names)
         super().__init__(
-            name="+".join(p.name for p in parts),
+            name=parts[0].name if label_by == "keep" else "+".join(p.name for p in parts),
             ids=[i for p in parts for i in p.ids],
             content_hashes=[h for p in parts for h in p.content_hashes],
             labels=torch.cat(labels),
@@ -723,6 +739,7 @@ class UnionDataset(SampleDataset):
             resolution=parts[0].resolution,
         )
         self.parts = list(parts)
+        self.base = parts[0] if label_by == "keep" else self
         self.starts = np.cumsum([0] + [len(p) for p in parts])
 
     def image(self, i: int) -> torch.Tensor:

@@ -346,6 +346,12 @@ def _group_manifest(dataset, private, safe, pool, path: str | None, n_shards: in
 # ----------------------------------------------------------------------------- public API
 
 
+def slice_order(n: int, n_slices: int, seed: int, index: int) -> list[np.ndarray]:
+    """Positions (into shard ``index``'s id-sorted members) of each of its SISA slices: a
+    permutation seeded by (seed, index) cut into ``n_slices`` near-equal parts."""
+    return np.array_split(_rng(seed, _TAG_SLICE, index).permutation(n), n_slices)
+
+
 def make_split(
     dataset,
     *,
@@ -435,8 +441,7 @@ def make_split(
                 f"n_slices={n_slices} > {len(idx)} samples in {name}; lower n_slices or n_shards"
             )
         idx = _sorted_by_id(dataset, idx)
-        perm = _rng(seed, _TAG_SLICE, k).permutation(len(idx))
-        parts = [[idx[j] for j in part] for part in np.array_split(perm, n_slices)]
+        parts = [[idx[j] for j in part] for part in slice_order(len(idx), n_slices, seed, k)]
         shard_slices.append(parts)
         bounds = np.cumsum([0] + [len(p) for p in parts])
         shards.append(
@@ -480,6 +485,89 @@ def without_ids(split: Split, ids: Iterable[str]) -> Split:
         shards=tuple(m.without(drop) for m in split.shards),
         private=split.private.without(drop),
     )
+
+
+def new_shard(
+    index: int,
+    ids: Sequence[str],
+    content_hashes: Sequence[str],
+    labels: Sequence[int],
+    *,
+    n_slices: int,
+    seed: int,
+    meta: dict,
+) -> Manifest:
+    """The manifest ``shard-<index>`` of a source added to an experiment (``cdm-add-source``),
+    sliced exactly as ``make_split`` slices its shards."""
+    if not ids:
+        raise ValueError(f"shard-{index:02d}: an added source needs at least one sample")
+    if n_slices > len(ids):
+        raise ValueError(
+            f"n_slices={n_slices} > {len(ids)} samples in the new source; lower sharding.n_slices"
+        )
+    order = sorted(range(len(ids)), key=lambda j: ids[j])
+    parts = [[order[j] for j in part] for part in slice_order(len(ids), n_slices, seed, index)]
+    members = [j for part in parts for j in part]
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    return Manifest.build(
+        f"shard-{index:02d}",
+        [ids[j] for j in members],
+        [content_hashes[j] for j in members],
+        list(zip(bounds[:-1], bounds[1:], strict=True)),
+        {int(labels[j]) for j in members},
+        {**meta, "shard": int(index), "n_slices": int(n_slices)},
+    )
+
+
+def with_shards(split: Split, added: Sequence[Manifest]) -> Split:
+    """``split`` plus the shards of added sources; ``private`` (the paragon's data) grows by
+    them, its slice j being the union of every shard's slice j as in ``make_split``."""
+    if not added:
+        return split
+    names = [m.name for m in split.shards]
+    clash = [m.name for m in added if m.name in names]
+    if clash:
+        raise ValueError(f"added shards {clash} clash with the split's own shards {names}")
+    private = split.private
+    n = max(len(private.slices), *(len(m.slices) for m in added))
+    parts_ids = [list(private.slice_ids(j)) if j < len(private.slices) else [] for j in range(n)]
+    hashes = dict(zip(private.ids, private.content_hashes, strict=True))
+    for m in added:
+        hashes.update(zip(m.ids, m.content_hashes, strict=True))
+        for j in range(len(m.slices)):
+            parts_ids[j] += list(m.slice_ids(j))
+    ids = [i for part in parts_ids for i in part]
+    bounds = np.cumsum([0] + [len(p) for p in parts_ids if p])
+    shards = (*split.shards, *added)
+    new_private = Manifest.build(
+        "private",
+        ids,
+        [hashes[i] for i in ids],
+        list(zip(bounds[:-1], bounds[1:], strict=True)),
+        {c for m in shards for c in m.classes},
+        {**private.meta, "shards": [m.name for m in shards]},
+    )
+    return Split(safe=split.safe, shards=shards, private=new_private)
+
+
+def without_shards(split: Split, names: Iterable[str]) -> Split:
+    """``split`` without the shards ``names`` (forgotten sources). Their ids must also be
+    forgotten (``without_ids``) to leave ``private``; ``cdm-forget forget.shard`` does both."""
+    drop = set(names)
+    unknown = drop - {m.name for m in split.shards}
+    if unknown:
+        raise ValueError(
+            f"no shards {sorted(unknown)} to remove; have {[m.name for m in split.shards]}"
+        )
+    shards = tuple(m for m in split.shards if m.name not in drop)
+    if not shards:
+        raise ValueError("removing these shards would leave the experiment with none")
+    meta = {**split.private.meta, "shards": [m.name for m in shards]}
+    private = Manifest.build(
+        "private", split.private.ids, split.private.content_hashes, split.private.slices,
+        split.private.classes, meta,
+    )  # fmt: skip
+    return Split(safe=split.safe, shards=shards, private=private)
 
 
 def held_out(dataset, classes: Sequence[int] | None = None, split: str = "test") -> list[int]:

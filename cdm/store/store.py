@@ -1053,6 +1053,57 @@ class ArtifactStore:
         record["requests"].append({"certificate": certificate, "n_ids": len(new), "at": utc_now()})
         atomic_write_json(path, record)
 
+    # ---- sources: shards added (cdm-add-source) and removed (cdm-forget forget.shard) --------
+
+    def sources_path(self, experiment: str) -> Path:
+        """``<root>/experiments/<experiment>/sources.json``: shards added to or removed from the
+        split the config makes (``cdm.training.split_data`` applies it)."""
+        return self.experiment_dir(experiment) / "sources.json"
+
+    def read_sources(self, experiment: str) -> dict[str, Any]:
+        """``{"added": [...], "removed": [...]}`` (both empty for an experiment never changed)."""
+        path = self.sources_path(experiment)
+        if not path.is_file():
+            return {"added": [], "removed": []}
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            return {"added": list(record["added"]), "removed": list(record["removed"])}
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+            raise CorruptArtifactError(
+                f"{path} is corrupt ({exc}): it lists the shards added to and removed from "
+                f"experiment {experiment!r}; restore it from a backup"
+            ) from exc
+
+    def save_sources(self, experiment: str, record: Mapping[str, Any]) -> None:
+        """Write the experiment's added/removed sources record atomically."""
+        atomic_write_json(self.sources_path(experiment), dict(record))
+
+    def source_data_path(self, experiment: str, source: str) -> Path:
+        """``.../sources/<source>.npz``: the store's own copy of an added source's samples."""
+        return (
+            self.experiment_dir(experiment)
+            / "sources"
+            / f"{validate_name(source, 'source name')}.npz"
+        )
+
+    def delete_manifest(self, experiment: str, name: str) -> bool:
+        """Delete a manifest (a forgotten source's shard); False if there was none."""
+        path = self.manifest_path(experiment, name)
+        if not path.is_file():
+            return False
+        path.unlink()
+        _fsync_dir(path.parent)
+        return True
+
+    def delete_adapter(self, experiment: str, job: str) -> bool:
+        """Delete an adapter's folder (weights and card); False if there was none."""
+        directory = self.adapter_dir(experiment, job)
+        if not directory.exists():
+            return False
+        shutil.rmtree(directory)
+        _fsync_dir(directory.parent)
+        return True
+
     def certificate_dir(self, experiment: str) -> Path:
         """``<root>/experiments/<experiment>/certificates``."""
         return self.experiment_dir(experiment) / "certificates"
@@ -1079,7 +1130,15 @@ class ArtifactStore:
         if card.get("manifest_name") and card.get("manifest_hash"):
             trained.append((card["manifest_name"], card["manifest_hash"]))
         trained += [(m.get("name"), m.get("hash")) for m in card.get("shard_manifests") or []]
+        removed = {r.get("job") for r in self.read_sources(experiment)["removed"]}
+        if card.get("shard_manifests"):  # a router covers exactly the experiment's shards
+            have = {n for n in self.list_manifests(experiment) if _SHARD_RE.fullmatch(n)}
+            new = sorted(have - {m.get("name") for m in card["shard_manifests"]})
+            if new:
+                return f"shards {new} were added after it was trained (cdm-add-source)"
         for name, old in trained:
+            if name in removed:
+                return f"source {name} was forgotten (cdm-forget forget.shard); its data is gone"
             if not name or not self.manifest_path(experiment, name).is_file():
                 continue
             now = self.load_manifest(experiment, name).get("hash")
