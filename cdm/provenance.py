@@ -1,0 +1,943 @@
+"""The provenance ledger: which artifacts derive from a sample id or a source (``cdm-provenance``).
+
+Nothing is recorded for it: every answer is a query over what the store already holds, so it can
+never disagree with the store.
+
+* where a sample is: the manifests of each experiment that list it (shard, SISA slice, content
+  hash), or, once forgotten, the forget certificate whose request lists it;
+* which versions of those manifests held it: the current one and, walking the certificates'
+  ``old_hash -> new_hash`` records backwards, every older one (forgetting only removes ids);
+* what was derived from those versions, transitively, through the cards: adapters (``manifest_name``
+  / ``manifest_hash``; the paragon through ``private``), the backbone (``safe``), routers
+  (``shard_manifests``), k-NN centroids (``manifest_hash``), reference statistics (``ids_hash``),
+  samples (``parents`` by hash; an adapter parent also names its ``manifest_hash``), evaluations
+  (their samples and reference statistics), tables (their cells' experiment, samples and
+  metrics), and domain feature nets, which train on their dataset's whole train split;
+* each one's status: ``served`` (live and current), ``stale`` (trained on a manifest version the
+  experiment no longer holds, as ``ArtifactStore.stale_reason`` says, or derived from something
+  that is no longer current) or ``quarantined`` (set aside under ``forget/quarantine`` by
+  cdm-forget).
+
+Artifacts that cdm-forget replaced (the retrained shard's old adapter, the old router and k-NN
+centroids) are no longer in the store; their certificate's hashes still link what was drawn from
+them. The store layout is read through ``ArtifactStore``; the folders it has no method for
+(``stats/``, ``tables/``, ``forget/quarantine/``) are derived from ``store.root`` and
+``store.experiment_dir`` below.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import os
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cdm.core.hashing import sha256_bytes
+from cdm.store.cards import CARD_FILENAME
+from cdm.store.store import ArtifactStore, validate_name
+
+__all__ = [
+    "QUARANTINED",
+    "SERVED",
+    "STALE",
+    "ProvenanceError",
+    "dependents",
+    "format_report",
+    "locate",
+    "what_depends_on",
+]
+
+SERVED, STALE, QUARANTINED = "served", "stale", "quarantined"
+_DELETED = "deleted"  # replaced or removed by cdm-forget: links only, never listed
+# the order derivations flow in (parents before children) and artifacts are listed in
+KINDS = ("backbone", "feature_net", "adapter", "router", "knn_centroids", "ref_stats", "samples",
+         "evaluation", "table")  # fmt: skip
+_SCOPED = frozenset({"adapter", "router", "knn_centroids", "samples", "evaluation"})
+_SKIP_DIRS = frozenset({"manifests", "checkpoints", "logs", "certificates", "sources"})
+_BY_FOLDER = {"shards": "adapter", "knn": "knn_centroids", "samples": "samples",
+              "evals": "evaluation", "stats": "ref_stats"}  # fmt: skip
+_BY_CARD_KIND = {"router": "router", "knn_centroids": "knn_centroids", "samples": "samples",
+                 "evaluation": "evaluation", "ref_stats": "ref_stats", "backbone": "backbone"}  # fmt: skip
+# cdm.evaluation.reference_images: "<dataset>-r<resolution>-<reference set>-<ids hash[:16]>"
+_STATS_KEY = re.compile(r"(?P<dataset>.+)-r\d+-(?P<reference>[A-Za-z0-9_]+)-[0-9a-f]{16}")
+
+
+class ProvenanceError(ValueError):
+    """A query that cannot be answered (unknown id or source, no query); the message says why."""
+
+
+def _short(h: Any, n: int = 12) -> str:
+    return str(h)[:n] if h else "-"
+
+
+def _hashable(value: Any) -> str | None:
+    """A card hash as a string (a sharded save records a dict of file hashes)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True)
+
+
+# ------------------------------------------------------------------------------ store reading
+
+
+class _CachedStore(ArtifactStore):
+    """The caller's store, reading each manifest, sources record and certificate once per query.
+
+    ``stale_reason`` is the store's own: only its manifest reads are memoised here.
+    """
+
+    def __init__(self, store: ArtifactStore | str | Path) -> None:
+        super().__init__(store.root if isinstance(store, ArtifactStore) else store)
+        self._raw: dict[tuple[str, str], bytes | None] = {}
+        self._parsed: dict[tuple[str, str], dict[str, Any]] = {}
+        self._sources: dict[str, dict[str, Any]] = {}
+        self._certs: dict[str, list[tuple[Path, bytes]]] = {}
+        self._cert_json: dict[Path, dict[str, Any]] = {}
+
+    def manifest_bytes(self, experiment: str, name: str) -> bytes | None:
+        """The manifest file's bytes (None when it does not exist)."""
+        key = (experiment, name)
+        if key not in self._raw:
+            path = self.manifest_path(experiment, name)
+            self._raw[key] = path.read_bytes() if path.is_file() else None
+        return self._raw[key]
+
+    def load_manifest(self, experiment: str, name: str) -> dict[str, Any]:
+        key = (experiment, name)
+        if key not in self._parsed:
+            data = self.manifest_bytes(experiment, name)
+            if data is None:
+                return super().load_manifest(experiment, name)  # raises MissingArtifactError
+            try:
+                self._parsed[key] = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return super().load_manifest(experiment, name)  # raises CorruptArtifactError
+        return self._parsed[key]
+
+    def manifest_hash(self, experiment: str, name: str) -> str | None:
+        """The current hash of a manifest, None when it does not exist."""
+        if self.manifest_bytes(experiment, name) is None:
+            return None
+        return self.load_manifest(experiment, name).get("hash")
+
+    def read_sources(self, experiment: str) -> dict[str, Any]:
+        if experiment not in self._sources:
+            reader = getattr(super(), "read_sources", None)
+            self._sources[experiment] = (
+                reader(experiment) if reader is not None else {"added": [], "removed": []}
+            )
+        return self._sources[experiment]
+
+    def certificates(self, experiment: str) -> list[tuple[Path, bytes]]:
+        """``(path, bytes)`` of the experiment's forget certificates, oldest first."""
+        if experiment not in self._certs:
+            self._certs[experiment] = [
+                (p, p.read_bytes()) for p in self.list_certificates(experiment)
+            ]
+        return self._certs[experiment]
+
+    def certificate(self, path: Path, data: bytes) -> dict[str, Any]:
+        if path not in self._cert_json:
+            try:
+                self._cert_json[path] = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                self._cert_json[path] = {}
+        return self._cert_json[path]
+
+
+def _needle(sample_id: str) -> bytes:
+    """How ``atomic_write_json`` writes the id inside a JSON file (for a fast first filter)."""
+    return json.dumps(sample_id).encode()
+
+
+def _slice_of(manifest: dict[str, Any], position: int) -> int | None:
+    stops = [int(b) for _, b in manifest.get("slices") or []]
+    return bisect.bisect_right(stops, position) if stops else None
+
+
+def _shard_index(name: str | None) -> int | None:
+    match = re.fullmatch(r"shard-(\d+)", name or "")
+    return int(match.group(1)) if match else None
+
+
+# ------------------------------------------------------------------------------ nodes
+
+
+@dataclass
+class _Node:
+    """One artifact (or one that cdm-forget replaced: ``ghost``) and what it was made from."""
+
+    kind: str
+    experiment: str | None
+    name: str
+    path: Path | None
+    hash: str | None
+    card: dict[str, Any]
+    quarantined: str | None = None  # the forget request's tag
+    ghost: str | None = None  # "replaced by cdm-forget <tag>"
+    trained_on: list[tuple[str | None, str, str]] = field(default_factory=list)
+
+
+def _classify(card: dict[str, Any], folder: str) -> str | None:
+    if card.get("kind") == "table":
+        return "table"
+    if "adapter_kind" in card:
+        return "adapter"
+    return _BY_CARD_KIND.get(str(card.get("kind"))) or _BY_FOLDER.get(folder)
+
+
+def _node(kind: str, experiment: str | None, directory: Path, card: dict, raw: bytes) -> _Node:
+    """A node for a card read from ``directory``."""
+    name = directory.name
+    if kind == "knn_centroids":
+        name = f"{directory.parent.name}/{directory.name}"  # <embedder>/shard-KK as parents name it
+    elif kind == "ref_stats":
+        name = str(card.get("name") or directory.name)
+    elif kind == "adapter":
+        name = str(card.get("job") or name)
+    elif kind in ("feature_net", "backbone"):
+        name = str(card.get("name") or name)
+    if kind == "backbone":
+        digest = card.get("backbone_hash")
+    elif kind == "samples":
+        digest = (card.get("files") or {}).get("samples.npz")
+    elif kind in ("evaluation", "table"):
+        digest = sha256_bytes(raw)
+    else:
+        digest = card.get("weights_sha256")
+    node = _Node(kind, experiment, name, directory, _hashable(digest), card)
+    if card.get("manifest_name") and card.get("manifest_hash"):
+        node.trained_on.append((experiment, str(card["manifest_name"]), card["manifest_hash"]))
+    for m in card.get("shard_manifests") or []:
+        if isinstance(m, dict) and m.get("name") and m.get("hash"):
+            node.trained_on.append((experiment, str(m["name"]), m["hash"]))
+    if kind == "knn_centroids" and card.get("manifest_hash"):
+        node.trained_on.append((experiment, directory.name, card["manifest_hash"]))
+    if kind == "backbone":  # shared by the experiments with this safe split
+        node.trained_on = [(None, n, h) for _, n, h in node.trained_on]
+    return node
+
+
+def _read(path: Path) -> tuple[dict[str, Any], bytes] | None:
+    try:
+        raw = path.read_bytes()
+        card = json.loads(raw)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return (card, raw) if isinstance(card, dict) else None
+
+
+def _walk_cards(top: Path) -> Iterable[Path]:
+    """Every ``card.json`` under ``top``, not descending into artifacts, temp dirs, or (at the top
+    of an experiment) its bookkeeping folders and ``forget/pending`` (a retrain being staged)."""
+    if not top.is_dir():
+        return
+    for dirpath, dirnames, filenames in os.walk(top):
+        here = Path(dirpath)
+        if CARD_FILENAME in filenames and here != top:
+            dirnames[:] = []
+            yield here / CARD_FILENAME
+            continue
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if here == top:
+            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
+        elif here.parent == top and here.name == "forget":
+            dirnames[:] = [d for d in dirnames if d == "quarantine"]
+
+
+def _scan(store: _CachedStore, experiments: Sequence[str]) -> list[_Node]:
+    """Every artifact card of ``experiments`` plus the shared ones (backbones, feature nets,
+    reference statistics, tables)."""
+    from cdm.store.feature_nets import list_feature_nets
+
+    nodes: list[_Node] = []
+    for path in _walk_cards(store.root / "backbones"):
+        read = _read(path)
+        if read:
+            nodes.append(_node("backbone", None, path.parent, *read))
+    for entry in list_feature_nets(store):
+        if "error" not in entry:
+            node = _node("feature_net", None, Path(entry["path"]), entry, b"")
+            nodes.append(node)
+    for path in _walk_cards(store.root / "stats"):  # cdm/store/stats.py: <root>/stats/<space>/<key>
+        read = _read(path)
+        if read:
+            nodes.append(_node("ref_stats", None, path.parent, *read))
+    for path in _walk_cards(store.root / "tables"):  # cdm/table1.py: <root>/tables/<name>
+        read = _read(path)
+        if read and read[0].get("kind") == "table":
+            nodes.append(_node("table", None, path.parent, *read))
+    for exp in experiments:
+        exp_dir = store.experiment_dir(exp)
+        quarantine = store.forget_dir(exp) / "quarantine"
+        for path in _walk_cards(exp_dir):
+            rel = path.parent.relative_to(exp_dir).parts
+            tag = None
+            if rel[0] == "forget":  # forget/quarantine/<tag>/<what>/...
+                if len(rel) < 4 or not path.is_relative_to(quarantine):
+                    continue
+                tag, rel = rel[2], rel[3:]
+            read = _read(path)
+            if read is None:
+                continue
+            kind = _classify(read[0], rel[0])
+            if kind is None or kind == "table":
+                continue
+            node = _node(kind, None if kind == "ref_stats" else exp, path.parent, *read)
+            node.quarantined = tag
+            nodes.append(node)
+        nodes += _ghosts(store, exp)
+    return nodes
+
+
+def _ghosts(store: _CachedStore, experiment: str) -> list[_Node]:
+    """Artifacts cdm-forget replaced or deleted, rebuilt from its certificates (hash + data)."""
+    out = []
+    for path, data in store.certificates(experiment):
+        cert = store.certificate(path, data)
+        tag = str(cert.get("name") or path.stem)
+        note = f"replaced by cdm-forget {tag}"
+        manifests = cert.get("manifests") or {}
+        old = {n: m.get("old_hash") for n, m in manifests.items() if isinstance(m, dict)}
+        for r in cert.get("retrained") or []:
+            job = str(r.get("artifact", "")).removeprefix("adapter ")
+            if r.get("old_weights_sha256") and r.get("old_manifest_hash"):
+                node = _Node("adapter", experiment, job, None, _hashable(r["old_weights_sha256"]),
+                             {}, ghost=note)  # fmt: skip
+                node.trained_on = [(experiment, job, r["old_manifest_hash"])]
+                out.append(node)
+        removed = cert.get("removed") or {}
+        if removed.get("adapter_weights_sha256") and removed.get("manifest"):
+            job = str(removed["manifest"])
+            node = _Node("adapter", experiment, job, None,
+                         _hashable(removed["adapter_weights_sha256"]), {},
+                         ghost=f"deleted by cdm-forget {tag}")  # fmt: skip
+            node.trained_on = [(experiment, job, removed.get("manifest_hash") or old.get(job))]
+            out.append(node)
+        shards = [(experiment, n, h) for n, h in old.items() if n.startswith("shard-") and h]
+        shards += [
+            (experiment, str(u.get("artifact", "")).removeprefix("adapter "), u["manifest_hash"])
+            for u in cert.get("unchanged") or []
+            if u.get("manifest_hash")
+        ]
+        for r in cert.get("routers") or []:
+            if r.get("old_weights_sha256") and r.get("action") == "retrained":
+                name = str(r.get("artifact", "")).removeprefix("router ")
+                node = _Node("router", experiment, name, None, _hashable(r["old_weights_sha256"]),
+                             {}, ghost=note)  # fmt: skip
+                node.trained_on = list(shards)
+                out.append(node)
+        for r in cert.get("knn_centroids") or []:
+            name = str(r.get("artifact", "")).removeprefix("knn centroids ")
+            job = name.rsplit("/", 1)[-1]
+            if r.get("old_weights_sha256") and old.get(job):
+                node = _Node("knn_centroids", experiment, name, None,
+                             _hashable(r["old_weights_sha256"]), {}, ghost=note)  # fmt: skip
+                node.trained_on = [(experiment, job, old[job])]
+                out.append(node)
+    return out
+
+
+# ------------------------------------------------------------------------------ seeds
+
+
+@dataclass
+class _Seeds:
+    """What the query's data is: manifest versions holding it, and datasets whose train split does."""
+
+    versions: set[tuple[str, str, str]] = field(default_factory=set)  # (experiment, name, hash)
+    train_datasets: set[str] = field(default_factory=set)
+
+    def add_chain(
+        self, store: _CachedStore, experiment: str, name: str, digest: str | None
+    ) -> None:
+        """``digest`` and every older version of the manifest (each a superset: forgetting only
+        removes ids), following the certificates' ``old_hash -> new_hash`` records backwards."""
+        if not digest:
+            return
+        known = {digest}
+        changed = True
+        while changed:
+            changed = False
+            for path, data in store.certificates(experiment):
+                m = (store.certificate(path, data).get("manifests") or {}).get(name)
+                if isinstance(m, dict) and m.get("new_hash") in known and m.get("old_hash"):
+                    if m["old_hash"] not in known:
+                        known.add(m["old_hash"])
+                        changed = True
+        self.versions |= {(experiment, name, h) for h in known}
+
+    def match(self, experiment: str | None, name: str, digest: str | None) -> bool:
+        if experiment is None:  # shared artifact (the backbone): any experiment's manifest
+            return any(n == name and h == digest for _, n, h in self.versions)
+        return (experiment, name, digest) in self.versions
+
+    def has_hash(self, digest: Any, experiment: str | None = None) -> str | None:
+        """The manifest name of a seeded version with this hash (in ``experiment`` if given)."""
+        for exp, name, h in self.versions:
+            if h == digest and (experiment is None or exp == experiment):
+                return name
+        return None
+
+
+def _train_split_dataset(meta: dict[str, Any], sample_id: str | None = None) -> str | None:
+    """The dataset whose train split holds a manifest's ids (None for added sources, whose
+    samples are in no dataset split, and for ids not named ``<dataset>/...``)."""
+    dataset = meta.get("dataset")
+    if not dataset or meta.get("split", "train") != "train" or meta.get("strategy") == "added":
+        return None
+    if sample_id is not None and not sample_id.startswith(f"{dataset}/"):
+        return None
+    return str(dataset)
+
+
+# ------------------------------------------------------------------------------ the query
+
+
+def _experiments(store: ArtifactStore, experiment: str | None) -> list[str]:
+    if experiment is None:
+        return store.list_experiments()
+    validate_name(experiment, "experiment name")
+    if not store.experiment_dir(experiment).is_dir():
+        have = ", ".join(store.list_experiments()) or "none"
+        raise ProvenanceError(
+            f"no experiment {experiment!r} under {store.root / 'experiments'} (it has: {have})"
+        )
+    return [experiment]
+
+
+def _locate(
+    store: _CachedStore, sample_id: str, experiments: Sequence[str]
+) -> tuple[list[dict[str, Any]], _Seeds]:
+    needle = _needle(sample_id)
+    locations: list[dict[str, Any]] = []
+    seeds = _Seeds()
+    for exp in experiments:
+        for name in store.list_manifests(exp):
+            data = store.manifest_bytes(exp, name)
+            if data is None or needle not in data:
+                continue
+            manifest = store.load_manifest(exp, name)
+            ids = manifest.get("ids") or []
+            try:
+                pos = ids.index(sample_id)
+            except ValueError:
+                continue
+            hashes = manifest.get("content_hashes") or []
+            meta = manifest.get("meta") or {}
+            locations.append(
+                {"experiment": exp, "manifest": name, "shard": _shard_index(name),
+                 "slice": _slice_of(manifest, pos), "content_hash": hashes[pos] if pos < len(hashes) else None,
+                 "source": meta.get("source"), "manifest_hash": manifest.get("hash"),
+                 "forgotten": False, "certificate": None}
+            )  # fmt: skip
+            seeds.add_chain(store, exp, name, manifest.get("hash"))
+            dataset = _train_split_dataset(meta, sample_id)
+            if dataset:
+                seeds.train_datasets.add(dataset)
+        if sample_id not in set(store.forgotten_ids(exp)):
+            continue
+        found = False
+        for path, data in store.certificates(exp):
+            if needle not in data:
+                continue
+            cert = store.certificate(path, data)
+            manifests = cert.get("manifests") or {}
+            for s in (cert.get("request") or {}).get("samples") or []:
+                if s.get("id") != sample_id:
+                    continue
+                found = True
+                name = s.get("manifest")
+                old = (manifests.get(name) or {}).get("old_hash")
+                locations.append(
+                    {"experiment": exp, "manifest": name, "shard": s.get("shard"),
+                     "slice": s.get("slice"), "content_hash": s.get("content_hash"), "source": None,
+                     "manifest_hash": old, "forgotten": True, "certificate": str(path)}
+                )  # fmt: skip
+                seeds.add_chain(store, exp, name, old)
+                seeds.add_chain(
+                    store, exp, "private", (manifests.get("private") or {}).get("old_hash")
+                )
+                dataset = _train_split_dataset({"dataset": cert.get("dataset")}, sample_id)
+                if dataset:
+                    seeds.train_datasets.add(dataset)
+        if not found:
+            locations.append(_forgotten_with_a_source(store, exp, sample_id, seeds))
+    return locations, seeds
+
+
+def _forgotten_with_a_source(
+    store: _CachedStore, experiment: str, sample_id: str, seeds: _Seeds
+) -> dict[str, Any]:
+    """A forgotten id no sample request lists: it left with a whole source. Which one is known
+    only when a single source was removed (the store keeps no id list of a removed source)."""
+    removed = [r for r in store.read_sources(experiment).get("removed", []) if r.get("job")]
+    entry: dict[str, Any] = {"experiment": experiment, "manifest": None, "shard": None,
+                             "slice": None, "content_hash": None, "source": None,
+                             "manifest_hash": None, "forgotten": True, "certificate": None}  # fmt: skip
+    if len(removed) != 1:
+        jobs = ", ".join(r["job"] for r in removed) or "none recorded"
+        entry["note"] = (
+            f"forgotten with a whole source ({jobs}); the store does not record which one held "
+            "this id, so what derived from it is not listed"
+        )
+        return entry
+    r = removed[0]
+    path = store.certificate_dir(experiment) / f"{r.get('certificate')}.json"
+    entry["note"] = f"inferred: {r['job']} is the only source removed from {experiment}"
+    entry.update(manifest=r["job"], shard=_shard_index(r["job"]), source=r.get("source"),
+                 manifest_hash=r.get("manifest_hash"),
+                 certificate=str(path) if path.is_file() else r.get("certificate"))  # fmt: skip
+    seeds.add_chain(store, experiment, r["job"], r.get("manifest_hash"))
+    if path.is_file():
+        cert = store.certificate(path, path.read_bytes())
+        private = ((cert.get("manifests") or {}).get("private") or {}).get("old_hash")
+        seeds.add_chain(store, experiment, "private", private)
+    return entry
+
+
+def _source_seeds(
+    store: _CachedStore, source: str, experiments: Sequence[str]
+) -> tuple[list[dict[str, Any]], _Seeds]:
+    """The shard manifests named ``source`` or whose ``meta["source"]`` is ``source`` (current or
+    removed as a whole source), seeded as in ``dependents``."""
+    locations: list[dict[str, Any]] = []
+    seeds = _Seeds()
+    needle = _needle(source)
+    for exp in experiments:
+        picked = []
+        for name in store.list_manifests(exp):
+            data = store.manifest_bytes(exp, name) or b""
+            if not name.startswith("shard-") or (name != source and needle not in data):
+                continue
+            meta = store.load_manifest(exp, name).get("meta") or {}
+            if source in (name, str(meta.get("source"))):
+                picked.append(name)
+        for r in store.read_sources(exp).get("removed", []):
+            if r.get("job") and source in (r["job"], str(r.get("source"))):
+                picked.append(str(r["job"]))
+        for name in dict.fromkeys(picked):
+            location = _seed_manifest(store, exp, name, seeds)
+            if location is not None:
+                locations.append(location)
+    return locations, seeds
+
+
+class _Ledger:
+    """The derivation walk and the status of each artifact over one scan of the store."""
+
+    def __init__(self, store: _CachedStore, nodes: list[_Node], seeds: _Seeds) -> None:
+        self.store = store
+        self.nodes = nodes
+        self.seeds = seeds
+        self.index: dict[tuple[str, str], list[_Node]] = {}
+        self.by_name: dict[tuple[str, str], list[_Node]] = {}
+        for node in nodes:
+            if node.hash:
+                self.index.setdefault((node.kind, node.hash), []).append(node)
+            self.by_name.setdefault((node.kind, node.name), []).append(node)
+        self.evals: dict[tuple[str | None, str], list[_Node]] = {}
+        for node in nodes:
+            if node.kind == "evaluation":
+                self.evals.setdefault((node.experiment, node.name), []).append(node)
+        self.via: dict[int, list[str]] = {}
+        self._status: dict[int, tuple[str, str | None]] = {}
+
+    # ---- links
+
+    def parents(self, node: _Node) -> list[tuple[dict[str, Any], list[_Node]]]:
+        """Each recorded parent of ``node`` and the nodes it resolves to (by kind and hash)."""
+        out = []
+        for p in node.card.get("parents") or []:
+            if not isinstance(p, dict) or not p.get("kind"):
+                continue
+            kind, digest = str(p["kind"]), _hashable(p.get("hash"))
+            if digest:
+                candidates = self.index.get((kind, digest), [])
+            else:  # a parent recorded by name only
+                candidates = self.by_name.get((kind, str(p.get("name"))), [])
+            found = [
+                n
+                for n in candidates
+                if (kind not in _SCOPED or n.experiment == node.experiment)
+                and (not p.get("name") or n.name == p["name"])
+            ]
+            out.append((p, found))
+        if node.kind == "table":
+            for cell in self._cells(node):
+                evals = self.evals.get((cell.get("experiment"), str(cell.get("samples"))), [])
+                exact = [e for e in evals if "metrics" in cell and e.card.get("metrics") == cell["metrics"]]  # fmt: skip
+                ref = {
+                    "kind": "evaluation",
+                    "name": f"{cell.get('experiment')}/{cell.get('samples')}",
+                }
+                out.append((ref, exact or evals))
+        return out
+
+    @staticmethod
+    def _cells(table: _Node) -> list[dict[str, Any]]:
+        card = table.card
+        cells = [c for c in card.get("cells") or [] if isinstance(c, dict)]
+        cells += [
+            {"experiment": card.get("experiment"), **p}
+            for p in card.get("points") or []
+            if isinstance(p, dict)
+        ]  # fmt: skip  (cdm/fig2.py: one experiment, points)
+        return [c for c in cells if c.get("samples")]
+
+    def derive(self) -> None:
+        """Mark every node derived from the seeds, with the links that make it so."""
+        order = {k: i for i, k in enumerate(KINDS)}
+        ranked = sorted(self.nodes, key=lambda n: order.get(n.kind, len(KINDS)))
+        changed = True
+        while changed:  # one pass suffices when parents come first; repeat for safety
+            changed = False
+            for node in ranked:
+                if id(node) in self.via:
+                    continue
+                via = self._links(node)
+                if via:
+                    self.via[id(node)] = via
+                    changed = True
+
+    def _links(self, node: _Node) -> list[str]:
+        seeds, via = self.seeds, []
+        for exp, name, digest in node.trained_on:
+            if seeds.match(exp, name, digest):
+                via.append(f"manifest {name} ({_short(digest)})")
+        card = node.card
+        if node.kind == "ref_stats":
+            name = seeds.has_hash(card.get("ids_hash"))
+            if name:
+                via.append(f"reference set = manifest {name} ({_short(card.get('ids_hash'))})")
+            key = _STATS_KEY.fullmatch(node.name)
+            if key and key["reference"] == "train" and key["dataset"] in seeds.train_datasets:
+                via.append(f"reference set = the train split of {key['dataset']}")
+        if node.kind == "feature_net":
+            dataset = card.get("dataset")
+            if dataset in seeds.train_datasets and card.get("split", "train") == "train":
+                via.append(f"trained on the dataset's train split ({dataset})")
+        for p, found in self.parents(node):
+            hit = [n for n in found if id(n) in self.via]
+            label = f"{p['kind']} {p.get('name', '?')}"
+            if hit:
+                via.append(label + (f" ({hit[0].ghost})" if hit[0].ghost else ""))
+            elif p.get("manifest_hash") and seeds.has_hash(p["manifest_hash"], node.experiment):
+                via.append(f"{label}, trained on manifest {_short(p['manifest_hash'])}")
+        return list(dict.fromkeys(via))
+
+    # ---- status
+
+    def status(self, node: _Node) -> tuple[str, str | None]:
+        """``(status, reason)`` of a node (memoised; parents first)."""
+        key = id(node)
+        if key not in self._status:
+            self._status[key] = (STALE, "cyclic parents")  # never expected; guards recursion
+            self._status[key] = self._compute_status(node)
+        return self._status[key]
+
+    def _compute_status(self, node: _Node) -> tuple[str, str | None]:
+        if node.ghost:
+            return _DELETED, node.ghost
+        if node.quarantined:
+            return QUARANTINED, f"set aside by cdm-forget {node.quarantined}"
+        exp, card = node.experiment, node.card
+        store = self.store
+        if node.kind in ("adapter", "router") and exp is not None:
+            reason = store.stale_reason(exp, card)
+            if reason:
+                return STALE, reason
+        if node.kind == "knn_centroids" and exp is not None and card.get("manifest_hash"):
+            job = node.name.rsplit("/", 1)[-1]
+            reason = store.stale_reason(
+                exp, {"manifest_name": job, "manifest_hash": card["manifest_hash"]}
+            )
+            if reason is None and store.manifest_hash(exp, job) is None:
+                reason = f"manifest {job} no longer exists"
+            if reason:
+                return STALE, reason
+        if node.kind == "ref_stats":  # features of a manifest version no longer current
+            for exp2, name, digest in sorted(self.seeds.versions):
+                now = store.manifest_hash(exp2, name)
+                if digest == card.get("ids_hash") and now != digest:
+                    was = f"manifest {name} was {_short(digest)} when computed"
+                    return STALE, f"{was}, is {_short(now) if now else 'gone'} now"
+        for p, found in self.parents(node):
+            label = f"{p['kind']} {p.get('name', '?')}"
+            if not found:
+                return (
+                    STALE,
+                    f"its parent {label} ({_short(p.get('hash'))}) is no longer in the store",
+                )
+            statuses = [self.status(n) for n in found]
+            if not any(s == SERVED for s, _ in statuses):
+                state, why = statuses[0]
+                return STALE, f"its parent {label} is {state}" + (f" ({why})" if why else "")
+        return SERVED, None
+
+    # ---- output
+
+    def entry(self, node: _Node) -> dict[str, Any]:
+        status, reason = self.status(node)
+        out: dict[str, Any] = {
+            "kind": node.kind,
+            "experiment": node.experiment,
+            "name": node.name,
+            "path": str(node.path) if node.path else None,
+            "hash": node.hash,
+            "status": status,
+            "via": "; ".join(self.via.get(id(node), [])),
+        }
+        if reason:
+            out["reason"] = reason
+        return out
+
+    def derived(self, experiments: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        order = {k: i for i, k in enumerate(KINDS)}
+        picked = [
+            n for n in self.nodes
+            if id(n) in self.via and not n.ghost
+            and (experiments is None or n.experiment is None or n.experiment in experiments)
+        ]  # fmt: skip
+        picked.sort(key=lambda n: (order.get(n.kind, 99), n.experiment or "", n.name, str(n.path)))
+        return [self.entry(n) for n in picked]
+
+    def deleted(self, experiments: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Derived artifacts cdm-forget replaced or deleted (known from its certificates)."""
+        return [
+            {"kind": n.kind, "experiment": n.experiment, "name": n.name, "hash": n.hash,
+             "status": _DELETED, "reason": n.ghost, "via": "; ".join(self.via[id(n)])}
+            for n in self.nodes
+            if n.ghost and id(n) in self.via
+            and (experiments is None or n.experiment in experiments)
+        ]  # fmt: skip
+
+    def unresolved(self, experiments: Sequence[str]) -> list[dict[str, Any]]:
+        """Artifacts not found derived, but with a parent that is gone: their lineage stops there."""
+        out = []
+        for node in self.nodes:
+            if id(node) in self.via or node.ghost or node.kind == "table":
+                continue
+            if node.experiment is not None and node.experiment not in experiments:
+                continue
+            for p, found in self.parents(node):
+                if not found and not (p.get("kind") == "adapter" and p.get("manifest_hash")):
+                    out.append(
+                        {"kind": node.kind, "experiment": node.experiment, "name": node.name,
+                         "path": str(node.path), "missing_parent": f"{p['kind']} {p.get('name')}",
+                         "missing_hash": p.get("hash")}
+                    )  # fmt: skip
+                    break
+        return out
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def _as_store(store: ArtifactStore | str | Path) -> _CachedStore:
+    return store if isinstance(store, _CachedStore) else _CachedStore(store)
+
+
+def locate(
+    store: ArtifactStore | str | Path, sample_id: str, experiment: str | None = None
+) -> list[dict[str, Any]]:
+    """Where ``sample_id`` is: one entry per experiment and manifest that lists it (``manifest``,
+    ``shard`` index or None for safe/private, SISA ``slice``, ``content_hash``, ``source``,
+    ``manifest_hash``), plus one per forget request that removed it (``forgotten=True``,
+    ``certificate``: the certificate's path; slice and hash as the certificate records them)."""
+    cached = _as_store(store)
+    return _locate(cached, str(sample_id), _experiments(cached, experiment))[0]
+
+
+def dependents(
+    store: ArtifactStore | str | Path, experiment: str, manifest_names: Iterable[str]
+) -> list[dict[str, Any]]:
+    """Every artifact derived, transitively, from the data of the manifests ``manifest_names`` of
+    ``experiment``: from their current and every older version (a removed source: the version
+    ``sources.json`` records) and, since a shard's samples are also in ``private``, from what
+    the private manifest fed (the paragon, private reference statistics). Each: ``kind``,
+    ``experiment``, ``name``, ``path``, ``hash``, ``status`` (served | stale | quarantined),
+    ``reason`` (unless served) and ``via``."""
+    cached = _as_store(store)
+    experiments = _experiments(cached, experiment)
+    seeds = _Seeds()
+    for name in manifest_names:
+        if not _seed_manifest(cached, experiment, str(name), seeds):
+            have = ", ".join(cached.list_manifests(experiment)) or "none"
+            raise ProvenanceError(
+                f"experiment {experiment!r} has no manifest {name!r} (it has: {have})"
+            )
+    ledger = _Ledger(cached, _scan(cached, experiments), seeds)
+    ledger.derive()
+    return ledger.derived()
+
+
+def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seeds) -> dict | None:
+    """Seed the versions of manifest ``name`` (current, or removed as a whole source) and of the
+    private manifest that holds a shard's samples; a location entry, None if there is no such
+    manifest."""
+    manifest = (
+        store.load_manifest(experiment, name) if store.manifest_hash(experiment, name) else None
+    )
+    if manifest is not None:
+        meta = manifest.get("meta") or {}
+        seeds.add_chain(store, experiment, name, manifest.get("hash"))
+        if name.startswith("shard-"):
+            seeds.add_chain(
+                store, experiment, "private", store.manifest_hash(experiment, "private")
+            )
+        dataset = _train_split_dataset(meta)
+        if dataset:
+            seeds.train_datasets.add(dataset)
+        return {"experiment": experiment, "manifest": name, "shard": _shard_index(name),
+                "source": meta.get("source"), "manifest_hash": manifest.get("hash"),
+                "n_samples": len(manifest.get("ids") or []), "forgotten": False,
+                "certificate": None}  # fmt: skip
+    removed = [r for r in store.read_sources(experiment).get("removed", []) if r.get("job") == name]
+    if not removed:
+        return None
+    r = removed[-1]
+    path = store.certificate_dir(experiment) / f"{r.get('certificate')}.json"
+    seeds.add_chain(store, experiment, name, r.get("manifest_hash"))
+    if path.is_file():
+        cert = store.certificate(path, path.read_bytes())
+        old = ((cert.get("manifests") or {}).get("private") or {}).get("old_hash")
+        seeds.add_chain(store, experiment, "private", old)
+    return {"experiment": experiment, "manifest": name, "shard": _shard_index(name),
+            "source": r.get("source"), "manifest_hash": r.get("manifest_hash"),
+            "n_samples": r.get("n_samples"), "forgotten": True,
+            "certificate": str(path) if path.is_file() else r.get("certificate")}  # fmt: skip
+
+
+def what_depends_on(
+    store: ArtifactStore | str | Path,
+    sample_id: str | None = None,
+    source: str | None = None,
+    experiment: str | None = None,
+) -> dict[str, Any]:
+    """What depends on sample ``sample_id`` or on source ``source`` (a shard manifest name such as
+    ``shard-03``, or a source name of a ``sharding=manifest`` experiment), in ``experiment`` or in
+    every experiment of the store.
+
+    Returns ``{"query", "locations", "artifacts", "served", "deleted", "unresolved"}``: where the
+    data is (see ``locate``), every derived artifact in the store (see ``dependents``), those
+    still served, derived artifacts cdm-forget replaced or deleted (from its certificates: kind,
+    name, old hash), and artifacts whose lineage could not be followed because a parent is no
+    longer in the store.
+    """
+    if (sample_id is None) == (source is None):
+        raise ProvenanceError(
+            "give exactly one of a sample id (provenance.sample=<id>) or a source "
+            "(provenance.source=shard-KK or a source name)"
+        )
+    cached = _as_store(store)
+    experiments = _experiments(cached, experiment)
+    if sample_id is not None:
+        locations, seeds = _locate(cached, str(sample_id), experiments)
+        if not locations:
+            raise ProvenanceError(_unknown_id(cached, str(sample_id), experiments))
+    else:
+        locations, seeds = _source_seeds(cached, str(source), experiments)
+        if not locations:
+            raise ProvenanceError(_unknown_source(cached, str(source), experiments))
+    ledger = _Ledger(cached, _scan(cached, experiments), seeds)
+    ledger.derive()
+    scope = None if experiment is None else [experiment]
+    artifacts = ledger.derived(scope)
+    query = {"sample": sample_id, "source": source, "experiment": experiment,
+             "store": str(cached.root)}  # fmt: skip
+    return {
+        "query": query,
+        "locations": locations,
+        "artifacts": artifacts,
+        "served": [a for a in artifacts if a["status"] == SERVED],
+        "deleted": ledger.deleted(scope),
+        "unresolved": ledger.unresolved(scope or experiments),
+    }
+
+
+def _unknown_id(store: _CachedStore, sample_id: str, experiments: Sequence[str]) -> str:
+    if not experiments:
+        return f"the store {store.root} has no experiments: nothing can depend on {sample_id!r}"
+    where = store.root / "experiments" / "<experiment>" / "manifests" / "*.json"
+    example = None
+    for exp in experiments:
+        names = store.list_manifests(exp)
+        if names:
+            smallest = min(names, key=lambda n: store.manifest_path(exp, n).stat().st_size)
+            ids = store.load_manifest(exp, smallest).get("ids") or []
+            example = ids[0] if ids else None
+            break
+    scope = f"experiment {experiments[0]!r}" if len(experiments) == 1 else "any experiment"
+    hint = f" (ids look like {example!r})" if example else ""
+    return (
+        f"sample id {sample_id!r} is in no manifest of {scope} and was never forgotten from it: "
+        f"sample ids are listed in {where}{hint}"
+    )
+
+
+def _unknown_source(store: _CachedStore, source: str, experiments: Sequence[str]) -> str:
+    have = []
+    for exp in experiments:
+        for name in store.list_manifests(exp):
+            if name.startswith("shard-"):
+                src = (store.load_manifest(exp, name).get("meta") or {}).get("source")
+                have.append(f"{exp}/{name}" + (f" ({src})" if src else ""))
+    listed = ", ".join(have[:12]) + (f", ... ({len(have)} in all)" if len(have) > 12 else "")
+    return (
+        f"no shard manifest or source named {source!r} in "
+        f"{experiments[0] if len(experiments) == 1 else 'any experiment'}; give a shard manifest "
+        f"name (shard-KK) or a source name: {listed or 'the store has no shard manifests'}"
+    )
+
+
+def format_report(result: dict[str, Any]) -> str:
+    """A readable report of ``what_depends_on``: locations, a table (kind, name, status, via) and
+    the summary line."""
+    query = result["query"]
+    subject = query["sample"] if query.get("sample") is not None else f"source {query['source']}"
+    lines = []
+    for loc in result["locations"]:
+        where = f"{loc['experiment']}/{loc.get('manifest') or '?'}"
+        parts = [where]
+        if loc.get("slice") is not None:
+            parts.append(f"slice {loc['slice']}")
+        if loc.get("n_samples") is not None:
+            parts.append(f"{loc['n_samples']} samples")
+        if loc.get("source"):
+            parts.append(f"source {loc['source']}")
+        if loc.get("content_hash"):
+            parts.append(f"content {_short(loc['content_hash'])}")
+        if loc.get("forgotten"):
+            parts.append(f"FORGOTTEN ({Path(str(loc['certificate'])).name if loc.get('certificate') else 'certificate unknown'})")  # fmt: skip
+        if loc.get("note"):
+            parts.append(loc["note"])
+        lines.append("  ".join(parts))
+    header = ("KIND", "ARTIFACT", "STATUS", "VIA")
+    rows = [
+        (a["kind"], f"{a['experiment']}/{a['name']}" if a["experiment"] else a["name"],
+         a["status"], a["via"])
+        for a in result["artifacts"]
+    ]  # fmt: skip
+    if rows:
+        widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
+        lines.append("")
+        for row in [header, *rows]:
+            cells = [c.ljust(w) for c, w in zip(row[:3], widths, strict=True)]
+            lines.append("  ".join([*cells, row[3]]).rstrip())
+    for d in result.get("deleted") or []:
+        lines.append(
+            f"gone: {d['kind']} {d['experiment']}/{d['name']} ({_short(d['hash'])}), {d['reason']}"
+        )
+    for u in result.get("unresolved") or []:
+        lines.append(
+            f"note: {u['kind']} {u['experiment'] or ''}/{u['name']}: lineage not followed, its "
+            f"parent {u['missing_parent']} is no longer in the store"
+        )
+    n, m = len(result["artifacts"]), len(result["served"])
+    lines.append(f"{n} artifact{'s' if n != 1 else ''} derived from {subject}, {m} still served")
+    return "\n".join(lines)
