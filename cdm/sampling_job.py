@@ -286,7 +286,9 @@ def run_sampling(cfg: DictConfig) -> dict:
             labels=np.array([] if labels is None else labels.numpy()),
         ),  # fmt: skip
         "trace.npz": _npz(
-            weights=trace.numpy(), shards=np.array(shards), timesteps=scheduler.timesteps.cpu().numpy()
+            weights=trace.numpy(),
+            shards=np.array(shards),
+            timesteps=scheduler.timesteps.cpu().numpy(),
         ),
         "weights.png": weights_plot_png(
             trace, plot_names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"
