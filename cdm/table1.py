@@ -175,17 +175,21 @@ def _fmt(value: Any) -> str:
 
 
 def save_table(
-    store: ArtifactStore, name: str, markdown: str, rows: list[list[str]], card: dict
-) -> dict:
-    """Write ``table.md``, ``table.csv`` and the card under ``<root>/tables/<name>/`` atomically."""
+    store: ArtifactStore, name: str, markdown: str, rows: list[list[str]], card: dict,
+    stem: str = "table", files: dict[str, bytes] | None = None,
+) -> dict:  # fmt: skip
+    """Write ``<stem>.md``, ``<stem>.csv``, any extra ``files`` (e.g. a plot) and the card under
+    ``<root>/tables/<name>/`` atomically."""
     final = store.root / "tables" / validate_name(name, "table name")
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
     written: dict[str, Any] = {}
 
     def write(tmp: Path) -> None:
-        (tmp / "table.md").write_text(markdown, encoding="utf-8")
-        (tmp / "table.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        (tmp / f"{stem}.md").write_text(markdown, encoding="utf-8")
+        (tmp / f"{stem}.csv").write_text(buffer.getvalue(), encoding="utf-8")
+        for filename, data in (files or {}).items():
+            (tmp / validate_name(filename, "file name")).write_bytes(data)
         written.update(_write_card(tmp, {**card, "path": str(final)}))
 
     _write_dir_atomically(final, write)
