@@ -5,13 +5,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp-install
 ART ?= artifacts
 DEMO_SAMPLES ?= 200
+FIG2_SAMPLES ?= 500
 TABLE_SAMPLES ?= 500
 FASHION_LIMIT ?= 6000   # first K images per split: a CPU-sized Fashion-MNIST (null = all 70k)
 export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo table1 table1-fashion data-fashion bench-train bench-compose clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -57,11 +58,17 @@ table1: install  ## the paper's Table 1 on digits: 1/2/4/8 splits x classifier/a
 table1-fashion: install data-fashion  ## Table 1 on Fashion-MNIST 8x8
 	$(VENV)/bin/cdm-table1 table1.datasets='[fashion]' table1.name=table1-fashion ++data.kwargs.limit_per_split=$(FASHION_LIMIT) paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25
 
+fig2: install  ## paper Fig. 2 on digits_8split: FD change as shards are added/dropped, classifier vs naive average
+	$(VENV)/bin/cdm-fig2 num_samples=$(FIG2_SAMPLES) steps=25 paths.artifacts=$(ART)
+
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/train_step.py
 
 bench-compose: install  ## one composed denoising step for 1-8 shards vs one adapter (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/compose_step.py
+
+bench-forget: install  ## forget one sample vs retrain the paragon, 8 shards, 1/2/4 SISA slices (writes docs/benchmarks/forget_cost-cpu.json)
+	$(PY) benchmarks/forget_cost.py --threads 1 --repeats 10
 
 clean:
 	rm -rf outputs multirun

@@ -34,13 +34,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.store import ArtifactStore, make_card
-from cdm.table1 import METHOD_TITLES, _current_adapter, _train, experiment_config, save_table
+from cdm.table1 import (
+    METHOD_TITLES,
+    _current_adapter,
+    _train,
+    experiment_config,
+    forwarded_overrides,
+    save_table,
+)
 
 COMPOSITIONS = ("classifier", "average", "random", "topk")  # methods that compose a shard subset
 ROUTED = ("classifier", "topk")  # methods that need the trained router
 STATISTICS = ("FD", "KID")
-# top-level keys conf/fig2.yaml sets for every job (the jobs compose conf/eval.yaml)
-FORWARDED = ("num_samples", "batch_size", "steps", "evaluate.feature_spaces")
 PAPER_DROP_ONE = 0.01  # the paper: forgetting a shard of 8 raises FID by at most 1%
 FIGURE_DPI = 100
 FIGURE_INCHES = (5.5, 4.0)  # per panel: 550 x 400 pixels
@@ -72,17 +77,6 @@ def check_spec(cfg: DictConfig) -> tuple[list[str], str, str]:
             f"fig2.feature_space={space} is not evaluated: add it to evaluate.feature_spaces"
         )
     return methods, statistic, space
-
-
-def forwarded_overrides(cfg: DictConfig) -> list[str]:
-    """``key=value`` for the keys of ``FORWARDED`` as this config holds them."""
-    out = []
-    for key in FORWARDED:
-        value = OmegaConf.select(cfg, key)
-        if OmegaConf.is_list(value):
-            value = "[" + ",".join(str(v) for v in value) + "]"
-        out.append(f"{key}={value}")
-    return out
 
 
 def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:

@@ -24,6 +24,21 @@ from cdm.store.store import _write_card, _write_dir_atomically, validate_name
 METHOD_TITLES = {"classifier": "Classifier", "average": "Naive Avg", "random": "Random"}
 
 
+# top-level keys conf/table1.yaml and conf/fig2.yaml set for every job (which compose conf/eval.yaml)
+FORWARDED = ("num_samples", "batch_size", "steps", "evaluate.feature_spaces")
+
+
+def forwarded_overrides(cfg: DictConfig) -> list[str]:
+    """``key=value`` for the keys of ``FORWARDED`` as this config holds them."""
+    out = []
+    for key in FORWARDED:
+        value = OmegaConf.select(cfg, key)
+        if OmegaConf.is_list(value):
+            value = "[" + ",".join(str(v) for v in value) + "]"
+        out.append(f"{key}={value}")
+    return out
+
+
 def experiment_config(experiment: str, overrides: list[str], extra: list[str]) -> DictConfig:
     """The composed ``eval`` config of one experiment with the user's and the job's overrides."""
     return compose(config_name="eval", overrides=[f"experiment={experiment}", *overrides, *extra])
@@ -89,6 +104,7 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     table = cfg.table1
     store = ArtifactStore(cfg.paths.artifacts)
     cells = plan(table)
+    overrides = [*forwarded_overrides(cfg), *overrides]
     experiments = list(dict.fromkeys(c["experiment"] for c in cells))  # in table order
     timings: dict[str, float] = {}
     statistic, space = str(table.metric), str(table.feature_space)

@@ -134,19 +134,26 @@ def test_reference_features_are_cached_once(store_root):
 
 
 def test_samples_are_redrawn_only_when_stale(store_root):
+    import os
+
     from tests.conftest import run_inprocess
+
+    def written(card: dict) -> int:  # ns resolution: cards' "created" has whole seconds only
+        return os.stat(f"{card['path']}/samples.npz").st_mtime_ns
 
     first = run_inprocess(
         *SAMPLE, "composition=average", "name=cache", artifacts=store_root, config="sample"
     )
+    stamp = written(first)
     again = run_inprocess(
         *SAMPLE, "composition=average", "name=cache", artifacts=store_root, config="sample"
     )
-    assert again["created"] == first["created"]
+    assert again["created"] == first["created"] and written(again) == stamp
     other = run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", artifacts=store_root, config="sample")  # fmt: skip
-    assert other["created"] != first["created"]
+    assert written(other) != stamp and other["signature"] != first["signature"]
+    stamp = written(other)
     forced = run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", "resample=true", artifacts=store_root, config="sample")  # fmt: skip
-    assert forced["created"] != other["created"]
+    assert written(forced) != stamp
 
 
 def test_missing_samples_name_the_command(store_root):
