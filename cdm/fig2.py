@@ -89,7 +89,11 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     methods, statistic, space = check_spec(cfg)
     experiment = str(spec.experiment)
     overrides = [*forwarded_overrides(cfg), *overrides]
-    n = int(experiment_config(experiment, overrides, []).sharding.n_shards)
+    base = experiment_config(experiment, overrides, [])
+    n, stored = (
+        int(base.sharding.n_shards),
+        str(base.experiment_name),
+    )  # experiment_name=... may rename it
     if n < 2:
         raise ValueError(
             f"fig2.experiment={experiment} has {n} shard: adding or dropping shards needs at least 2"
@@ -97,12 +101,12 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     store = ArtifactStore(cfg.paths.artifacts)
     print(f"[cdm] fig2: {experiment} ({n} shards): train what is missing")
     _train(experiment, overrides, [("backbone", 0)], 1)
-    missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, experiment, k)]
+    missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, stored, k)]
     _train(experiment, overrides, [("shard", k) for k in missing], int(spec.n_jobs))
     if any(m in ROUTED for m in methods):
         _train(experiment, overrides, [("router", 0)], 1)
     _train(experiment, overrides, [("feature_net", 0)], 1)
-    order = shard_indices(store, experiment)  # shard k of the sweep is order[k]
+    order = shard_indices(store, stored)  # shard k of the sweep is order[k]
     names = sample_names(str(spec.name), n, methods)
     draws: dict[str, tuple[int, str]] = {}
     for (k, method), name in names.items():
@@ -135,10 +139,10 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         drop_one |= {
             f"{m} (own shards)": _drop(points, m, n, "own_reference_value") for m in methods
         }
-    markdown, rows = format_fig2(points, methods, metric, n, int(ecfg.num_samples), experiment)
-    figure = plot_png(points, methods, metric, experiment)
+    markdown, rows = format_fig2(points, methods, metric, n, int(ecfg.num_samples), stored)
+    figure = plot_png(points, methods, metric, stored)
     card = make_card(
-        kind="table", name=str(spec.name), figure="fig2", experiment=experiment, metric=metric,
+        kind="table", name=str(spec.name), figure="fig2", experiment=stored, metric=metric,
         router="the n-shard router restricted to the first k shards (exact Bayes restriction of "
                "P(shard | x_t) to the sub-mixture), not a router retrained on k shards",
         points=points, drop_one_of_n=drop_one, paper_drop_one_at_most=PAPER_DROP_ONE,
