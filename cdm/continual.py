@@ -212,6 +212,9 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             split = split_data(cfg, load_data(cfg))
             for manifest in (split[job], split.private):
                 store.save_manifest(experiment, manifest.to_json())
+            change = {"old_hash": private["hash"], "new_hash": split.private.hash}
+            if entry.get("manifests", {}).get("private", {}).get("new_hash") == change["new_hash"]:
+                change = entry["manifests"]["private"]  # a rerun: the private before the first try
             shard_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             shard_cfg.stage, shard_cfg.shard.index = "shard", int(entry["index"])
             card = run_job(shard_cfg)
@@ -221,8 +224,8 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             raise
         sources = store.read_sources(experiment)
         for a in sources["added"]:
-            if a["source"] == name:
-                a["state"] = "live"
+            if a["source"] == name:  # the private versions link old artifacts in cdm-provenance
+                a["state"], a["manifests"] = "live", {"private": change}
         store.save_sources(experiment, sources)
         after = _adapter_hashes(store, experiment)
         changed = [j for j, h in before.items() if after.get(j) != h]

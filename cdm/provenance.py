@@ -353,18 +353,31 @@ class _Seeds:
     train_datasets: set[str] = field(default_factory=set)
 
     def add_chain(
-        self, store: _CachedStore, experiment: str, name: str, digest: str | None
+        self,
+        store: _CachedStore,
+        experiment: str,
+        name: str,
+        digest: str | None,
+        query_ids: frozenset[str] = frozenset(),
     ) -> None:
-        """``digest`` and every older version of the manifest (each a superset: forgetting only
-        removes ids), following the certificates' ``old_hash -> new_hash`` records backwards."""
+        """``digest`` and every older version of the manifest that held the same ids, following
+        the ``old_hash -> new_hash`` records of forget certificates (which only remove ids) and of
+        added sources (which only add a shard to ``private``) backwards."""
         if not digest:
             return
         known = {digest}
         changed = True
         while changed:
             changed = False
-            for path, data in store.certificates(experiment):
-                m = (store.certificate(path, data).get("manifests") or {}).get(name)
+            records = [
+                store.certificate(path, data) for path, data in store.certificates(experiment)
+            ]
+            records += [  # cdm-add-source grows private: before it, private held none of its ids
+                a for a in store.read_sources(experiment)["added"]
+                if not query_ids & set((a.get("manifest") or {}).get("ids") or [])
+            ]  # fmt: skip
+            for record in records:
+                m = (record.get("manifests") or {}).get(name)
                 if isinstance(m, dict) and m.get("new_hash") in known and m.get("old_hash"):
                     if m["old_hash"] not in known:
                         known.add(m["old_hash"])
@@ -435,7 +448,7 @@ def _locate(
                  "source": meta.get("source"), "manifest_hash": manifest.get("hash"),
                  "forgotten": False, "certificate": None}
             )  # fmt: skip
-            seeds.add_chain(store, exp, name, manifest.get("hash"))
+            seeds.add_chain(store, exp, name, manifest.get("hash"), frozenset([sample_id]))
             dataset = _train_split_dataset(meta, sample_id)
             if dataset:
                 seeds.train_datasets.add(dataset)
@@ -788,8 +801,9 @@ def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seed
         seeds.add_chain(store, experiment, name, manifest.get("hash"))
         if name.startswith("shard-"):
             seeds.add_chain(
-                store, experiment, "private", store.manifest_hash(experiment, "private")
-            )
+                store, experiment, "private", store.manifest_hash(experiment, "private"),
+                frozenset(manifest.get("ids") or []),
+            )  # fmt: skip
         dataset = _train_split_dataset(meta)
         if dataset:
             seeds.train_datasets.add(dataset)

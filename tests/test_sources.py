@@ -195,6 +195,18 @@ def test_adding_a_source_touches_no_existing_adapter(root, tmp_path):
     trace = np.load(Path(record["samples"]["path"]) / "trace.npz")["weights"]
     assert trace.shape[-1] == 4
     assert any(s["artifact"] == "adapter paragon" for s in record["stale"])
+    # provenance: the (now stale) paragon was trained on shard 0's samples, never on the new ones
+    from cdm.provenance import what_depends_on
+
+    def derived(sample_id: str) -> dict[str, str]:
+        found = what_depends_on(store, sample_id=sample_id, experiment=EXP)["artifacts"]
+        return {f"{a['kind']} {a['name'].split('/')[-1]}": a["status"] for a in found}
+
+    old_sample = derived(store.load_manifest(EXP, "shard-00")["ids"][0])
+    assert old_sample["adapter paragon"] == "stale" and "adapter shard-03" not in old_sample
+    new_sample = derived(manifest["ids"][0])
+    assert new_sample["adapter shard-03"] == "served" and new_sample["router router"] == "served"
+    assert "adapter paragon" not in new_sample and "adapter shard-00" not in new_sample
     # the store keeps its own copy of the data: the original may go away
     (tmp_path / "b.npz").unlink()
     card = run_inprocess(*TINY, *SAMPLES, "composition=classifier", "name=again", artifacts=root, config="sample")  # fmt: skip
