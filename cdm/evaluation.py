@@ -67,11 +67,11 @@ def build_feature_space(cfg: DictConfig, store: ArtifactStore, name: str, datase
 
         return InceptionFeatures(progress=bool(cfg.progress))
     if name == "domain":
-        from cdm.feature_net_job import load_domain_features, split_hashes
+        from cdm.feature_net_job import feature_net_train_split, load_domain_features
 
         return load_domain_features(
             store, dataset.name, dataset.resolution, int(cfg.seed),
-            train_ids_hash=split_hashes(dataset)[1],
+            train_ids_hash=feature_net_train_split(store, dataset)[1],
         )  # fmt: skip
     raise ValueError(f"unknown feature space {name!r}: choose domain, inception or pixels")
 

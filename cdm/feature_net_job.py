@@ -34,6 +34,7 @@ from cdm.store.feature_nets import (
     feature_net_dir,
     feature_net_key,
     feature_net_log_dir,
+    feature_net_stale_reason,
     has_feature_net,
     load_feature_net,
     read_feature_net_card,
@@ -57,6 +58,18 @@ def split_hashes(dataset, split: str = "train") -> tuple[list[int], str]:
     indices = held_out(dataset, split=split)
     ids = [dataset.ids[i] for i in indices]
     return indices, hash_ids(ids, [dataset.content_hashes[i] for i in indices])
+
+
+def feature_net_train_split(store: ArtifactStore, dataset) -> tuple[list[int], str, list[str]]:
+    """(indices, hash, excluded ids) of what a feature net trains on: the config dataset's train
+    split (not sources added to an experiment) minus every id forgotten anywhere in the store."""
+    base = getattr(dataset, "base", dataset)
+    indices, _ = split_hashes(base, "train")
+    forgotten = store.all_forgotten_ids()
+    excluded = sorted(base.ids[i] for i in indices if base.ids[i] in forgotten)
+    keep = [i for i in indices if base.ids[i] not in forgotten]
+    digest = hash_ids([base.ids[i] for i in keep], [base.content_hashes[i] for i in keep])
+    return keep, digest, excluded
 
 
 def feature_net_signature(config: dict) -> str:
@@ -112,17 +125,22 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
         channels=channels,
     )
     hint = train_hint(dataset.name, resolution, seed)
-    train_idx, train_hash = split_hashes(dataset, "train")
+    train_idx, train_hash, excluded = feature_net_train_split(store, dataset)
     test_idx, test_hash = split_hashes(dataset, "test")
     if not train_idx:
         raise ValueError(f"dataset {dataset.name!r} has no train split to train a feature net on")
     artifact = feature_net_dir(store, key)
-    if has_feature_net(store, key) and not cfg.retrain:
+    retrain = bool(cfg.retrain)
+    if has_feature_net(store, key) and not retrain:
         card = read_feature_net_card(store, key, hint)
-        _check_existing(card, key, train_hash, channels, hint)
-        print(f"[cdm] feature net {key} already trained at {artifact}; pass retrain=true to train it again")  # fmt: skip
-        return card
-    if cfg.retrain:
+        stale = feature_net_stale_reason(store, card)
+        if stale is None:
+            _check_existing(card, key, train_hash, channels, hint)
+            print(f"[cdm] feature net {key} already trained at {artifact}; pass retrain=true to train it again")  # fmt: skip
+            return card
+        print(f"[cdm] feature net {key} is stale ({stale}): training it again without them")
+        retrain = True
+    if retrain:
         clear_feature_net_checkpoints(store, key)
 
     n_classes = len(dataset.class_names)
@@ -165,6 +183,7 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
         split="train",
         expected_train_ids_hash=train_hash,
         n_train=len(train_idx),
+        forgotten_excluded=excluded,
         test_ids_hash=test_hash,
         n_test=len(test_idx),
         made_by_experiment=str(cfg.experiment_name),

@@ -634,18 +634,31 @@ def not_covered(
                     "fix": f"cdm-forget experiment={other} forget.ids_file=<the same ids>",
                 }
             )
-    from cdm.store.feature_nets import list_feature_nets
+    return out
 
+
+def stale_feature_nets(store: ArtifactStore) -> list[dict]:
+    """Domain feature nets trained on a forgotten id (they train on a dataset's whole train split,
+    private data included): refused on load until retrained without the forgotten ids."""
+    from cdm.store.feature_nets import feature_net_stale_reason, list_feature_nets, train_hint
+
+    records = []
     for card in list_feature_nets(store):
-        if dataset_name is None or card.get("dataset") == dataset_name:
-            out.append(
+        reason = feature_net_stale_reason(store, card)
+        if reason:
+            hint = train_hint(
+                str(card.get("dataset")), int(card.get("resolution", 0)), int(card.get("seed", 0))
+            )
+            records.append(
                 {
                     "artifact": f"feature_net {card.get('name')}",
-                    "reason": "the domain classifier behind FD_<dataset> trains on the whole train "
-                    "split; it is evaluation-only and not retrained by cdm-forget",
+                    "action": "stale: refused on load until retrained (FD_<dataset>, knn=feature_net)",
+                    "reason": reason,
+                    "weights_sha256": card.get("weights_sha256"),
+                    "rebuild": f"{hint} retrain=true",
                 }
             )
-    return out
+    return records
 
 
 def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict) -> dict:
@@ -653,7 +666,7 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
     cert = dict(journal["certificate"])
     cert["routers"] = retrain_routers(cfg, store, experiment, bool(journal["retrain_router"]))
     cert["knn_centroids"] = recompute_centroids(cfg, store, experiment, journal)
-    cert["stale"] = stale_adapters(store, experiment)
+    cert["stale"] = stale_adapters(store, experiment) + stale_feature_nets(store)
     cert["checkpoints_replaced"] = journal.get("done", {}).get("checkpoints_replaced", [])
     cert["checkpoints_deleted"] = journal.get("done", {}).get("checkpoints_deleted", [])
     cert["quarantined"] = journal.get("done", {}).get("quarantined", [])

@@ -33,11 +33,11 @@ def knn_embedder(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[torch.
     spec = OmegaConf.to_container(cfg.knn.embedder, resolve=True)
     if spec.get("kind") != "feature_net":
         return build_embedder(spec), []
-    from cdm.feature_net_job import load_domain_features, split_hashes
+    from cdm.feature_net_job import feature_net_train_split, load_domain_features
 
     space = load_domain_features(
         store, dataset.name, dataset.resolution, int(cfg.seed),
-        train_ids_hash=split_hashes(dataset)[1],
+        train_ids_hash=feature_net_train_split(store, dataset)[1],
     )  # fmt: skip
     return build_embedder(spec, feature_net=space.net), space.parents
 

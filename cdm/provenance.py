@@ -664,6 +664,12 @@ class _Ledger:
             reason = store.stale_reason(exp, card)
             if reason:
                 return STALE, reason
+        if node.kind == "feature_net":  # trained on a dataset's train split: forgetting any of it
+            from cdm.store.feature_nets import feature_net_stale_reason
+
+            reason = feature_net_stale_reason(store, card)
+            if reason:
+                return STALE, reason
         if node.kind == "knn_centroids" and exp is not None and card.get("manifest_hash"):
             job = node.name.rsplit("/", 1)[-1]
             reason = store.stale_reason(

@@ -77,9 +77,10 @@ def knn_router(
     from cdm.models.knn_router import KNNRouter
     from cdm.store.knn import load_centroids
 
-    centroids, parents = [], []
+    centroids, parents, cards = [], [], []
     for k in shards:
         c, card = load_centroids(store, cfg.experiment_name, cfg.knn.name, job_name("shard", k))
+        cards.append(card)
         parents.append(
             {
                 "kind": "knn_centroids",
@@ -102,6 +103,13 @@ def knn_router(
     from cdm.training import load_data
 
     embedder, embedder_parents = knn_embedder(cfg, store, load_data(cfg))
+    for k, c in zip(shards, cards, strict=True):  # centroids embedded by another feature net
+        if {p["hash"] for p in c.get("parents", [])} != {p["hash"] for p in embedder_parents}:
+            raise StoreError(
+                f"k-NN centroids {cfg.knn.name}/shard-{k:02d} were embedded by another version of "
+                f"their feature net (e.g. before it was retrained after cdm-forget): recompute with "
+                f"cdm-train experiment={cfg.experiment_name} stage=knn knn={cfg.knn.name} retrain=true"
+            )
     parents += embedder_parents
     null = null_label(bare)
 

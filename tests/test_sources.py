@@ -248,3 +248,29 @@ def test_bad_sources_are_refused(root, tmp_path):
     with pytest.raises(AddSourceError, match="source.name=<name>"):
         compose_and_run("add_source", root, f"source.path={bad}")
     assert ArtifactStore(root).read_sources(EXP) == {"added": [], "removed": []}
+
+
+# ------------------------------------------------------------------------------ store-wide artifacts
+
+
+def test_a_feature_net_that_saw_a_forgotten_id_is_refused_until_retrained(root):
+    """The domain feature net trains on the dataset's whole train split, private data included:
+    after cdm-forget it is stale (refused by FD_<dataset> and knn=feature_net) until retrained
+    without the forgotten ids, which its next training leaves out by itself."""
+    from cdm.feature_net_job import load_domain_features
+
+    store = ArtifactStore(root)
+    first = run_inprocess(*TINY, "stage=feature_net", artifacts=root)
+    load_domain_features(store, "digits", 8, 0)
+    sid = store.load_manifest(EXP, "shard-01")["ids"][0]
+    cert = compose_and_run("forget", root, f"forget.ids=[{sid}]", "forget.retrain_router=false")
+    assert [s["artifact"] for s in cert["stale"] if s["artifact"].startswith("feature_net")] == [
+        f"feature_net {first['name']}"
+    ]
+    with pytest.raises(StaleArtifactError, match="forgotten since"):
+        load_domain_features(store, "digits", 8, 0)
+    again = run_inprocess(*TINY, "stage=feature_net", artifacts=root)  # retrains by itself
+    assert again["forgotten_excluded"] == [sid]
+    assert again["n_train"] == first["n_train"] - 1
+    assert again["weights_sha256"] != first["weights_sha256"]
+    load_domain_features(store, "digits", 8, 0)  # usable again

@@ -26,6 +26,7 @@ from cdm.store.store import (
     CorruptArtifactError,
     InvalidNameError,
     MissingArtifactError,
+    StaleArtifactError,
     StoreError,
     _recover,
     _verify_weights,
@@ -155,6 +156,19 @@ def read_feature_net_card(store: ArtifactStore, key: str, hint: str | None = Non
     return read_card(directory)
 
 
+def feature_net_stale_reason(store: ArtifactStore, card: dict[str, Any]) -> str | None:
+    """Why a feature net may no longer be used: ids of its dataset forgotten (in any experiment)
+    after it was trained, which its train split still held; else None."""
+    prefix = f"{card.get('dataset')}/"
+    excluded = set(card.get("forgotten_excluded") or [])
+    since = sorted(
+        i for i in store.all_forgotten_ids() if i.startswith(prefix) and i not in excluded
+    )
+    if not since:
+        return None
+    return f"{len(since)} ids it was trained on were forgotten since, e.g. {since[0]!r}"
+
+
 def load_feature_net(
     store: ArtifactStore, key: str, hint: str | None = None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
@@ -174,6 +188,12 @@ def load_feature_net(
             f"{directory} holds a {card.get('kind')!r} card, not a feature net. {remedy}"
         )
     _verify_weights(directory, card, remedy)
+    stale = feature_net_stale_reason(store, card)
+    if stale:
+        raise StaleArtifactError(
+            f"feature net {key!r} is stale: {stale} (cdm-forget). Retrain it without them: "
+            f"{how} retrain=true"
+        )
     config_path = directory / CONFIG_FILE
     if not config_path.is_file() or sha256_file(config_path) != card.get("config_sha256"):
         raise CorruptArtifactError(

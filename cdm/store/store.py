@@ -1040,6 +1040,11 @@ class ArtifactStore:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
             raise CorruptArtifactError(f"{path} is corrupt ({exc}); restore it") from exc
 
+    def all_forgotten_ids(self) -> set[str]:
+        """Ids forgotten from any experiment of the store: store-wide artifacts such as the domain
+        feature nets, which train on a dataset's whole train split, must leave them out too."""
+        return {i for exp in self.list_experiments() for i in self.forgotten_ids(exp)}
+
     def add_forgotten_ids(self, experiment: str, ids: Iterable[str], certificate: str) -> None:
         """Add ``ids`` to the experiment's forgotten ids, atomically (idempotent)."""
         path = self.forget_dir(experiment) / "forgotten.json"
