@@ -22,7 +22,8 @@ al. 2021). A request names sample ids. For every shard holding some of them:
    roll forward after a crash; a request killed before it leaves nothing changed;
 4. what else saw the ids: the router is retrained (``forget.retrain_router``), the shard's k-NN
    centroids recomputed, the paragon's (and any other adapter's) card no longer matches its
-   manifest so the store refuses to load it until retrained (``StaleArtifactError``), samples,
+   manifest so the store refuses to load it until retrained (``StaleArtifactError``), so is any
+   domain feature net trained on a split that held the ids (``stale_feature_nets``), samples,
    evaluations and reference statistics drawn from them are moved to ``forget/quarantine``;
 5. a certificate (``certificates/<time>-<hash>.json``) records the request, old and new hashes,
    what was retrained from which checkpoint, what was set aside, and the cost saved.
