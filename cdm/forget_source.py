@@ -141,7 +141,7 @@ def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> di
 
 def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     """Remove the shard (idempotent: a crash here is rolled forward on the next run)."""
-    from cdm.forgetting import _drop_checkpoints, _quarantine
+    from cdm.forgetting import set_aside
 
     job, tag = journal["job"], journal["tag"]
     done = journal.setdefault("done", {})
@@ -181,12 +181,7 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
             {"artifact": f"manifest {job}", "path": str(store.manifest_path(experiment, job))}
         )
     store.save_forget_journal(experiment, journal)
-    gone = done.setdefault("checkpoints_deleted", [])
-    gone += _drop_checkpoints(
-        store.checkpoint_dir(experiment, "paragon"), journal["private_first_slice"]
-    )
-    done["quarantined"] = done.get("quarantined", []) + _quarantine(store, experiment, journal)
-    return journal
+    return set_aside(store, experiment, journal)
 
 
 def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -> dict:

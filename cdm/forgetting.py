@@ -483,6 +483,13 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
         deleted = done.setdefault("checkpoints_deleted", [])
         deleted += _drop_checkpoints(ckpts, shard["first_slice"], shard.get("new_checkpoints", ()))
         store.save_forget_journal(experiment, journal)
+    return set_aside(store, experiment, journal)
+
+
+def set_aside(store: ArtifactStore, experiment: str, journal: dict) -> dict:
+    """The last commit step of every request: the paragon's checkpoints from the first private
+    slice that changed are dropped, and what was drawn from the changed models is quarantined."""
+    done = journal.setdefault("done", {})
     deleted = done.setdefault("checkpoints_deleted", [])
     deleted += _drop_checkpoints(
         store.checkpoint_dir(experiment, "paragon"), journal["private_first_slice"]
