@@ -274,3 +274,28 @@ def test_a_feature_net_that_saw_a_forgotten_id_is_refused_until_retrained(root):
     assert again["n_train"] == first["n_train"] - 1
     assert again["weights_sha256"] != first["weights_sha256"]
     load_domain_features(store, "digits", 8, 0)  # usable again
+
+
+def test_cli_refusals_exit_2_with_the_message(root, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    common = [*TINY, f"paths.artifacts={root}", f"hydra.run.dir={tmp_path}/run"]
+    for module, args, message in [
+        (
+            "cdm.cli.add_source",
+            ["source.name=x", f"source.path={tmp_path}/none.npz"],
+            "does not exist",
+        ),
+        ("cdm.cli.forget", ["forget.source=nobody"], "has no source 'nobody'"),
+    ]:
+        proc = subprocess.run(
+            [sys.executable, "-m", module, *common, *args],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert message in proc.stderr and "Traceback" not in proc.stderr
