@@ -40,7 +40,7 @@ from cdm.core import composition as C
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.adapters import prepare_shard_model
 from cdm.models.backbone import build_unet, predict_epsilon
-from cdm.models.multi_adapter import MultiShardUNet
+from cdm.models.multi_adapter import GraphedDense, MultiShardUNet
 from cdm.runtime import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,6 +48,12 @@ SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
 FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
 TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 100.0  # the trajectory router (see Router)
 METHODS = ("one_adapter", "loop", "peft_mixed", "grouped", "topk1", "topk", "bare_nB")
+GRAPHED = ("graphed", "graphed_classifier")  # CUDA only: the dense step as one CUDA graph replay
+
+
+def method_names(device: str) -> tuple[str, ...]:
+    """The methods timed on ``device``."""
+    return METHODS + GRAPHED if device == "cuda" else METHODS
 
 
 def backbone_conf(preset: str) -> DictConfig:
@@ -183,7 +189,17 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             out = multi(xs, ts, class_labels=ys, return_dict=False, adapter_names=per_sample)[0]
             return C.mix_epsilons(out.view(n, *x.shape), w)
 
-        return {
+        graphed: dict[str, Callable[[], torch.Tensor]] = {}
+        if device.type == "cuda":
+            dense = GraphedDense(grouped[n])
+            g_avg = ComposedDenoiser(grouped[n], "average", prior, dense=dense)
+            g_cls = ComposedDenoiser(grouped[n], "classifier", prior, router=Router(b, n, T, device),
+                                     dense=dense)  # fmt: skip
+            graphed = {
+                "graphed": lambda: g_avg(x, t, y),
+                "graphed_classifier": lambda: g_cls(x, t, y),
+            }
+        return graphed | {
             "one_adapter": lambda: predict_epsilon(one, x, t, y),
             "loop": loop,
             "peft_mixed": mixed,
@@ -228,24 +244,23 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     calls = {n: methods(n) for n in shards}
     tol = 1e-4 if args.precision == "32" else 1e-1
     results: dict[str, Any] = {}
-    timed = [m for m in METHODS if m != "topk"]
+    names = method_names(args.device)
+    timed = [m for m in names if m != "topk"]
     with torch.no_grad(), amp:
         for n in shards:  # correctness and op counts once per n, before timing
             ref = calls[n]["loop"]().float()
-            diff = {
-                m: (calls[n][m]().float() - ref).abs().max().item()
-                for m in ("grouped", "peft_mixed")
-            }
+            checked = ("grouped", "peft_mixed") + (("graphed",) if "graphed" in names else ())
+            diff = {m: (calls[n][m]().float() - ref).abs().max().item() for m in checked}
             results[str(n)] = {
-                "max_abs_diff_grouped_vs_loop": diff["grouped"],
-                "max_abs_diff_peft_mixed_vs_loop": diff["peft_mixed"],
+                **{f"max_abs_diff_{m}_vs_loop": d for m, d in diff.items()},
                 "allclose": all(d <= tol for d in diff.values()),
                 "tolerance": tol,
                 "eps_abs_mean": ref.abs().mean().item(),
-                "counts": {m: count(calls[n][m]) for m in timed},
+                # a graph replay dispatches no aten op: the graphed methods are not counted
+                "counts": {m: count(calls[n][m]) for m in timed if m not in GRAPHED},
             }
             trajectory(n)  # warm-up
-        times = {n: {m: [] for m in METHODS} for n in shards}  # (wall ms, CPU ms) per round
+        times = {n: {m: [] for m in names} for n in shards}  # (wall ms, CPU ms) per round
         kept: dict[int, list[float]] = {}
         for r in range(args.rounds):
             for n in shards:
@@ -263,7 +278,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                     )
     for n in shards:
         row = results[str(n)]
-        for m in METHODS:
+        for m in names:
             row[m] = {}
             for kind, j in (("", 0), ("cpu_", 1)):
                 ms, one_ms = [v[j] for v in times[n][m]], [v[j] for v in times[n]["one_adapter"]]
@@ -303,12 +318,13 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")
 
-    head = "".join(f"{m:>12}" for m in METHODS[1:])
+    names = method_names(args.device)
+    head = "".join(f"{m[:11]:>12}" for m in names[1:])
     for kind in ("", "cpu_"):  # wall, then process CPU time
         print(f"{'n':>2}{kind + 'one ms':>11}{head}{'kept':>7}{'grouped-loop':>14}")
         for n in args.shards:
             row = results[str(n)]
-            ratios = "".join(f"{row[m][kind + 'ratio']:>12.2f}" for m in METHODS[1:])
+            ratios = "".join(f"{row[m][kind + 'ratio']:>12.2f}" for m in names[1:])
             kept, diff = row["topk_mean_kept_per_sample"], row["max_abs_diff_grouped_vs_loop"]
             print(
                 f"{n:>2}{row['one_adapter'][kind + 'ms']:>11.2f}{ratios}{kept:>7.2f}{diff:>14.1e}"

@@ -18,6 +18,7 @@ from cdm.core import composition as C
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.multi_adapter import MultiShardUNet
 
+DENSE = ("average", "classifier", "knn", "fixed")  # methods a dense step may serve (topk skips)
 SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
 
 
@@ -55,6 +56,7 @@ class ComposedDenoiser:
     guidance_scale: float = 1.0
     null_label: int | None = None
     generator: torch.Generator | None = None
+    dense: Callable | None = None  # e.g. GraphedDense(model): every pair in one CUDA graph replay
     trace: list[torch.Tensor] = field(default_factory=list)
     evaluated_pairs: int = 0
 
@@ -103,10 +105,24 @@ class ComposedDenoiser:
         t_batch = t.expand(batch) if t.dim() == 0 else t
         w = self.weights(x_t, t_batch, labels)  # on the CPU
         self.trace.append(w.detach())
+        guided = labels is not None and self.guidance_scale != 1.0 and self.null_label is not None
+        if (
+            self.dense is not None
+            and self.method in DENSE
+            and not guided
+            and bool(self.allowed.all())
+        ):
+            eps_all = self.dense(x_t, t_batch, labels)  # [n, B, ...]: every pair, static shapes
+            self.evaluated_pairs += int(eps_all.shape[0] * batch)
+            mix = (
+                w.t()
+                .to(eps_all.device, eps_all.dtype)
+                .reshape(*w.t().shape, *[1] * (eps_all.dim() - 2))
+            )
+            return (eps_all * mix).sum(0)
         sample_idx, shard_idx = (i.to(x_t.device) for i in C.active_pairs(w))
         x_pairs, t_pairs = x_t[sample_idx], t_batch[sample_idx]
         y_pairs = None if labels is None else labels[sample_idx]
-        guided = labels is not None and self.guidance_scale != 1.0 and self.null_label is not None
         if guided:  # conditional and unconditional epsilons of every pair in the same forward
             x_pairs, t_pairs = torch.cat([x_pairs, x_pairs]), torch.cat([t_pairs, t_pairs])
             y_pairs = torch.cat([y_pairs, torch.full_like(y_pairs, self.null_label)])

@@ -14,7 +14,12 @@ from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_compo
 from cdm.core import composition as C
 from cdm.core.hashing import sha256_bytes
 from cdm.models.backbone import UNET_CLASSES, null_label
-from cdm.models.multi_adapter import MultiShardUNet, merge_adapters, read_peft_adapter
+from cdm.models.multi_adapter import (
+    GraphedDense,
+    MultiShardUNet,
+    merge_adapters,
+    read_peft_adapter,
+)
 from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.store.samples import save_samples
@@ -269,8 +274,13 @@ def run_sampling(cfg: DictConfig) -> dict:
             owners = available if paragon else shards
             pool = torch.tensor(sorted({c for k in owners for c in manifests[k]["classes"]}))
         labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
+    dense = None
+    if cfg.get("cuda_graph"):
+        if device.type != "cuda":
+            raise ValueError("cuda_graph=true needs device=cuda")
+        dense = GraphedDense(model)
     denoiser = ComposedDenoiser(
-        model, method, prior.float(), router=router, train_log_prior=train_log_prior,
+        model, method, prior.float(), router=router, train_log_prior=train_log_prior, dense=dense,
         fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
         topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
         label_prior=label_prior,
@@ -350,6 +360,8 @@ def sampling_signature(cfg: DictConfig) -> str:
             "steps", "num_samples", "batch_size", "guidance_scale", "labels", "seed", "knn", "device")  # fmt: skip
     config = OmegaConf.to_container(cfg, resolve=True)
     kept = {k: config.get(k) for k in keys} | {"backbone": config["backbone"]["id"]}
+    if config.get("cuda_graph"):  # only when set: signatures of earlier samples stay valid
+        kept["cuda_graph"] = True
     return sha256_bytes(json.dumps(kept, sort_keys=True, default=str).encode())
 
 

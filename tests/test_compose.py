@@ -126,3 +126,45 @@ def test_classifier_free_guidance_combines_conditional_and_null_label_epsilons(l
         guided(x, t, y), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5
     )
     assert guided.evaluated_pairs == 16  # conditional and unconditional pairs in one forward
+
+
+@pytest.mark.parametrize("method", ["average", "classifier"])
+def test_dense_step_equals_the_selected_pairs_step(lora_shards, method):
+    """The dense step (every pair as shard blocks, what GraphedDense captures on a GPU) gives
+    the same epsilon as the sparse step; topk keeps skipping shards."""
+    base, dirs = lora_shards
+    logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0]])
+    router = (lambda x, t: logits) if method == "classifier" else None
+    prior = torch.tensor([1.0, 2.0, 1.0])
+    model = multi(base, dirs)
+    sparse = ComposedDenoiser(model, method, prior, router=router)
+    dense = ComposedDenoiser(model, method, prior, router=router, dense=model.dense)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 300), torch.tensor([1, 2, 3])
+    torch.testing.assert_close(dense(x, t, y), sparse(x, t, y), rtol=1e-5, atol=1e-5)
+    assert dense.evaluated_pairs == 9 and torch.equal(dense.trace[0], sparse.trace[0])
+    eps_all = model.dense(x, t, y)
+    for k in range(3):  # block k is shard k alone
+        one = model(x, t, y, torch.full((3,), k))
+        torch.testing.assert_close(eps_all[k], one, rtol=1e-5, atol=1e-5)
+    top1 = ComposedDenoiser(
+        model, "topk", prior, router=lambda x, t: logits, topk=1, dense=model.dense
+    )
+    top1(x, t, y)
+    assert top1.evaluated_pairs == 3
+
+
+@pytest.mark.gpu
+def test_graphed_dense_step_equals_eager_on_cuda(lora_shards):
+    from cdm.models.multi_adapter import GraphedDense
+
+    base, dirs = lora_shards
+    model = multi(base, dirs).cuda()
+    graphed = GraphedDense(model)
+    for seed in range(3):  # new inputs are copied into the captured graph's buffers
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(4, 1, 8, 8, generator=gen).cuda()
+        t, y = torch.full((4,), 100 * (seed + 1)).cuda(), torch.tensor([0, 1, 2, 3]).cuda()
+        torch.testing.assert_close(
+            graphed(x, t, y).clone(), model.dense(x, t, y), rtol=1e-4, atol=1e-4
+        )
+    assert len(graphed.graphs) == 1

@@ -102,6 +102,11 @@ def test_unknown_shard_and_missing_router_are_clear_errors(store_root, train, tm
         )
 
 
+def test_cuda_graph_needs_cuda(store_root, train):
+    with pytest.raises(ValueError, match="cuda_graph=true needs device=cuda"):
+        train(*SAMPLE, "cuda_graph=true", "name=graph", artifacts=store_root, config="sample")
+
+
 def test_a_missing_cuda_device_is_a_clear_error(store_root, train):
     import torch
 
@@ -112,16 +117,27 @@ def test_a_missing_cuda_device_is_a_clear_error(store_root, train):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("composition", ["classifier", "average", "random"])
-def test_cuda_sampling_matches_cpu(store_root, train, composition):
-    """Same seed, same x_T (drawn on the CPU): the CUDA samples equal the CPU ones to float tolerance."""
+@pytest.mark.parametrize(
+    ("composition", "graph"),
+    [
+        ("classifier", False),
+        ("average", False),
+        ("random", False),
+        ("classifier", True),
+        ("average", True),
+    ],
+)
+def test_cuda_sampling_matches_cpu(store_root, train, composition, graph):
+    """Same seed, same x_T (drawn on the CPU): the CUDA samples (eager, or every step as one CUDA
+    graph replay: cuda_graph=true) equal the CPU ones to float tolerance."""
     cards = {
         d: train(
             *SAMPLE,
             f"composition={composition}",
             f"device={d}",
             "sampler=ddim",
-            f"name={composition}-{d}",
+            f"name={composition}-{d}-{graph}",
+            *([f"cuda_graph={graph}"] if d == "cuda" else []),
             artifacts=store_root,
             config="sample",
         )  # fmt: skip

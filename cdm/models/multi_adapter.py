@@ -238,6 +238,69 @@ class MultiShardUNet(nn.Module):
         finally:
             sel.index = sel.used = sel.position = sel.single = sel.blocks = None
 
+    def dense(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every shard's epsilon for every sample, ``[n, B, C, H, W]``: the n*B pairs as n
+        contiguous blocks, one per shard, in one forward with no host synchronisation (so a
+        CUDA graph can capture it, ``GraphedDense``)."""
+        n, batch = self.n_shards, x_t.shape[0]
+        sel = (
+            self.selection
+        )  # blocks even for n = 1: the single-shard path reads a scale on the host
+        sel.used, sel.blocks = torch.arange(n, device=x_t.device), n
+        try:
+            x = x_t.repeat(n, *([1] * (x_t.dim() - 1)))
+            y = None if labels is None else labels.repeat(n)
+            eps = predict_epsilon(self.unet, x, timesteps.repeat(n), y)
+            return eps.view(n, batch, *eps.shape[1:])
+        finally:
+            sel.index = sel.used = sel.position = sel.single = sel.blocks = None
+
+
+class GraphedDense:
+    """``MultiShardUNet.dense`` captured in one CUDA graph per input shape and dtype context.
+
+    A composed step is then one graph replay: the eager step is launch-bound on a GPU (docs/
+    benchmarks.md), so this removes its host cost. Inputs are copied into static buffers; the
+    returned tensor is a static output, valid until the next call. CUDA only.
+    """
+
+    def __init__(self, model: MultiShardUNet) -> None:
+        self.model = model
+        self.graphs: dict[tuple, tuple] = {}
+
+    def __call__(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        if x_t.device.type != "cuda":
+            raise ValueError("GraphedDense needs CUDA tensors; use MultiShardUNet.dense on the CPU")
+        key = (tuple(x_t.shape), labels is None, torch.is_autocast_enabled("cuda"))
+        if key not in self.graphs:
+            static = [x_t.clone(), timesteps.clone(), None if labels is None else labels.clone()]
+            # under autocast, casts must be recorded in the graph, not served from its cache
+            amp = torch.autocast(
+                "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=key[2], cache_enabled=False
+            )
+            torch.clear_autocast_cache()  # casts cached by eager calls around us stay out of it
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), amp:
+                for _ in range(2):  # warm-up: lazy initialisation outside the graph
+                    self.model.dense(*static)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph), amp:
+                out = self.model.dense(*static)
+            self.graphs[key] = (graph, static, out)
+        graph, static, out = self.graphs[key]
+        static[0].copy_(x_t)
+        static[1].copy_(timesteps)
+        if labels is not None:
+            static[2].copy_(labels)
+        graph.replay()
+        return out
+
 
 def merge_adapters(
     adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]], weights: Sequence[float]
