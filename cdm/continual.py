@@ -124,14 +124,12 @@ def record_source(
 
 
 def _adapter_hashes(store: ArtifactStore, experiment: str) -> dict[str, str]:
-    out = {}
-    for name in store.list_manifests(experiment):
-        if (name.startswith("shard-") or name == "private") and store.has_adapter(
-            experiment, "paragon" if name == "private" else name
-        ):
-            job = "paragon" if name == "private" else name
-            out[job] = str(store.read_adapter_card(experiment, job).get("weights_sha256"))
-    return out
+    """``{shard job: weights sha256}`` of every trained shard adapter."""
+    from cdm.forgetting import shard_adapters
+
+    return {
+        r["artifact"].split(" ")[1]: r["weights_sha256"] for r in shard_adapters(store, experiment)
+    }
 
 
 def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | None) -> None:
@@ -198,7 +196,6 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 f"experiment {experiment!r} already has (or had) a source {name!r}"
             )
         before = _adapter_hashes(store, experiment)
-        before.pop("paragon", None)
         private = store.load_manifest(experiment, "private")
         created = entry is None
         if created:

@@ -186,7 +186,7 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
 
 def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -> dict:
     """The certificate's request, the artifacts to delete (with hashes) and the cost (before commit)."""
-    from cdm.forgetting import paragon_cost
+    from cdm.forgetting import certificate_header, paragon_cost, shard_adapters
 
     experiment, job = plan.experiment, plan.job
     removed: dict[str, Any] = {
@@ -197,14 +197,7 @@ def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -
     if store.has_adapter(experiment, job):
         card = store.read_adapter_card(experiment, job)
         removed["adapter_weights_sha256"] = card.get("weights_sha256")
-    unchanged = []
-    for name in plan.remaining:
-        if store.has_adapter(experiment, name):
-            card = store.read_adapter_card(experiment, name)
-            unchanged.append(
-                {"artifact": f"adapter {name}", "weights_sha256": card.get("weights_sha256"),
-                 "manifest_hash": card.get("manifest_hash")}
-            )  # fmt: skip
+    unchanged = shard_adapters(store, experiment, exclude={job})
     cost: dict[str, Any] = {
         "forget_retrain": {"samples_fed": 0, "optimizer_steps": 0, "wall_time_s": 0.0}
     }
@@ -213,13 +206,13 @@ def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -
         optim = store.read_adapter_card(experiment, job).get("config", {}).get("optim")
     cost.update(paragon_cost(store, experiment, plan.private_new, optim))
     return {
-        "kind": "forget_certificate",
-        "name": tag,
-        "experiment": experiment,
-        "dataset": plan.private_old.meta.get("dataset"),
-        "created": utc_now(),
-        "method": "whole source: its adapter, manifest, checkpoints, k-NN centroids and stored data "
-        "are deleted; routers are retrained on the remaining shards (CDM Sec. 5)",
+        **certificate_header(
+            tag,
+            experiment,
+            plan.private_old.meta.get("dataset"),
+            "whole source: its adapter, manifest, checkpoints, k-NN centroids and stored data "
+            "are deleted; routers are retrained on the remaining shards (CDM Sec. 5)",
+        ),  # fmt: skip
         "request": {
             "source": plan.source,
             "shard": job,

@@ -802,27 +802,45 @@ def paragon_cost(
     return cost
 
 
+def shard_adapters(
+    store: ArtifactStore, experiment: str, exclude: Iterable[str] = ()
+) -> list[dict]:
+    """``{artifact, weights_sha256, manifest_hash}`` of every trained shard adapter but ``exclude``:
+    what a request leaves untouched (its certificate lists them to show it)."""
+    records = []
+    for name in store.list_manifests(experiment):
+        if (
+            name.startswith("shard-")
+            and name not in set(exclude)
+            and store.has_adapter(experiment, name)
+        ):
+            card = store.read_adapter_card(experiment, name)
+            records.append(
+                {"artifact": f"adapter {name}", "weights_sha256": card.get("weights_sha256"),
+                 "manifest_hash": card.get("manifest_hash")}
+            )  # fmt: skip
+    return records
+
+
+def certificate_header(tag: str, experiment: str, dataset: str | None, method: str) -> dict:
+    """The fields every forget certificate starts with."""
+    return {
+        "kind": "forget_certificate",
+        "name": tag,
+        "experiment": experiment,
+        "dataset": dataset,
+        "created": utc_now(),
+        "code_version": make_card()["code_version"],
+        "method": method,
+    }
+
+
 def draft_certificate(
     store: ArtifactStore, plan: ForgetPlan, tag: str, retrained: list[dict]
 ) -> dict:
     """The certificate's request, manifests, retrained/unchanged shards and cost (before commit)."""
     experiment = plan.experiment
-    touched = {s.job for s in plan.shards}
-    unchanged = []
-    for name in store.list_manifests(experiment):
-        if (
-            name.startswith("shard-")
-            and name not in touched
-            and store.has_adapter(experiment, name)
-        ):
-            card = store.read_adapter_card(experiment, name)
-            unchanged.append(
-                {
-                    "artifact": f"adapter {name}",
-                    "weights_sha256": card.get("weights_sha256"),
-                    "manifest_hash": card.get("manifest_hash"),
-                }
-            )
+    unchanged = shard_adapters(store, experiment, exclude={s.job for s in plan.shards})
     manifests = {
         m_old.name: {
             "old_hash": m_old.hash,
@@ -848,14 +866,13 @@ def draft_certificate(
         p = cost["paragon_from_scratch"]["samples_fed"]
         cost["samples_saved_factor"] = round(p / forget_cost["samples_fed"], 3)
     return {
-        "kind": "forget_certificate",
-        "name": tag,
-        "experiment": experiment,
-        "dataset": plan.private_old.meta.get("dataset"),
-        "created": utc_now(),
-        "code_version": make_card()["code_version"],
-        "method": "SISA retraining of the affected shards from the slice checkpoint before the "
-        "earliest affected slice (Golatkar et al., CDM, App. B; Bourtoule et al. 2021)",
+        **certificate_header(
+            tag,
+            experiment,
+            plan.private_old.meta.get("dataset"),
+            "SISA retraining of the affected shards from the slice checkpoint before the "
+            "earliest affected slice (Golatkar et al., CDM, App. B; Bourtoule et al. 2021)",
+        ),  # fmt: skip
         "request": {
             "n_ids": len(plan.ids),
             "hash": plan.request_hash,

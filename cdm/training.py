@@ -58,15 +58,13 @@ def load_data(cfg: DictConfig) -> SampleDataset:
     )
     store = experiment_store(cfg)
     added = [] if store is None else store.read_sources(cfg.experiment_name)["added"]
-    parts = [
+    paths = [(a["source"], store.source_data_path(cfg.experiment_name, a["source"])) for a in added]
+    parts = [  # a forgotten source's data is deleted: its shard is removed from the split too
         load_npz(
-            path=str(store.source_data_path(cfg.experiment_name, a["source"])),
-            resolution=cfg.data.resolution,
-            channels=cfg.data.channels,
-            name=a["source"],
-        )  # fmt: skip
-        for a in added
-        if store.source_data_path(cfg.experiment_name, a["source"]).is_file()
+            path=str(path), resolution=cfg.data.resolution, channels=cfg.data.channels, name=name
+        )
+        for name, path in paths
+        if path.is_file()
     ]
     return UnionDataset([base, *parts], label_by="keep") if parts else base
 
