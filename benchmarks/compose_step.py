@@ -35,13 +35,13 @@ from peft import PeftModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdm.compose import ComposedDenoiser, build_sampling_scheduler
 from cdm.core import composition as C
+from cdm.core.runtime import machine_info
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.adapters import prepare_shard_model
 from cdm.models.backbone import build_unet, predict_epsilon
+from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler
 from cdm.models.multi_adapter import GraphedDense, MultiShardUNet
-from cdm.runtime import machine_info
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
@@ -58,7 +58,7 @@ def method_names(device: str) -> tuple[str, ...]:
 
 def backbone_conf(preset: str) -> DictConfig:
     """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
-    cfg = OmegaConf.load(ROOT / "conf" / "backbone" / f"{preset}.yaml")
+    cfg = OmegaConf.load(ROOT / "cdm" / "conf" / "backbone" / f"{preset}.yaml")
     parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
     return OmegaConf.merge(*parents, cfg)
 
@@ -142,7 +142,9 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     device, sync = torch.device(args.device), args.device == "cuda"
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     bcfg = backbone_conf(args.preset)
-    adapter = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml"))
+    adapter = OmegaConf.to_container(
+        OmegaConf.load(ROOT / "cdm" / "conf" / "adapter" / "lora.yaml")
+    )
     kw = OmegaConf.to_container(bcfg.unet, resolve=True)
     torch.manual_seed(SEED)
     base = build_unet(bcfg.kind, kw, sample_size=args.resolution, channels=args.channels,

@@ -3,18 +3,18 @@
 For the digits experiment with 8 shards (``experiment=digits_8split``) and each SISA slice count S
 in ``--slices``, in one fresh temporary artifact store and one process:
 
-1. train, through the library's job runner (``cdm.training.run_job`` on a config composed with
+1. train, through the library's job runner (``cdm.jobs.run.run_job`` on a config composed with
    Hydra's compose API, as ``cdm-train`` does), the safe backbone (once: its id does not depend on
    S or on the experiment name, so every experiment reuses it), the 8 shard adapters, the paragon
    (one adapter on all private data, the same per-sample schedule: ``optim.epochs_per_slice``
    epochs per slice over the same S slices, same batch size) and the router. Every job is timed
    (wall, around ``run_job``); the paragon's time is the baseline "retrain the monolithic model";
 2. forget ``--repeats`` sample ids drawn at random (seeded by ``--seed``; the same ids for every
-   S) from the private data, one request each, with ``cdm.forgetting.run_forget`` (what
+   S) from the private data, one request each, with ``cdm.lifecycle.forget.run_forget`` (what
    ``cdm-forget`` calls) and ``forget.retrain_router=false``, so what is timed is the adapter
    retrain from the SISA slice checkpoint plus the request's bookkeeping. Each certificate's
    wall time, retrain time, restart checkpoint and sample/step counts are recorded;
-3. retrain the router that the forgets left stale, with ``cdm.forgetting.retrain_routers`` (the
+3. retrain the router that the forgets left stale, with ``cdm.lifecycle.forget_samples.retrain_routers`` (the
    code ``forget.retrain_router=true`` runs), timed on its own;
 4. retrain the now stale paragon (``stage=paragon`` on the private data without the forgotten
    ids): a second measurement of the baseline, this time the real alternative to forgetting.
@@ -22,7 +22,7 @@ in ``--slices``, in one fresh temporary artifact store and one process:
 The ratio paragon time / mean forget time is printed per S next to the paper's 8x (8 shards:
 retrain one shard instead of the whole model) and next to the ratios expected from the sample
 counts: the certificates' ``samples_saved_factor`` and the expectation over a uniformly random
-private sample (``cdm.forgetting.schedule_cost`` on the stored manifests). Every time is wall
+private sample (``cdm.lifecycle.forget_samples.schedule_cost`` on the stored manifests). Every time is wall
 and process CPU time (``time.process_time``, all threads). Training is CPU-sized: the tiny
 backbone, ``--epochs-per-slice`` 5, batch 32, a 5-epoch router (shipped: 20); the shards and the
 paragon share that schedule. Results go to ``docs/benchmarks/forget_cost-cpu.json``. Run from the
@@ -61,11 +61,12 @@ from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from cdm.cli.config import config_dir, register_resolvers  # noqa: E402
+from cdm.core.runtime import machine_info  # noqa: E402
 from cdm.data.sharding import Manifest  # noqa: E402
-from cdm.forgetting import retrain_routers, run_forget, schedule_cost  # noqa: E402
-from cdm.runtime import machine_info  # noqa: E402
+from cdm.jobs.run import run_job  # noqa: E402
+from cdm.lifecycle.forget import run_forget  # noqa: E402
+from cdm.lifecycle.forget_samples import retrain_routers, schedule_cost  # noqa: E402
 from cdm.store import ArtifactStore  # noqa: E402
-from cdm.training import run_job  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = "digits_8split"

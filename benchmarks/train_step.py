@@ -30,10 +30,10 @@ from torch.utils.data import DataLoader, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from cdm.core.diffusion import epsilon_loss, q_sample, sample_noise_and_timesteps, step_generator
-from cdm.lightning.jobs import ShardTraining
+from cdm.core.runtime import machine_info
 from cdm.models.adapters import prepare_shard_model, trainable_parameters
 from cdm.models.backbone import build_scheduler, build_unet, null_label
-from cdm.runtime import machine_info
+from cdm.training.jobs import ShardTraining
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
@@ -41,7 +41,7 @@ SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim def
 
 def backbone_conf(preset: str) -> DictConfig:
     """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
-    cfg = OmegaConf.load(ROOT / "conf" / "backbone" / f"{preset}.yaml")
+    cfg = OmegaConf.load(ROOT / "cdm" / "conf" / "backbone" / f"{preset}.yaml")
     parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
     return OmegaConf.merge(*parents, cfg)
 
@@ -167,7 +167,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     device, sync = torch.device(args.device), args.device == "cuda"
     total = args.warmup + args.steps + 1  # +1: the period of the last timed step
     bcfg = backbone_conf(args.preset)
-    adapter = dict(OmegaConf.load(ROOT / "conf" / "adapter" / "lora.yaml"))
+    adapter = dict(OmegaConf.load(ROOT / "cdm" / "conf" / "adapter" / "lora.yaml"))
     alphas = build_scheduler(bcfg.scheduler).alphas_cumprod
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format

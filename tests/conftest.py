@@ -45,8 +45,8 @@ def run_inprocess(*overrides: str, artifacts: Path, config: str = "train"):
     from hydra import compose, initialize_config_dir
 
     from cdm.cli.config import config_dir, register_resolvers
-    from cdm.sampling_job import run_sampling
-    from cdm.training import run_job
+    from cdm.jobs.run import run_job
+    from cdm.jobs.sample import run_sampling
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

@@ -10,10 +10,10 @@ import torch
 from diffusers import DDIMScheduler
 from peft import PeftModel
 
-from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.core import composition as C
 from cdm.core.sampling import sample
 from cdm.models.backbone import predict_epsilon
+from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.models.multi_adapter import MultiShardUNet, read_peft_adapter
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}

@@ -10,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from cdm.cli.config import config_dir, register_resolvers
-from cdm.training import build_loggers, load_data, split_data
+from cdm.jobs.context import build_loggers, load_data, split_data
 
 register_resolvers()
 CONF = Path(config_dir())
@@ -92,8 +92,8 @@ def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
     from hydra.utils import instantiate
 
     from cdm.data.datasets import FASHION_DEFAULT_ROOT
-    from cdm.lightning.jobs import BackbonePretraining
     from cdm.models.backbone import build_scheduler, build_unet
+    from cdm.training.jobs import BackbonePretraining
 
     overrides = [f"experiment={experiment}", "debug=tiny", f"paths.artifacts={tmp_path}"]
     if experiment.startswith("fashion"):

@@ -28,7 +28,7 @@ def compose_cfg(config: str, overrides: list[str], root):
 
 
 def evaluate(root, *overrides: str) -> list[dict]:
-    from cdm.evaluation import run_evaluation
+    from cdm.jobs.evaluate import run_evaluation
 
     return run_evaluation(compose_cfg("eval", [*SAMPLE, *overrides], root))
 
@@ -89,7 +89,7 @@ def test_training_images_as_samples_score_zero_and_are_all_memorized(store_root)
     """The metrics can fail: the reference set itself has FD 0 and every image is a copy;
     uniform noise is far away and copies nothing."""
     from cdm.eval.features import to_uint8
-    from cdm.training import load_data
+    from cdm.jobs.context import load_data
 
     store = ArtifactStore(store_root)
     dataset = load_data(compose_cfg("eval", SAMPLE, store_root))
@@ -164,7 +164,7 @@ def test_missing_samples_name_the_command(store_root):
 
 
 def test_table1_format_is_the_papers_layout():
-    from cdm.table1 import format_table
+    from cdm.paper.table1 import format_table
 
     cells = [
         {"dataset": "digits", "n": n, "method": m, "value": v, "metric_name": "FD_digits"}
@@ -192,7 +192,7 @@ def test_table1_end_to_end_trains_only_what_is_missing(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from cdm.cli.config import config_dir, register_resolvers
-    from cdm.table1 import run_table1
+    from cdm.paper.table1 import run_table1
 
     register_resolvers()
     overrides = [

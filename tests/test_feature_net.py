@@ -93,7 +93,7 @@ def test_feature_net_key_and_names():
 def test_default_config_id_is_the_default_key():
     from omegaconf import OmegaConf
 
-    conf = Path(__file__).resolve().parents[1] / "conf"
+    conf = Path(__file__).resolve().parents[1] / "cdm" / "conf"
     cfg = OmegaConf.load(conf / "feature_net" / "default.yaml")
     assert cfg.id.format(dataset="digits", resolution=8, seed=0, channels=1) == KEY
     defaults = OmegaConf.to_container(OmegaConf.load(conf / "train.yaml"))["defaults"]
@@ -147,7 +147,7 @@ def test_card_records_the_hash_of_every_train_id(trained):
 
 
 def test_accuracy_is_well_above_chance_and_that_of_the_saved_net(trained):
-    from cdm.feature_net_job import load_feature_net_model
+    from cdm.jobs.feature_net import load_feature_net_model
 
     root, card, _ = trained
     net, _ = load_feature_net_model(ArtifactStore(root), KEY)
@@ -206,7 +206,7 @@ def test_a_stored_net_trained_on_other_data_is_refused(trained, tmp_path):
 
 def test_domain_features_is_a_feature_space(trained):
     from cdm.eval.features import FeatureSpace
-    from cdm.feature_net_job import load_domain_features, load_feature_net_model
+    from cdm.jobs.feature_net import load_domain_features, load_feature_net_model
 
     root, card, _ = trained
     store = ArtifactStore(root)
@@ -244,7 +244,7 @@ def test_domain_features_is_a_feature_space(trained):
 
 
 def test_domain_features_refuses_bad_input(trained):
-    from cdm.feature_net_job import load_domain_features
+    from cdm.jobs.feature_net import load_domain_features
 
     root, _, _ = trained
     space = load_domain_features(ArtifactStore(root), "digits", 8)
@@ -257,7 +257,7 @@ def test_domain_features_refuses_bad_input(trained):
 
 
 def test_missing_net_error_names_the_command(tmp_path):
-    from cdm.feature_net_job import load_domain_features
+    from cdm.jobs.feature_net import load_domain_features
 
     with pytest.raises(MissingArtifactError) as err:
         load_domain_features(ArtifactStore(tmp_path), "digits", 16, 3)
@@ -267,7 +267,7 @@ def test_missing_net_error_names_the_command(tmp_path):
 
 
 def test_wrong_train_split_is_refused(trained):
-    from cdm.feature_net_job import load_domain_features
+    from cdm.jobs.feature_net import load_domain_features
 
     root, _, _ = trained
     with pytest.raises(StoreError, match="train split"):
@@ -276,7 +276,7 @@ def test_wrong_train_split_is_refused(trained):
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "config"])
 def test_corrupted_net_is_refused(trained, tmp_path, damage):
-    from cdm.feature_net_job import load_domain_features
+    from cdm.jobs.feature_net import load_domain_features
 
     root, _, _ = trained
     copy = tmp_path / "store"

@@ -21,7 +21,7 @@ def fig2(root, *overrides: str) -> dict:
     from hydra import compose, initialize_config_dir
 
     from cdm.cli.config import config_dir, register_resolvers
-    from cdm.fig2 import run_fig2
+    from cdm.paper.fig2 import run_fig2
 
     register_resolvers()
     overrides = (*TINY, *overrides, f"paths.artifacts={root}")
@@ -99,7 +99,7 @@ def test_one_shard_is_the_same_model_for_every_method(swept):
 
 
 def test_plot_is_a_png_of_the_expected_size(swept):
-    from cdm.fig2 import FIGURE_DPI, FIGURE_INCHES
+    from cdm.paper.fig2 import FIGURE_DPI, FIGURE_INCHES
 
     _, card = swept
     image = Image.open(f"{card['path']}/fig2.png")
@@ -127,7 +127,7 @@ def test_bad_input_is_refused_before_any_work(tmp_path, overrides, message):
 
 
 def test_format_reports_drop_one_against_the_paper():
-    from cdm.fig2 import add_relative_change, format_fig2
+    from cdm.paper.fig2 import add_relative_change, format_fig2
 
     values = {1: 4.0, 2: 2.0, 3: 1.0}
     points = [

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from cdm.data.sharding import Manifest
-from cdm.forgetting import ForgetError, run_forget, schedule_cost
+from cdm.lifecycle.forget import ForgetError, run_forget
+from cdm.lifecycle.forget_samples import schedule_cost
 from cdm.store import ArtifactStore, StaleArtifactError, StoreError, load_checkpoint, sha256_file
 from tests.conftest import REPO, run_inprocess
 
@@ -369,7 +370,7 @@ def test_forgotten_weights_differ_from_the_original(root):
 
 
 @pytest.mark.parametrize(
-    "experiment", sorted(p.stem for p in (REPO / "conf/experiment").glob("*.yaml"))
+    "experiment", sorted(p.stem for p in (REPO / "cdm/conf/experiment").glob("*.yaml"))
 )
 def test_forget_config_composes_for_every_experiment(experiment):
     from hydra import compose, initialize_config_dir

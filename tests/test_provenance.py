@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from cdm.data.sharding import Manifest
-from cdm.forgetting import run_forget
+from cdm.lifecycle.forget import run_forget
 from cdm.provenance import ProvenanceError, dependents, locate, what_depends_on
 from cdm.store import ArtifactStore, atomic_write_json, make_card
 from tests.conftest import REPO, run_inprocess
@@ -50,8 +50,8 @@ def compose(config: str, root: Path, *overrides: str):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
-    from cdm.evaluation import run_evaluation
-    from cdm.table1 import save_table
+    from cdm.jobs.evaluate import run_evaluation
+    from cdm.paper.table1 import save_table
 
     root = tmp_path_factory.mktemp("provenance")
     for stage in ("backbone", "shard", "router", "paragon", "knn"):
@@ -302,4 +302,4 @@ def test_provenance_config_composes():
     assert cfg.provenance.source == "shard-03" and cfg.provenance.sample is None
     assert cfg.provenance.json is None and cfg.experiment_name is None
     assert cfg.paths.artifacts
-    assert (REPO / "conf" / "provenance.yaml").is_file()
+    assert (REPO / "cdm" / "conf" / "provenance.yaml").is_file()

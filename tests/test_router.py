@@ -10,14 +10,6 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from cdm.lightning.router import (
-    RouterTraining,
-    ShardSampler,
-    band_name,
-    fixed_validation_noise,
-    timestep_bands,
-    train_log_prior,
-)
 from cdm.models.router import (
     BackboneHeadRouter,
     SmallRouter,
@@ -34,8 +26,16 @@ from cdm.store import (
     StoreError,
     read_card,
 )
+from cdm.training.router import (
+    RouterTraining,
+    ShardSampler,
+    band_name,
+    fixed_validation_noise,
+    timestep_bands,
+    train_log_prior,
+)
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "cdm" / "conf"
 TINY = ["experiment=digits_4split", "debug=tiny"]
 # a router small enough to train in seconds, still clearly learning at low noise
 FAST_ROUTER = {
@@ -282,7 +282,7 @@ def compose_router_cfg(artifacts: Path, router: str = "small", *overrides: str, 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A tiny safe backbone for digits_4split and a small router trained on its 4 shards."""
-    from cdm.routing import run_router_job
+    from cdm.jobs.router import run_router_job
     from tests.conftest import run_inprocess
 
     root = tmp_path_factory.mktemp("router-artifacts")
@@ -313,7 +313,7 @@ def test_router_card_lists_every_shard_manifest_and_the_backbone(trained):
     assert card["bands"] == bands and list(card["metrics"]["band_accuracy"]) == bands
     assert all(f"router/acc_{b}" in card["metrics"] for b in bands)
     # only the router's weights are stored; they load back into the same network
-    from cdm.routing import load_router_model
+    from cdm.jobs.router import load_router_model
 
     weights = load_file(store.router_dir("digits_4split") / "router.safetensors")
     assert not any("down_blocks" in k or "backbone" in k for k in weights)
@@ -332,7 +332,7 @@ def test_router_learns_the_shard_at_low_noise_only(trained):
 
 
 def test_trained_router_is_kept_unless_retrain(trained, capsys):
-    from cdm.routing import run_router_job
+    from cdm.jobs.router import run_router_job
 
     root, cfg, card = trained
     again = run_router_job(cfg)
@@ -340,8 +340,8 @@ def test_trained_router_is_kept_unless_retrain(trained, capsys):
 
 
 def test_backbone_head_router_job_saves_only_the_head(trained):
+    from cdm.jobs.router import load_router_model, run_router_job
     from cdm.models.backbone import UNET_CLASSES
-    from cdm.routing import load_router_model, run_router_job
 
     root, _, _ = trained
     cfg = compose_router_cfg(root, "backbone_head", epochs=1, name="router-head", val_draws=1)
@@ -363,8 +363,8 @@ def test_backbone_head_router_job_saves_only_the_head(trained):
 def test_card_accuracies_are_those_of_the_saved_router(trained):
     """Recompute the per-band validation accuracy from the stored router, outside Lightning."""
     from cdm.core.diffusion import q_sample
-    from cdm.routing import backbone_alphas_cumprod, load_router_model, router_data
-    from cdm.training import load_data, split_data
+    from cdm.jobs.context import load_data, split_data
+    from cdm.jobs.router import backbone_alphas_cumprod, load_router_model, router_data
 
     root, cfg, card = trained
     store = ArtifactStore(root)
@@ -386,7 +386,7 @@ def test_card_accuracies_are_those_of_the_saved_router(trained):
 
 def run_router_main(root: str, *overrides: str) -> None:
     """Entry point for the subprocess of the resume test (the kill is an ``os._exit``)."""
-    from cdm.routing import run_router_job
+    from cdm.jobs.router import run_router_job
 
     run_router_job(
         compose_router_cfg(Path(root), "small", *overrides, **{**FAST_ROUTER, "epochs": 3})

@@ -10,7 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from cdm.serving import AccessDenied, PolicyError, audit_path, load_policy, resolve_sources, serve
+from cdm.lifecycle.serving import (
+    AccessDenied,
+    PolicyError,
+    audit_path,
+    load_policy,
+    resolve_sources,
+    serve,
+)
 from cdm.store import ArtifactStore, CorruptArtifactError
 from cdm.store.samples import samples_dir
 

@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdm.continual import AddSourceError, run_add_source
-from cdm.forgetting import ForgetError, run_forget
+from cdm.lifecycle.add_source import AddSourceError, run_add_source
+from cdm.lifecycle.forget import ForgetError, run_forget
 from cdm.store import ArtifactStore, StaleArtifactError, sha256_file
 from tests.conftest import run_inprocess
 
@@ -229,7 +229,7 @@ def test_adding_a_source_that_fails_leaves_nothing(root, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(cdm.training, "run_job", crash)
+    monkeypatch.setattr(cdm.jobs.run, "run_job", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
         compose_and_run("add_source", root, "source.name=b6", f"source.path={new_source(tmp_path / 'b.npz')}")  # fmt: skip
     assert store.read_sources(EXP)["added"] == []
@@ -257,7 +257,7 @@ def test_a_feature_net_that_saw_a_forgotten_id_is_refused_until_retrained(root):
     """The domain feature net trains on the dataset's whole train split, private data included:
     after cdm-forget it is stale (refused by FD_<dataset> and knn=feature_net) until retrained
     without the forgotten ids, which its next training leaves out by itself."""
-    from cdm.feature_net_job import load_domain_features
+    from cdm.jobs.feature_net import load_domain_features
 
     store = ArtifactStore(root)
     first = run_inprocess(*TINY, "stage=feature_net", artifacts=root)

@@ -15,7 +15,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def main(cfg: DictConfig) -> None:
-    from cdm.evaluation import run_evaluation
+    from cdm.jobs.evaluate import run_evaluation
 
     for card in run_evaluation(cfg):
         print(f"[cdm] evaluation written to {card['path']}")

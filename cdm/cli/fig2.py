@@ -18,7 +18,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="fig2")
 def main(cfg: DictConfig) -> None:
-    from cdm.fig2 import run_fig2
+    from cdm.paper.fig2 import run_fig2
 
     # the user's overrides apply to every job of the sweep (paths, steps, debug, ...)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("fig2.")]

@@ -20,7 +20,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="forget")
 def main(cfg: DictConfig) -> None:
-    from cdm.forgetting import ForgetError, run_forget
+    from cdm.lifecycle.forget import ForgetError, run_forget
 
     try:
         cert = run_forget(cfg)

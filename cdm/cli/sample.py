@@ -16,7 +16,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="sample")
 def main(cfg: DictConfig) -> None:
-    from cdm.sampling_job import run_sampling
+    from cdm.jobs.sample import run_sampling
 
     card = run_sampling(cfg)
     print(f"[cdm] samples written to {card['path']}")

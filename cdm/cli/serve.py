@@ -18,7 +18,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")
 def main(cfg: DictConfig) -> None:
-    from cdm.serving import AccessDenied, PolicyError, serve
+    from cdm.lifecycle.serving import AccessDenied, PolicyError, serve
 
     sources = cfg.serve.sources
     if sources is not None:

@@ -17,7 +17,7 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="table1")
 def main(cfg: DictConfig) -> None:
-    from cdm.table1 import run_table1
+    from cdm.paper.table1 import run_table1
 
     # the user's overrides apply to every experiment of the table (paths, steps, debug, ...)
     overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith("table1.")]

@@ -16,8 +16,8 @@ register_resolvers()
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def main(cfg: DictConfig) -> None:
+    from cdm.jobs.run import run_job
     from cdm.store import format_table
-    from cdm.training import run_job
 
     result = run_job(cfg)
     cards = result if isinstance(result, list) else [result]

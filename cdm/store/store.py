@@ -1062,7 +1062,7 @@ class ArtifactStore:
 
     def sources_path(self, experiment: str) -> Path:
         """``<root>/experiments/<experiment>/sources.json``: shards added to or removed from the
-        split the config makes (``cdm.training.split_data`` applies it)."""
+        split the config makes (``cdm.jobs.context.split_data`` applies it)."""
         return self.experiment_dir(experiment) / "sources.json"
 
     def read_sources(self, experiment: str) -> dict[str, Any]:

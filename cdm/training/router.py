@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.core.diffusion import q_sample, sample_noise_and_timesteps, step_generator
-from cdm.lightning.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
-from cdm.lightning.tracked import TrackedModule
+from cdm.training.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
+from cdm.training.tracked import TrackedModule
 
 SAMPLINGS = ("balanced", "by_prior")
 _SAMPLER_TAG = 104_729  # a stream of (seed, epoch) orders distinct from the slice sampler's

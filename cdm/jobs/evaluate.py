@@ -19,10 +19,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import sha256_bytes
+from cdm.core.runtime import configure_runtime
 from cdm.eval.features import FeatureSpace, as_uint8_tensor, to_uint8
 from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
-from cdm.runtime import configure_runtime
+from cdm.jobs.context import device_description, load_data
 from cdm.store import (
     ArtifactStore,
     CorruptArtifactError,
@@ -32,7 +33,6 @@ from cdm.store import (
 )
 from cdm.store.samples import samples_dir
 from cdm.store.stats import load_reference_features, save_evaluation, save_reference_features
-from cdm.training import device_description, load_data
 
 REFERENCES = ("private", "train", "test")
 
@@ -67,7 +67,7 @@ def build_feature_space(cfg: DictConfig, store: ArtifactStore, name: str, datase
 
         return InceptionFeatures(progress=bool(cfg.progress))
     if name == "domain":
-        from cdm.feature_net_job import feature_net_train_split, load_domain_features
+        from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 
         return load_domain_features(
             store, dataset.name, dataset.resolution, int(cfg.seed),

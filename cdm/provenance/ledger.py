@@ -62,7 +62,7 @@ _BY_FOLDER = {"shards": "adapter", "knn": "knn_centroids", "samples": "samples",
               "evals": "evaluation", "stats": "ref_stats"}  # fmt: skip
 _BY_CARD_KIND = {"router": "router", "knn_centroids": "knn_centroids", "samples": "samples",
                  "evaluation": "evaluation", "ref_stats": "ref_stats", "backbone": "backbone"}  # fmt: skip
-# cdm.evaluation.reference_images: "<dataset>-r<resolution>-<reference set>-<ids hash[:16]>"
+# cdm.jobs.evaluate.reference_images: "<dataset>-r<resolution>-<reference set>-<ids hash[:16]>"
 _STATS_KEY = re.compile(r"(?P<dataset>.+)-r\d+-(?P<reference>[A-Za-z0-9_]+)-[0-9a-f]{16}")
 
 

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchmetrics import MeanMetric, SumMetric
 
 from cdm.data.datamodule import ManifestDataModule
-from cdm.lightning.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
-from cdm.lightning.tracked import TrackedModule
 from cdm.models.feature_net import FeatureNet
+from cdm.training.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
+from cdm.training.tracked import TrackedModule
 
 
 class FeatureNetDataModule(ManifestDataModule):

@@ -10,9 +10,9 @@ from cdm.core.diffusion import (
     sample_noise_and_timesteps,
     step_generator,
 )
-from cdm.lightning.tracked import TrackedModule
 from cdm.models.adapters import trainable_parameters
 from cdm.models.backbone import null_label, predict_epsilon
+from cdm.training.tracked import TrackedModule
 
 
 class DenoisingModule(TrackedModule):

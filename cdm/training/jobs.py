@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from cdm.lightning.denoising import DenoisingModule
 from cdm.models.adapters import prepare_shard_model
+from cdm.training.denoising import DenoisingModule
 
 
 class BackbonePretraining(DenoisingModule):

@@ -65,7 +65,7 @@ def load_policy(path: str | Path) -> dict[str, list[str]]:
 
 def shard_labels(store: ArtifactStore, experiment: str) -> dict[int, list[str]]:
     """``{k: names shard k answers to}``: ``shard-KK`` plus its manifest's source, if any."""
-    from cdm.sampling_job import shard_indices
+    from cdm.jobs.sample import shard_indices
 
     labels = {}
     for k in shard_indices(store, experiment):
@@ -172,7 +172,7 @@ def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) ->
 
     Returns the samples card. Refusals raise ``AccessDenied``; every request is audited.
     """
-    from cdm.sampling_job import run_sampling
+    from cdm.jobs.sample import run_sampling
 
     store = ArtifactStore(cfg.paths.artifacts)
     requested = None if sources is None else list(sources)

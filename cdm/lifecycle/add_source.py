@@ -9,7 +9,7 @@ image folder of its samples, labels in the experiment's class space). Then:
    file again, and forgetting the source can delete it;
 2. the source is recorded as ``shard-<K>`` with K one past every index the experiment has ever
    used (a forgotten shard's index is never reused), sliced for SISA like every shard; the split
-   of every later job (``cdm.training.split_data``) includes it, and ``private`` grows by it;
+   of every later job (``cdm.jobs.context.split_data``) includes it, and ``private`` grows by it;
 3. its adapter is trained on its data alone, from the same backbone; every existing adapter is
    checked to be byte-identical before and after (the record lists both hashes);
 4. the routers are retrained on all shards (``add.retrain_router``), k-NN centroids are computed
@@ -125,7 +125,7 @@ def record_source(
 
 def _adapter_hashes(store: ArtifactStore, experiment: str) -> dict[str, str]:
     """``{shard job: weights sha256}`` of every trained shard adapter."""
-    from cdm.forgetting import shard_adapters
+    from cdm.lifecycle.forget_samples import shard_adapters
 
     return {
         r["artifact"].split(" ")[1]: r["weights_sha256"] for r in shard_adapters(store, experiment)
@@ -147,7 +147,7 @@ def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | No
 
 def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> list[dict]:
     """k-NN centroids of the new shard for every embedder the experiment already has."""
-    from cdm.knn_job import run_knn_job
+    from cdm.jobs.knn import run_knn_job
     from cdm.store import read_card
 
     cards = []
@@ -165,8 +165,9 @@ def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> 
 def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Add ``cfg.source`` to ``cfg.experiment_name`` as a new shard (see the module docstring);
     ``overrides`` (the user's, e.g. ``experiment=...``) also configure the composed grid."""
-    from cdm.forgetting import experiment_lock, retrain_routers, stale_adapters
-    from cdm.training import load_data, run_job, split_data
+    from cdm.jobs.context import load_data, split_data
+    from cdm.jobs.run import run_job
+    from cdm.lifecycle.forget_samples import experiment_lock, retrain_routers, stale_adapters
 
     started = time.perf_counter()
     store = ArtifactStore(cfg.paths.artifacts)
@@ -256,7 +257,7 @@ def compose_all(cfg: DictConfig, store: ArtifactStore, name: str, overrides: lis
     """A grid from every shard, the new one included: classifier with a router, else average."""
     from hydra import compose
 
-    from cdm.sampling_job import run_sampling
+    from cdm.jobs.sample import run_sampling
 
     experiment = cfg.experiment_name
     method = "classifier" if store.has_router(experiment, "router") else "average"

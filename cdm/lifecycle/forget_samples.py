@@ -6,7 +6,7 @@ al. 2021). A request names sample ids. For every shard holding some of them:
 
 1. the new manifest is the old one minus the ids (``Manifest.without``: every other id keeps its
    slice and order), and the experiment records the ids as forgotten, so every later split of it
-   (``cdm.training.split_data``) leaves them out the same way;
+   (``cdm.jobs.context.split_data``) leaves them out the same way;
 2. the shard is retrained from ``slice-(s-1).ckpt``, the state after the last slice before the
    earliest slice s that held an id (from scratch if s = 0). The checkpoint's fed-id record is
    checked to hold exactly slices 0..s-1 first. The result is bit-identical to training the
@@ -265,8 +265,9 @@ def retrain_shard(
     tag: str,
 ) -> dict:
     """Retrain one shard without the ids into ``pending`` (the live adapter is not touched)."""
-    from cdm.runtime import configure_runtime
-    from cdm.training import fit_job, load_data, split_data
+    from cdm.core.runtime import configure_runtime
+    from cdm.jobs.context import load_data, split_data
+    from cdm.jobs.train import fit_job
 
     experiment, job = plan.experiment, shard.job
     if not store.has_adapter(experiment, job):
@@ -511,7 +512,7 @@ def retrain_routers(
     cfg: DictConfig, store: ArtifactStore, experiment: str, retrain: bool
 ) -> list[dict]:
     """Retrain (or leave stale and refused) every router trained on the old shard manifests."""
-    from cdm.routing import run_router_job
+    from cdm.jobs.router import run_router_job
 
     records = []
     exp_dir = store.experiment_dir(experiment)
@@ -545,10 +546,10 @@ def recompute_centroids(
 ) -> list[dict]:
     """Recompute the k-NN centroids of every shard that lost ids (each embedder); where that
     fails, delete them (then they are missing, and ``cdm-train stage=knn`` remakes them)."""
-    from cdm.knn_job import embed, knn_embedder
+    from cdm.jobs.context import load_data
+    from cdm.jobs.knn import embed, knn_embedder
     from cdm.models.knn_router import kmeans
     from cdm.store.knn import save_centroids
-    from cdm.training import load_data
 
     records = []
     for shard in journal["shards"]:
@@ -688,57 +689,6 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
     shutil.rmtree(store.forget_pending_dir(experiment), ignore_errors=True)
     print(f"[cdm] forget: certificate {path}")
     return cert
-
-
-def recover(cfg: DictConfig, store: ArtifactStore, experiment: str) -> dict | None:
-    """Finish (roll forward) a committed request that was interrupted, or drop an uncommitted one."""
-    pending = store.forget_pending_dir(experiment)
-    journal = store.pending_forget(experiment)
-    if journal is None or journal.get("state") == "training":
-        if pending.exists():
-            print(
-                f"[cdm] forget: dropping the unfinished retrain in {pending}; nothing had changed"
-            )
-            shutil.rmtree(pending)
-        return None
-    print(f"[cdm] forget: finishing the interrupted request {journal['tag']}")
-    if journal["state"] == "committing":
-        if journal.get("kind") == "source":
-            from cdm.forget_source import commit_source
-
-            commit_source(store, experiment, journal)
-        else:
-            commit(store, experiment, journal)
-        journal["state"] = "committed"
-        store.save_forget_journal(experiment, journal)
-    return finish(cfg, store, experiment, journal)
-
-
-# ------------------------------------------------------------------------------ entry point
-
-
-def run_forget(cfg: DictConfig) -> dict:
-    """Forget ``cfg.forget.ids`` / ``ids_file`` from ``cfg.experiment_name`` exactly; the certificate."""
-    store = ArtifactStore(cfg.paths.artifacts)
-    experiment = cfg.experiment_name
-    f = cfg.forget
-    with experiment_lock(store, experiment):
-        recovered = recover(cfg, store, experiment)
-        source = f.get("source")
-        if recovered is not None and not f.ids and not f.ids_file and source is None:
-            return recovered
-        if source is not None:
-            if f.ids or f.ids_file:
-                raise ForgetError(
-                    "give either forget.source (a whole source) or forget.ids/forget.ids_file "
-                    "(samples), not both: run two requests"
-                )
-            from cdm.forget_source import forget_source, plan_forget_source
-
-            return forget_source(cfg, store, plan_forget_source(store, experiment, source))
-        ids = read_request(f.ids, f.ids_file)
-        plan = plan_forget(store, experiment, ids)
-        return forget(cfg, store, plan)
 
 
 def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:

@@ -48,7 +48,7 @@ def _train(
     experiment: str, overrides: list[str], stages: list[tuple[str, int]], n_jobs: int
 ) -> None:
     """Train the jobs ``[(stage, shard index)]`` that the store lacks (each job checks itself)."""
-    from cdm.training import run_job
+    from cdm.jobs.run import run_job
 
     configs = [
         experiment_config(experiment, overrides, [f"stage={stage}", f"shard.index={index}"])
@@ -74,7 +74,7 @@ def _current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
 
 
 def _run_resolved(config: dict) -> None:
-    from cdm.training import run_job
+    from cdm.jobs.run import run_job
 
     run_job(OmegaConf.create(config))
 
@@ -97,8 +97,8 @@ def plan(table: DictConfig) -> list[dict[str, Any]]:
 
 def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample, evaluate, and write the table (see module docstring)."""
-    from cdm.evaluation import run_evaluation
-    from cdm.sampling_job import run_sampling
+    from cdm.jobs.evaluate import run_evaluation
+    from cdm.jobs.sample import run_sampling
 
     started = time.perf_counter()
     table = cfg.table1

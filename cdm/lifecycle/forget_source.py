@@ -5,7 +5,7 @@ remove all information about it". A request names one shard (index, ``shard-KK``
 name in its manifest). Nothing is retrained except what combined it with other shards:
 
 1. the experiment records the shard as removed (``sources.json``) and its ids as forgotten, so
-   every later split (``cdm.training.split_data``) leaves both out; from this first step on the
+   every later split (``cdm.jobs.context.split_data``) leaves both out; from this first step on the
    store refuses the shard's adapter and every router trained with it (``StaleArtifactError``);
 2. the private manifest loses the ids (the paragon is stale until retrained), and the shard's
    manifest, adapter, SISA checkpoints, k-NN centroids and, for a source added with
@@ -14,7 +14,7 @@ name in its manifest). Nothing is retrained except what combined it with other s
    retrained on the remaining shards (``forget.retrain_router``), and a certificate lists every
    deleted and updated artifact with its hash.
 
-The commit is journaled like a sample request (``cdm.forgetting``): a crash mid-way is rolled
+The commit is journaled like a sample request (``cdm.lifecycle.forget_samples``): a crash mid-way is rolled
 forward by the next ``cdm-forget experiment=...``; a request refused at planning changes nothing.
 """
 
@@ -58,7 +58,7 @@ class SourcePlan:
 
 def resolve_shard(store: ArtifactStore, experiment: str, source: Any) -> str:
     """The shard manifest a user's ``forget.source`` names: 3, ``shard-03`` or a source name."""
-    from cdm.forgetting import ForgetError, stored_manifests
+    from cdm.lifecycle.forget_samples import ForgetError, stored_manifests
 
     shards = {
         n: m for n, m in stored_manifests(store, experiment).items() if n.startswith("shard-")
@@ -89,7 +89,7 @@ def resolve_shard(store: ArtifactStore, experiment: str, source: Any) -> str:
 
 def plan_forget_source(store: ArtifactStore, experiment: str, source: Any) -> SourcePlan:
     """Validate a whole-source request; ``ForgetError`` names the fix (e.g. the last shard)."""
-    from cdm.forgetting import ForgetError, stored_manifests
+    from cdm.lifecycle.forget_samples import ForgetError, stored_manifests
 
     job = resolve_shard(store, experiment, source)
     manifests = stored_manifests(store, experiment)
@@ -112,7 +112,7 @@ def plan_forget_source(store: ArtifactStore, experiment: str, source: Any) -> So
 
 def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> dict:
     """Journal, commit and finish a whole-source request (see the module docstring)."""
-    from cdm.forgetting import finish
+    from cdm.lifecycle.forget_samples import finish
 
     experiment, job = plan.experiment, plan.job
     tag = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{plan.request_hash[:12]}"
@@ -141,7 +141,7 @@ def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> di
 
 def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     """Remove the shard (idempotent: a crash here is rolled forward on the next run)."""
-    from cdm.forgetting import set_aside
+    from cdm.lifecycle.forget_samples import set_aside
 
     job, tag = journal["job"], journal["tag"]
     done = journal.setdefault("done", {})
@@ -186,7 +186,7 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
 
 def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -> dict:
     """The certificate's request, the artifacts to delete (with hashes) and the cost (before commit)."""
-    from cdm.forgetting import certificate_header, paragon_cost, shard_adapters
+    from cdm.lifecycle.forget_samples import certificate_header, paragon_cost, shard_adapters
 
     experiment, job = plan.experiment, plan.job
     removed: dict[str, Any] = {

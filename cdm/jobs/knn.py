@@ -8,12 +8,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from cdm.core.runtime import configure_runtime
 from cdm.data.sharding import indices_of
+from cdm.jobs.context import load_data, record_manifests, split_data
 from cdm.models.knn_router import build_embedder, kmeans
-from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, make_card
 from cdm.store.knn import centroids_dir, save_centroids
-from cdm.training import load_data, record_manifests, split_data
 
 
 @torch.no_grad()
@@ -33,7 +33,7 @@ def knn_embedder(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[torch.
     spec = OmegaConf.to_container(cfg.knn.embedder, resolve=True)
     if spec.get("kind") != "feature_net":
         return build_embedder(spec), []
-    from cdm.feature_net_job import feature_net_train_split, load_domain_features
+    from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 
     space = load_domain_features(
         store, dataset.name, dataset.resolution, int(cfg.seed),

@@ -19,20 +19,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids, sha256_bytes
+from cdm.core.runtime import configure_runtime
 from cdm.data.datasets import SampleDataset
 from cdm.data.sharding import Split, held_out, indices_of
-from cdm.lightning.callbacks import SliceCheckpoint
-from cdm.lightning.router import (
-    RouterDataModule,
-    RouterTraining,
-    RouterWriter,
-    train_log_prior,
-)
-from cdm.models.backbone import backbone_hash, build_scheduler
-from cdm.models.router import build_router, router_from_artifact, router_model_config
-from cdm.runtime import configure_runtime
-from cdm.store import ArtifactStore, StoreError, make_card, read_card
-from cdm.training import (
+from cdm.jobs.context import (
     build_trainer,
     device_description,
     fit_resumable,
@@ -40,6 +30,16 @@ from cdm.training import (
     load_data,
     record_manifests,
     split_data,
+)
+from cdm.models.backbone import backbone_hash, build_scheduler
+from cdm.models.router import build_router, router_from_artifact, router_model_config
+from cdm.store import ArtifactStore, StoreError, make_card, read_card
+from cdm.training.callbacks import SliceCheckpoint
+from cdm.training.router import (
+    RouterDataModule,
+    RouterTraining,
+    RouterWriter,
+    train_log_prior,
 )
 
 _TAG_ROUTER_VAL = 4  # numpy RNG stream for the held-out part (sharding uses tags 1-3)

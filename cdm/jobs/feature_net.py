@@ -97,14 +97,14 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     """Train the dataset's feature net unless the store has it (or ``retrain=true``); its card."""
     import pytorch_lightning as pl
 
-    from cdm.lightning.callbacks import SliceCheckpoint
-    from cdm.lightning.feature_net import (
+    from cdm.core.runtime import configure_runtime
+    from cdm.jobs.context import build_trainer, device_description, fit_resumable, load_data
+    from cdm.training.callbacks import SliceCheckpoint
+    from cdm.training.feature_net import (
         FeatureNetDataModule,
         FeatureNetTraining,
         FeatureNetWriter,
     )
-    from cdm.runtime import configure_runtime
-    from cdm.training import build_trainer, device_description, fit_resumable, load_data
 
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     if cfg.get("feature_net") is None:

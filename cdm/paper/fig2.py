@@ -3,14 +3,14 @@ FID, with respect to a single shard, as shards are added one by one; read right 
 increase when shards are forgotten.
 
 ``run_fig2`` takes one experiment with n shards (default ``digits_8split``), trains what the store
-lacks (backbone, the n shards, the router, the feature net; the helpers of ``cdm.table1``), then
+lacks (backbone, the n shards, the router, the feature net; the helpers of ``cdm.paper.table1``), then
 for k = 1..n samples the composition of shards ``[0..k-1]`` with each composition method
 (``cdm-sample shards=[0,...,k-1] name=<name>-<method>-k<k>``), evaluates every samples artifact
-with ``cdm.evaluation.run_evaluation`` and writes ``fig2.md``, ``fig2.csv``, ``fig2.png`` and a
+with ``cdm.jobs.evaluate.run_evaluation`` and writes ``fig2.md``, ``fig2.csv``, ``fig2.png`` and a
 card into ``<root>/tables/<name>/``.
 
 The router of the k-shard composition is the n-shard router restricted to the first k shards
-(its logits of the allowed shards only, ``cdm.sampling_job``): the exact Bayes restriction of the
+(its logits of the allowed shards only, ``cdm.jobs.sample``): the exact Bayes restriction of the
 posterior P(shard | x_t) to the sub-mixture, *not* a router retrained on k shards. A router
 retrained without a dropped shard is what ``cdm-forget`` of a whole source produces.
 
@@ -33,8 +33,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.store import ArtifactStore, make_card
-from cdm.table1 import (
+from cdm.paper.table1 import (
     METHOD_TITLES,
     _current_adapter,
     _train,
@@ -42,6 +41,7 @@ from cdm.table1 import (
     forwarded_overrides,
     save_table,
 )
+from cdm.store import ArtifactStore, make_card
 
 COMPOSITIONS = ("classifier", "average", "random", "topk")  # methods that compose a shard subset
 ROUTED = ("classifier", "topk")  # methods that need the trained router
@@ -81,8 +81,8 @@ def check_spec(cfg: DictConfig) -> tuple[list[str], str, str]:
 
 def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample k = 1..n shards per method, evaluate, write the figure."""
-    from cdm.evaluation import run_evaluation
-    from cdm.sampling_job import run_sampling, shard_indices
+    from cdm.jobs.evaluate import run_evaluation
+    from cdm.jobs.sample import run_sampling, shard_indices
 
     started = time.perf_counter()
     spec = cfg.fig2
@@ -171,8 +171,8 @@ def own_reference_values(
     from cdm.core.hashing import sha256_bytes
     from cdm.eval.features import to_uint8
     from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
-    from cdm.evaluation import build_feature_space, load_samples, reference_features
-    from cdm.training import load_data
+    from cdm.jobs.context import load_data
+    from cdm.jobs.evaluate import build_feature_space, load_samples, reference_features
 
     def distance(mine: np.ndarray, ref: np.ndarray) -> float:
         if statistic == "FD":

@@ -10,20 +10,21 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.compose import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.core import composition as C
 from cdm.core.hashing import sha256_bytes
+from cdm.core.names import job_name
+from cdm.core.runtime import configure_runtime
+from cdm.jobs.context import device_description
 from cdm.models.backbone import UNET_CLASSES, null_label
+from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler, sample_composed
 from cdm.models.multi_adapter import (
     GraphedDense,
     MultiShardUNet,
     merge_adapters,
     read_peft_adapter,
 )
-from cdm.runtime import configure_runtime
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.store.samples import save_samples
-from cdm.training import device_description, job_name
 
 
 def shard_indices(store: ArtifactStore, experiment: str) -> list[int]:
@@ -55,7 +56,7 @@ def load_router(
     """The classifier router and its training log-prior, checked to be trained on these exact shards."""
     import copy
 
-    from cdm.routing import load_router_model
+    from cdm.jobs.router import load_router_model
 
     router, card = load_router_model(
         store, cfg.experiment_name, cfg.router_name, backbone=copy.deepcopy(backbone),
@@ -104,8 +105,8 @@ def knn_router(
     alphas = build_scheduler(
         OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
     ).alphas_cumprod
-    from cdm.knn_job import knn_embedder
-    from cdm.training import load_data
+    from cdm.jobs.context import load_data
+    from cdm.jobs.knn import knn_embedder
 
     embedder, embedder_parents = knn_embedder(cfg, store, load_data(cfg))
     for k, c in zip(shards, cards, strict=True):  # centroids embedded by another feature net
@@ -132,7 +133,7 @@ def shard_label_prior(
 
     A label no allowed shard holds (and the null label) falls back to the shard sizes.
     """
-    from cdm.training import load_data
+    from cdm.jobs.context import load_data
 
     dataset = load_data(cfg)
     index = dataset.id_to_index

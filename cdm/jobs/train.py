@@ -1,0 +1,162 @@
+"""Training jobs of the backbone, a shard adapter and the paragon (SISA slices, resumable)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from cdm.core.names import job_name
+from cdm.data.datamodule import ManifestDataModule
+from cdm.data.datasets import SampleDataset
+from cdm.data.sharding import (
+    Manifest,
+    Split,
+    indices_of,
+    slice_indices,
+)
+from cdm.jobs.context import (
+    build_trainer,
+    config_signature,
+    device_description,
+    fit_resumable,
+    load_backbone_for_shards,
+)
+from cdm.models.backbone import (
+    build_scheduler,
+    build_unet,
+    load_pretrained_unet,
+)
+from cdm.store import ArtifactStore, make_card
+from cdm.training.callbacks import ArtifactWriter, SliceCheckpoint
+from cdm.training.jobs import BackbonePretraining, ShardTraining
+
+
+def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: ArtifactStore):
+    """The LightningModule of this stage and the parents it depends on."""
+    scheduler = build_scheduler(cfg.backbone.scheduler)
+    common = dict(
+        dataset_size=len(dataset),
+        conditional=bool(cfg.data.conditional),
+        seed=int(cfg.seed),
+    )
+    if cfg.stage == "backbone":
+        if cfg.backbone.pretrained_path:
+            unet = load_pretrained_unet(cfg.backbone.pretrained_path, cfg.backbone.kind)
+        else:
+            unet = build_unet(
+                cfg.backbone.kind,
+                OmegaConf.to_container(cfg.backbone.unet, resolve=True),
+                sample_size=cfg.data.resolution,
+                channels=cfg.data.channels,
+                num_classes=cfg.data.num_classes if cfg.data.conditional else None,
+            )
+        p = cfg.pretrain
+        module = BackbonePretraining(
+            unet, scheduler.alphas_cumprod, lr=p.lr, weight_decay=p.weight_decay, ema_decay=p.ema_decay,
+            cond_drop_prob=cfg.optim.cond_drop_prob, **common,
+        )  # fmt: skip
+        parents = (
+            [{"kind": "pretrained", "path": str(cfg.backbone.pretrained_path)}]
+            if cfg.backbone.pretrained_path
+            else []
+        )
+        return module, parents
+    unet, bcard = load_backbone_for_shards(cfg, store, split)
+    o = cfg.optim
+    module = ShardTraining(
+        unet, scheduler.alphas_cumprod, OmegaConf.to_container(cfg.adapter, resolve=True),
+        lr=o.lr, weight_decay=o.weight_decay, ema_decay=o.ema_decay, cond_drop_prob=o.cond_drop_prob, **common,
+    )  # fmt: skip
+    parents = [{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}]
+    return module, parents
+
+
+def job_schedule(
+    cfg: DictConfig, dataset: SampleDataset, manifest: Manifest
+) -> tuple[list[list[int]], int, int]:
+    """(slices of dataset indices, epochs per slice, batch size) of this stage.
+
+    The backbone sees its safe split as one slice; shards and the paragon walk their SISA slices.
+    """
+    if cfg.stage == "backbone":
+        return (
+            [indices_of(dataset, manifest)],
+            int(cfg.pretrain.epochs),
+            int(cfg.pretrain.batch_size),
+        )
+    return (
+        slice_indices(dataset, manifest),
+        int(cfg.optim.epochs_per_slice),
+        int(cfg.optim.batch_size),
+    )
+
+
+def import_pretrained_backbone(
+    cfg: DictConfig, store: ArtifactStore, unet: torch.nn.Module, card: dict
+) -> dict:
+    """``pretrain.epochs=0``: store a local pretrained UNet as the backbone, untouched."""
+    if cfg.stage != "backbone" or not cfg.backbone.pretrained_path:
+        raise ValueError(
+            "zero epochs only imports a pretrained backbone: set backbone.pretrained_path"
+        )
+    card.update(manifest_hash=None, n_samples_fed=0, metrics={}, wall_time_s=0.0)
+    return store.save_backbone(cfg.backbone.id, unet, card)
+
+
+def fit_job(
+    cfg: DictConfig,
+    store: ArtifactStore,
+    dataset: SampleDataset,
+    split: Split,
+    manifest: Manifest,
+    *,
+    ckpt_dir: Path,
+    target_dir: Path | None = None,
+    card_extra: dict | None = None,
+) -> dict | None:
+    """Build the stage's module and Trainer and fit it on ``manifest`` (resuming from
+    ``ckpt_dir/last.ckpt``); the ArtifactWriter stores the result (in ``target_dir`` if given).
+
+    Returns the card of an imported pretrained backbone (zero epochs), else None.
+    """
+    experiment = cfg.experiment_name
+    job = job_name(cfg.stage, cfg.shard.index)
+    is_backbone = cfg.stage == "backbone"
+    module, parents = build_module(cfg, dataset, split, store)
+    slices, epochs_per_slice, batch_size = job_schedule(cfg, dataset, manifest)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    card = make_card(
+        kind=cfg.stage,
+        name=cfg.backbone.id if is_backbone else job,
+        experiment=experiment,
+        shard_index=int(cfg.shard.index) if cfg.stage == "shard" else None,
+        manifest_name=manifest.name,
+        safe_manifest_hash=split.safe.hash,
+        parents=parents,
+        config=config,
+        device=device_description(),
+        **(card_extra or {}),
+    )
+    if epochs_per_slice == 0:
+        return import_pretrained_backbone(cfg, store, module.model, card)
+
+    datamodule = ManifestDataModule(
+        dataset,
+        slices,
+        batch_size=batch_size,
+        epochs_per_slice=epochs_per_slice,
+        seed=int(cfg.seed),
+    )
+    callbacks: list[pl.Callback] = [
+        SliceCheckpoint(ckpt_dir, epochs_per_slice, signature=config_signature(config)),
+        ArtifactWriter(
+            *(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
+            target_dir=None if target_dir is None else str(target_dir),
+        ),
+    ]
+    trainer = build_trainer(cfg, callbacks, store.log_dir(experiment), datamodule.max_epochs)
+    fit_resumable(trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job)
+    return None

@@ -1,0 +1,1 @@
+"""The lifecycle of sources: forget samples or a source, add a source, serve with access rights."""
