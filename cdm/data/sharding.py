@@ -367,24 +367,7 @@ def make_split(
 ) -> Split:
     """Split ``dataset``'s ``split`` samples into safe + ``n_shards`` disjoint shards, each cut into
     ``n_slices`` SISA slices. See the module docstring for determinism."""
-    if strategy not in STRATEGIES:
-        raise ValueError(
-            f"unknown sharding strategy {strategy!r}; choose one of {list(STRATEGIES)}"
-        )
-    if strategy != "manifest" and n_shards < 1:
-        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
-    if strategy != "manifest" and manifest_path is not None:
-        raise ValueError(
-            f"manifest_path is only used with strategy='manifest' (got strategy={strategy!r})"
-        )
-    if not 0.0 <= safe_fraction < 1.0:
-        raise ValueError(
-            f"safe_fraction must be in [0, 1), got {safe_fraction}; use safe_classes to make whole classes safe"
-        )
-    if n_slices < 1:
-        raise ValueError(f"n_slices must be >= 1, got {n_slices}")
-    if not isinstance(seed, int | np.integer) or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+    check_split_args(strategy, n_shards, seed, safe_fraction, n_slices, manifest_path)
     labels = np.asarray(dataset.labels)
     pool = [i for i, s in enumerate(dataset.splits) if s == split]
     if not pool:
@@ -434,36 +417,73 @@ def make_split(
     shards, shard_slices = [], []
     for k, (idx, extra) in enumerate(groups):
         name = f"shard-{k:02d}"
-        if not idx:
-            raise ValueError(f"{name} is empty; lower n_shards")
-        if n_slices > len(idx):
-            raise ValueError(
-                f"n_slices={n_slices} > {len(idx)} samples in {name}; lower n_slices or n_shards"
-            )
-        idx = _sorted_by_id(dataset, idx)
-        parts = [[idx[j] for j in part] for part in slice_order(len(idx), n_slices, seed, k)]
+        parts = _shard_slices(dataset, idx, name, n_slices, seed, k)
         shard_slices.append(parts)
-        bounds = np.cumsum([0] + [len(p) for p in parts])
-        shards.append(
-            build(
-                name,
-                [i for p in parts for i in p],
-                list(zip(bounds[:-1], bounds[1:], strict=True)),
-                {"shard": k, **extra},
-            )
-        )
+        shards.append(build(name, _concat(parts), _slice_bounds(parts), {"shard": k, **extra}))
 
     # private = union of shards; its slice j is the union of every shard's slice j (paragon SISA).
     priv_parts = [[i for parts in shard_slices for i in parts[j]] for j in range(n_slices)]
-    bounds = np.cumsum([0] + [len(p) for p in priv_parts])
     private_m = build(
         "private",
-        [i for p in priv_parts for i in p],
-        list(zip(bounds[:-1], bounds[1:], strict=True)),
+        _concat(priv_parts),
+        _slice_bounds(priv_parts),
         {"shards": [m.name for m in shards]},
     )
     safe_m = build("safe", safe, [(0, len(safe))] if safe else [], {})
     return Split(safe=safe_m, shards=tuple(shards), private=private_m)
+
+
+def check_split_args(
+    strategy: str,
+    n_shards: int,
+    seed: int,
+    safe_fraction: float,
+    n_slices: int,
+    manifest_path: str | None,
+) -> None:
+    """Refuse settings ``make_split`` cannot honour, naming the setting and its valid range."""
+    if strategy not in STRATEGIES:
+        raise ValueError(
+            f"unknown sharding strategy {strategy!r}; choose one of {list(STRATEGIES)}"
+        )
+    if strategy != "manifest" and n_shards < 1:
+        raise ValueError(f"n_shards must be >= 1, got {n_shards}")
+    if strategy != "manifest" and manifest_path is not None:
+        raise ValueError(
+            f"manifest_path is only used with strategy='manifest' (got strategy={strategy!r})"
+        )
+    if not 0.0 <= safe_fraction < 1.0:
+        raise ValueError(
+            f"safe_fraction must be in [0, 1), got {safe_fraction}; use safe_classes to make whole classes safe"
+        )
+    if n_slices < 1:
+        raise ValueError(f"n_slices must be >= 1, got {n_slices}")
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
+
+
+def _shard_slices(
+    dataset, idx: list[int], name: str, n_slices: int, seed: int, k: int
+) -> list[list[int]]:
+    """Shard ``k``'s dataset indices cut into its ``n_slices`` SISA slices (in training order)."""
+    if not idx:
+        raise ValueError(f"{name} is empty; lower n_shards")
+    if n_slices > len(idx):
+        raise ValueError(
+            f"n_slices={n_slices} > {len(idx)} samples in {name}; lower n_slices or n_shards"
+        )
+    idx = _sorted_by_id(dataset, idx)
+    return [[idx[j] for j in part] for part in slice_order(len(idx), n_slices, seed, k)]
+
+
+def _concat(parts: list[list[int]]) -> list[int]:
+    return [i for p in parts for i in p]
+
+
+def _slice_bounds(parts: list[list[int]]) -> list[tuple[int, int]]:
+    """``[(start, end)]`` of each slice in the concatenation of ``parts``."""
+    bounds = np.cumsum([0] + [len(p) for p in parts])
+    return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
 def without_ids(split: Split, ids: Iterable[str]) -> Split:
