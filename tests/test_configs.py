@@ -1,4 +1,6 @@
-"""Every shipped config composes, and every experiment instantiates under debug=tiny."""
+"""Every shipped config composes, every `_target_` in it resolves, each stage composes only the
+groups it uses, a misspelled choice fails at composition, and every experiment instantiates
+under debug=tiny."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from hydra.utils import get_object
 from omegaconf import OmegaConf
 
 from cdm.cli.config import config_dir, register_resolvers
@@ -15,21 +19,32 @@ from cdm.jobs.context import build_loggers, load_data, split_data
 register_resolvers()
 CONF = Path(config_dir())
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
+# The config (and overrides) in which each group is chosen: the groups only some stages use are
+# pulled in by those stages (conf/stage/*.yaml), the sampling groups by conf/sample.yaml.
+GROUP_CONTEXT = {
+    "data": ("train", []),
+    "sharding": ("train", []),
+    "backbone": ("train", []),
+    "stage": ("train", []),
+    "trainer": ("train", []),
+    "logger": ("train", []),
+    "callbacks": ("train", []),
+    "paths": ("train", []),
+    "debug": ("train", []),
+    "adapter": ("train", ["stage=shard"]),
+    "router": ("train", ["stage=router"]),
+    "knn": ("train", ["stage=knn"]),
+    "feature_net": ("train", ["stage=feature_net"]),
+    "composition": ("sample", []),
+    "sampler": ("sample", []),
+}
+NOT_CHOSEN_ALONE = {
+    "experiment",
+    "hydra",
+}  # deltas over other groups / Hydra's own (launchers below)
 GROUP_OPTIONS = [
-    (group, p.stem)
-    for group in (
-        "data",
-        "sharding",
-        "backbone",
-        "adapter",
-        "trainer",
-        "logger",
-        "callbacks",
-        "paths",
-        "debug",
-        "feature_net",
-    )
-    for p in sorted((CONF / group).glob("*.yaml"))
+    (group, p.stem) for group in GROUP_CONTEXT for p in sorted((CONF / group).glob("*.yaml"))
 ]
 # Options that need a user-given local path or size: composing must leave exactly these unset.
 REQUIRED = {
@@ -43,11 +58,22 @@ REQUIRED = {
     ("backbone", "pretrained"): {"backbone.pretrained_path"},
     ("knn", "clip"): {"knn.embedder.path"},
 }
+# The groups that only some stages use, and the stages that use each.
+STAGE_GROUPS = {
+    "adapter": {"shard", "paragon"},
+    "router": {"router"},
+    "knn": {"knn"},
+    "feature_net": {"feature_net"},
+}
+
+
+def compose_config(name: str, overrides: list[str], with_hydra: bool = False):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides, return_hydra_config=with_hydra)
 
 
 def compose_train(overrides: list[str], with_hydra: bool = False):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name="train", overrides=overrides, return_hydra_config=with_hydra)
+    return compose_config("train", overrides, with_hydra)
 
 
 def missing_keys(cfg, prefix: str = "") -> set[str]:
@@ -61,30 +87,121 @@ def missing_keys(cfg, prefix: str = "") -> set[str]:
     return out
 
 
+def targets(node, path: str = "") -> dict[str, str]:
+    """Every ``_target_`` in a plain container: ``{path of its node: dotted target}``."""
+    found = {}
+    if isinstance(node, dict):
+        if isinstance(node.get("_target_"), str):
+            found[path or "<root>"] = node["_target_"]
+        for key, value in node.items():
+            found |= targets(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for k, value in enumerate(node):
+            found |= targets(value, f"{path}[{k}]")
+    return found
+
+
+def assert_targets_resolve(cfg) -> dict[str, str]:
+    """Each ``_target_`` names an importable object (nothing is built)."""
+    found = targets(OmegaConf.to_container(cfg, resolve=False))
+    for path, target in found.items():
+        try:
+            get_object(target)
+        except Exception as err:  # noqa: BLE001 - the message names the config path
+            raise AssertionError(f"{path}._target_ = {target!r} does not resolve: {err}") from err
+    return found
+
+
 def test_there_are_configs_to_check():
     assert {f"digits_{n}split" for n in (1, 2, 4, 8)} <= set(EXPERIMENTS)
     assert {f"fashion_{n}split" for n in (1, 2, 4, 8)} <= set(EXPERIMENTS)
-    assert len(GROUP_OPTIONS) >= 20
+    assert set(STAGES) == {"backbone", "shard", "paragon", "router", "knn", "feature_net"}
+    assert len(GROUP_OPTIONS) >= 40
+
+
+def test_every_group_is_checked():
+    """A new config group must be added to GROUP_CONTEXT (or it is never composed here)."""
+    groups = {p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    assert groups - NOT_CHOSEN_ALONE == set(GROUP_CONTEXT)
 
 
 @pytest.mark.parametrize(
     ("group", "option"), GROUP_OPTIONS, ids=[f"{g}={o}" for g, o in GROUP_OPTIONS]
 )
-def test_every_group_option_composes_and_resolves(group, option):
-    cfg = compose_train([f"{group}={option}"])
-    assert missing_keys(cfg) == REQUIRED.get((group, option), set())
+def test_every_group_option_composes_resolves_and_names_importable_targets(group, option):
+    name, context = GROUP_CONTEXT[group]
+    cfg = compose_config(name, [*context, f"{group}={option}"])
+    required = REQUIRED.get((group, option), set())
+    assert missing_keys(cfg) == required
     # everything else resolves (interpolations, resolvers)
     for key in cfg:
-        if key not in {k.split(".")[0] for k in REQUIRED.get((group, option), set())}:
-            OmegaConf.to_container(cfg[key], resolve=True) if OmegaConf.is_config(
-                cfg[key]
-            ) else cfg[key]
+        if key not in {k.split(".")[0] for k in required} and OmegaConf.is_config(cfg[key]):
+            OmegaConf.to_container(cfg[key], resolve=True)
+    found = assert_targets_resolve(cfg)
+    assert "job" in found  # every composed config names the job of its stage
+    chosen = {"data": "data", "router": "router.model", "adapter": "adapter", "stage": "job",
+              "knn": "knn.embedder", "composition": "composition", "sampler": "sampler"}  # fmt: skip
+    if group in chosen:
+        assert chosen[group] in found, f"{group}={option} chooses nothing by _target_"
+
+
+@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("debug", [[], ["debug=tiny"]], ids=["full", "debug_tiny"])
+def test_each_stage_composes_only_the_groups_it_uses(stage, debug):
+    cfg = compose_train(["experiment=digits_4split", f"stage={stage}", *debug])
+    assert cfg.stage == stage and get_object(cfg.job._target_)
+    for group, users in STAGE_GROUPS.items():
+        assert (group in cfg) == (stage in users), f"stage={stage} and group {group}"
+
+
+def test_stage_groups_stay_overridable_from_the_command_line():
+    cfg = compose_train(["stage=router", "router=backbone_head", "debug=tiny"])
+    assert cfg.router.model._target_ == "cdm.models.router.BackboneHeadRouter"
+    assert cfg.router.epochs == 2  # debug=tiny's router settings still apply
+    cfg = compose_train(["stage=knn", "knn=feature_net"])
+    assert cfg.knn.embedder._target_ == "cdm.models.knn_router.FeatureNetEmbedder"
+    cfg = compose_train(["stage=shard", "shard.index=2", "adapter=full"])
+    assert cfg.shard.index == 2 and cfg.adapter.kind == "full"
+    assert cfg.job._target_ == "cdm.jobs.run.run_training_job"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "group", "choices"),
+    [
+        (["stage=rooter"], "stage", {"backbone", "shard", "paragon", "router", "knn"}),
+        (["data=digitz"], "data", {"digits", "fashion_mnist", "npz", "image_folder"}),
+        (["stage=router", "router=foo"], "router", {"small", "backbone_head"}),
+        (["stage=knn", "knn=pixel"], "knn", {"pixels", "clip", "feature_net"}),
+        (["stage=shard", "adapter=lorra"], "adapter", {"lora", "full"}),
+        (["backbone=smal"], "backbone", {"small", "tiny", "base"}),
+    ],
+)
+def test_a_misspelled_choice_fails_at_composition_listing_the_choices(overrides, group, choices):
+    with pytest.raises(MissingConfigException) as err:
+        compose_train(overrides)
+    message = str(err.value)
+    assert f"Available options in '{group}'" in message
+    listed = {line.strip() for line in message.splitlines()}
+    assert choices <= listed, message
+
+
+def test_a_group_the_stage_does_not_use_cannot_be_chosen_silently():
+    with pytest.raises(ConfigCompositionException, match="Could not override 'router'"):
+        compose_train(["stage=shard", "router=backbone_head"])
 
 
 @pytest.mark.parametrize("launcher", ["basic", "joblib", "submitit_local", "slurm"])
 def test_launchers_compose(launcher):
     cfg = compose_train([f"hydra/launcher={launcher}"], with_hydra=True)
     assert cfg.hydra.launcher._target_
+
+
+@pytest.mark.parametrize("experiment", EXPERIMENTS)
+def test_experiment_composes_under_every_stage_with_importable_targets(experiment):
+    for stage in STAGES:
+        cfg = compose_train([f"experiment={experiment}", f"stage={stage}"])
+        assert cfg.experiment_name == experiment and missing_keys(cfg) == set()
+        assert_targets_resolve(cfg)
 
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
@@ -97,10 +214,11 @@ def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
 
     overrides = [f"experiment={experiment}", "debug=tiny", f"paths.artifacts={tmp_path}"]
     if experiment.startswith("fashion"):
-        if not Path(FASHION_DEFAULT_ROOT).is_dir():
-            pytest.skip("Fashion-MNIST is not installed: `make data-fashion`")
         overrides.append("data.kwargs.limit_per_split=300")
     cfg = compose_train(overrides)
+    needs_fashion = "load_fashion_mnist" in str(OmegaConf.to_container(cfg.data))
+    if needs_fashion and not Path(FASHION_DEFAULT_ROOT).is_dir():
+        pytest.skip("Fashion-MNIST is not installed: `make data-fashion`")
     assert cfg.experiment_name == experiment
     assert cfg.backbone.preset == "tiny"
     dataset = load_data(cfg)
@@ -128,19 +246,16 @@ def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
 
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_sample_config_composes_for_every_experiment(experiment):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(
-            config_name="sample", overrides=[f"experiment={experiment}", "composition=average"]
-        )
+    cfg = compose_config("sample", [f"experiment={experiment}", "composition=average"])
     assert cfg.experiment_name == experiment and cfg.name == "average"
     assert missing_keys(cfg) == set()
+    assert_targets_resolve(cfg)
 
 
 @pytest.mark.parametrize("config", ["eval", "table1", "fig2"])
 @pytest.mark.parametrize("experiment", EXPERIMENTS)
 def test_eval_and_table1_configs_compose_for_every_experiment(config, experiment):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        cfg = compose(config_name=config, overrides=[f"experiment={experiment}"])
+    cfg = compose_config(config, [f"experiment={experiment}"])
     assert missing_keys(cfg) == set()
     assert set(cfg.evaluate.feature_spaces) <= {"domain", "inception", "pixels"}
     if config == "table1":
@@ -160,16 +275,14 @@ USER_GIVEN = {"serve": ["serve.user=alice", "serve.policy=policy.yaml"]}  # no s
 @pytest.mark.parametrize("config", TOP_LEVEL)
 def test_every_top_level_config_composes(config):
     """Each entry point's config (cdm-train, -sample, -eval, -table1, -forget, -add-source, ...)
-    composes with every value set, on an experiment where it takes one."""
-    from hydra.errors import ConfigCompositionException
-
+    composes with every value set, on an experiment where it takes one, and its targets resolve."""
     assert {"train", "sample", "forget", "add_source", "serve"} <= set(TOP_LEVEL)
     extra = USER_GIVEN.get(config, [])
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        try:
-            cfg = compose(config_name=config, overrides=["experiment=digits_4split", *extra])
-            assert cfg.experiment_name == "digits_4split"
-        except ConfigCompositionException as err:  # a store-wide tool (no experiment group)
-            assert "No match in the defaults list" in str(err)
-            cfg = compose(config_name=config, overrides=extra)
+    try:
+        cfg = compose_config(config, ["experiment=digits_4split", *extra])
+        assert cfg.experiment_name == "digits_4split"
+    except ConfigCompositionException as err:  # a store-wide tool (no experiment group)
+        assert "No match in the defaults list" in str(err)
+        cfg = compose_config(config, extra)
     assert missing_keys(cfg) == set()
+    assert_targets_resolve(cfg)

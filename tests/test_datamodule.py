@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 
 from cdm.data.datamodule import ManifestDataModule, active_slices
-from cdm.data.datasets import build_dataset
+from cdm.data.datasets import load_digits_dataset
 from cdm.data.sharding import make_split, slice_indices
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return build_dataset("digits")
+    return load_digits_dataset()
 
 
 @pytest.fixture(scope="module")

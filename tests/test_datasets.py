@@ -9,15 +9,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from cdm.cli.config import config_dir
 from cdm.data.datasets import (
-    DATASETS,
     FASHION_DEFAULT_ROOT,
     ArrayDataset,
     build_dataset,
+    dataset_from_config,
     load_cifar10,
 )
+
+DATA_CONF = Path(config_dir()) / "data"
+
+
+def build(option: str, **kwargs):
+    """The loader named by ``conf/data/<option>.yaml``'s ``_target_``, called with ``kwargs``."""
+    return build_dataset(OmegaConf.load(DATA_CONF / f"{option}.yaml")._target_, **kwargs)
 
 
 def sha(b: bytes) -> str:
@@ -26,7 +35,7 @@ def sha(b: bytes) -> str:
 
 @pytest.fixture(scope="module")
 def digits():
-    return build_dataset("digits")
+    return build("digits")
 
 
 def test_digits_shape_range_ids(digits):
@@ -46,7 +55,7 @@ def test_digits_shape_range_ids(digits):
 
 
 def test_digits_stable_and_hash_tracks_pixels(digits):
-    again = build_dataset("digits")
+    again = build("digits")
     assert again.ids == digits.ids and again.content_hashes == digits.content_hashes
     assert again.splits == digits.splits
     assert digits.content_hashes[0] == sha(np.ascontiguousarray(digits.raw[0]).tobytes())
@@ -65,16 +74,31 @@ def test_digits_stable_and_hash_tracks_pixels(digits):
 
 
 def test_digits_resize_and_channels():
-    ds = build_dataset("digits", resolution=16, channels=3)
+    ds = build("digits", resolution=16, channels=3)
     x = ds[0]["image"]
     assert x.shape == (3, 16, 16) and torch.equal(x[0], x[1])
     assert x.min() >= -1 and x.max() <= 1
 
 
-def test_unknown_dataset():
-    with pytest.raises(ValueError, match="choose one of"):
-        build_dataset("mnist")
-    assert {"digits", "fashion_mnist", "npz", "image_folder", "cifar10", "cub200"} <= set(DATASETS)
+def test_unknown_or_wrong_dataset_target():
+    with pytest.raises(ImportError, match="mnist"):
+        build_dataset("cdm.data.datasets.load_mnist")
+    with pytest.raises(TypeError, match="not a dataset: return a cdm.data.datasets.SampleDataset"):
+        build_dataset("builtins.dict", resolution=8)
+    with pytest.raises(ValueError, match="has no `_target_`"):
+        dataset_from_config({"name": "digits", "resolution": 8, "channels": 1, "kwargs": {}})
+    shipped = {p.stem for p in DATA_CONF.glob("*.yaml")}
+    assert {"digits", "fashion_mnist", "npz", "image_folder", "cifar10", "cub200"} <= shipped
+
+
+def test_dataset_from_config_passes_resolution_channels_root_and_kwargs(tmp_path):
+    images = np.arange(4 * 4 * 4, dtype=np.uint8).reshape(4, 4, 4)
+    np.savez(tmp_path / "four.npz", images=images, labels=np.array([0, 1, 0, 1]))
+    data = OmegaConf.load(DATA_CONF / "npz.yaml")
+    data.root, data.resolution, data.channels = str(tmp_path / "four.npz"), 8, 3
+    data.kwargs = {"test_fraction": 0.5}
+    ds = dataset_from_config(OmegaConf.to_container(data))
+    assert ds.name == "four" and ds[0]["image"].shape == (3, 8, 8) and ds.splits.count("test") == 2
 
 
 def test_npz(tmp_path):
@@ -89,14 +113,14 @@ def test_npz(tmp_path):
         scores=np.linspace(0, 1, 6),
         split=np.array(["train"] * 4 + ["test"] * 2),
     )
-    ds = build_dataset("npz", path=str(path), resolution=8)
+    ds = build("npz", path=str(path), resolution=8)
     assert ds.ids[2] == "toy/c" and ds.splits[-1] == "test" and ds.class_names == ["0", "1", "2"]
     assert ds.channels == 3 and ds[0]["image"].shape == (3, 8, 8)
     assert torch.allclose(ds.scores, torch.linspace(0, 1, 6))
     assert ds.content_hashes[1] == sha(images[1].tobytes())
     # minimal file: default ids from the file stem, grayscale, hash-based test split, root alias
     np.savez(tmp_path / "mini.npz", images=images[..., 0], labels=np.zeros(6, dtype=int))
-    mini = build_dataset("npz", root=str(tmp_path / "mini.npz"), channels=1, test_fraction=0.5)
+    mini = build("npz", root=str(tmp_path / "mini.npz"), channels=1, test_fraction=0.5)
     assert mini.ids[0] == "mini/000000" and mini.splits.count("test") == 3
     assert mini[0]["image"].shape == (1, 4, 4) and mini.scores is None
     exact = (images[0, ..., 0].astype(np.float32) / 127.5 - 1)[None]
@@ -113,7 +137,7 @@ def test_image_folder(tmp_path):
         for k in range(3):
             _png(tmp_path / cls / f"{k}.png", size=(8, 12), color=(k * 50, 100, 200))
     (tmp_path / "ant" / "notes.txt").write_text("not an image")
-    ds = build_dataset("image_folder", root=str(tmp_path), resolution=4, cache=True)
+    ds = build("image_folder", root=str(tmp_path), resolution=4, cache=True)
     assert ds.class_names == ["ant", "cat"] and len(ds) == 6
     assert ds.ids[0] == "image_folder/ant/0.png" and ds.labels.tolist() == [0, 0, 0, 1, 1, 1]
     assert ds.content_hashes[0] == sha((tmp_path / "ant" / "0.png").read_bytes())
@@ -121,9 +145,7 @@ def test_image_folder(tmp_path):
     x = ds[1]["image"]
     assert x.shape == (3, 4, 4) and torch.allclose(x[2], torch.full((4, 4), 200 / 127.5 - 1))
     assert ds[1]["image"] is x  # cached
-    gray = build_dataset(
-        "image_folder", root=str(tmp_path), resolution=4, channels=1, test_fraction=0.34
-    )
+    gray = build("image_folder", root=str(tmp_path), resolution=4, channels=1, test_fraction=0.34)
     assert gray[0]["image"].shape == (1, 4, 4) and gray.splits.count("test") == 2
 
 
@@ -131,7 +153,7 @@ def test_image_folder_train_test_layout(tmp_path):
     _png(tmp_path / "train" / "a" / "x.png")
     _png(tmp_path / "train" / "b" / "y.png")
     _png(tmp_path / "test" / "b" / "z.png")
-    ds = build_dataset("image_folder", root=str(tmp_path), resolution=4)
+    ds = build("image_folder", root=str(tmp_path), resolution=4)
     assert ds.ids == [
         "image_folder/train/a/x.png",
         "image_folder/train/b/y.png",
@@ -172,7 +194,7 @@ def test_cub200_and_pets_layouts(tmp_path):
     (cub / "image_class_labels.txt").write_text("1 1\n2 2\n")
     (cub / "train_test_split.txt").write_text("1 1\n2 0\n")
     (cub / "classes.txt").write_text("1 001.Albatross\n2 002.Wren\n")
-    ds = build_dataset("cub200", root=str(tmp_path), resolution=4)
+    ds = build("cub200", root=str(tmp_path), resolution=4)
     assert ds.ids == ["cub200/001.Albatross/a_1.jpg", "cub200/002.Wren/w_2.jpg"]
     assert ds.class_names == ["Albatross", "Wren"] and ds.splits == ["train", "test"]
     assert ds[1]["image"].shape == (3, 4, 4)
@@ -183,7 +205,7 @@ def test_cub200_and_pets_layouts(tmp_path):
     (pets / "annotations").mkdir()
     (pets / "annotations" / "trainval.txt").write_text("Abyssinian_1 1 1 1\n")
     (pets / "annotations" / "test.txt").write_text("great_pyrenees_2 2 2 1\n")
-    ds = build_dataset("oxford_pets", root=str(tmp_path), resolution=4)
+    ds = build("oxford_pets", root=str(tmp_path), resolution=4)
     assert ds.ids == ["oxford_pets/Abyssinian_1.jpg", "oxford_pets/great_pyrenees_2.jpg"]
     assert ds.class_names == ["Abyssinian", "Great Pyrenees"] and ds.splits == ["train", "test"]
 
@@ -199,7 +221,7 @@ def test_stanford_cars_layout(tmp_path):
     sio.savemat(base / "cars_test_annos_withlabels.mat", {"annotations": annos})
     names = np.array(["AM General Hummer", "Acura RL"], dtype=object)
     sio.savemat(base / "devkit" / "cars_meta.mat", {"class_names": names})
-    ds = build_dataset("stanford_cars", root=str(tmp_path), resolution=4)
+    ds = build("stanford_cars", root=str(tmp_path), resolution=4)
     assert ds.ids == ["stanford_cars/cars_train/00001.jpg", "stanford_cars/cars_test/00001.jpg"]
     assert ds.labels.tolist() == [1, 1] and ds.class_names[1] == "Acura RL"
 
@@ -220,25 +242,25 @@ def test_missing_paths_explain_layout(tmp_path, name, kwargs):
     if name == "npz":
         kwargs = {"path": str(tmp_path / "nope.npz")}
     with pytest.raises(FileNotFoundError) as err:
-        build_dataset(name, **kwargs)
+        build(name, **kwargs)
     msg = str(err.value)
     assert "nope" in msg and "Expected layout" in msg and "Nothing is downloaded" in msg
 
 
 def test_missing_root_and_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="no root given"):
-        build_dataset("cifar10")
+        build("cifar10")
     (tmp_path / "batches.meta.txt").write_text("a\n")
     with pytest.raises(FileNotFoundError, match="data_batch_1.bin"):
-        build_dataset("cifar10", root=str(tmp_path))
+        build("cifar10", root=str(tmp_path))
     (tmp_path / "empty").mkdir()
     with pytest.raises(FileNotFoundError, match="class_name"):
-        build_dataset("image_folder", root=str(tmp_path / "empty"))
+        build("image_folder", root=str(tmp_path / "empty"))
 
 
 def test_fashion_mnist_missing_root_error(tmp_path):
     with pytest.raises(FileNotFoundError) as err:
-        build_dataset("fashion_mnist", root=str(tmp_path / "absent"))
+        build("fashion_mnist", root=str(tmp_path / "absent"))
     msg = str(err.value)
     assert "make data-fashion" in msg and "data.root=" in msg and "train-images-idx3-ubyte" in msg
 
@@ -259,7 +281,7 @@ def test_fashion_mnist_idx_parser(tmp_path):
                 path.with_suffix(".gz").write_bytes(gzip.compress(_idx(arr)))
             else:
                 path.write_bytes(_idx(arr))
-    ds = build_dataset("fashion_mnist", root=str(tmp_path), limit_per_split=4)
+    ds = build("fashion_mnist", root=str(tmp_path), limit_per_split=4)
     assert len(ds) == 7 and ds.splits.count("test") == 3
     assert ds.ids[4] == "fashion_mnist/test/000000" and ds[0]["image"].shape == (1, 28, 28)
 
@@ -270,7 +292,7 @@ def test_fashion_mnist_real_files():
         and not (Path(FASHION_DEFAULT_ROOT) / "train-images-idx3-ubyte").exists()
     ):
         pytest.skip("Debian's dataset-fashion-mnist is not installed (make data-fashion)")
-    ds = build_dataset("fashion_mnist", limit_per_split=50, resolution=16)
+    ds = build("fashion_mnist", limit_per_split=50, resolution=16)
     assert len(ds) == 100 and ds.class_names[9] == "Ankle boot"
     assert (
         ds[0]["image"].shape == (1, 16, 16) and ds.labels[0] == 9

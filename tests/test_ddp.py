@@ -15,9 +15,9 @@ def test_rank_parts_are_disjoint_and_cover_the_slice():
     assert len(set(parts[0]) & set(parts[1])) <= 1
 
 
-def test_shard_trains_on_two_cpu_processes(tmp_path, cli):
+def test_shard_trains_on_two_cpu_processes(tmp_path, cli, train):
     args = ["experiment=digits_2split", "debug=tiny"]
-    cli(*args, "stage=backbone", artifacts=tmp_path)
+    train(*args, "stage=backbone", artifacts=tmp_path)  # in process: only the shard needs DDP
     cli(*args, "stage=shard", "shard.index=1", "trainer=ddp_cpu", artifacts=tmp_path)
     store = ArtifactStore(tmp_path)
     card = read_card(store.adapter_dir("digits_2split", "shard-01"))

@@ -11,7 +11,6 @@ import pytest
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
 from cdm.store import ArtifactStore, read_card
 from cdm.store.samples import save_samples
-from cdm.store.stats import stats_dir
 
 TINY = ["experiment=digits_2split", "debug=tiny"]
 SAMPLE = [*TINY, "num_samples=40", "batch_size=20", "steps=4", "progress=false"]
@@ -130,7 +129,7 @@ def test_reference_features_are_cached_once(store_root):
     import shutil
 
     shutil.rmtree(dirs[0].parent)
-    assert not stats_dir(store, card["feature_space"], card["name"]).exists()
+    assert not store.stats_dir(card["feature_space"], card["name"]).exists()
 
 
 def test_samples_are_redrawn_only_when_stale(store_root):

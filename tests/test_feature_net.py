@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -28,8 +29,6 @@ from cdm.store import (
     sha256_file,
 )
 from cdm.store.feature_nets import (
-    feature_net_checkpoint_dir,
-    feature_net_dir,
     feature_net_key,
     list_feature_nets,
 )
@@ -40,9 +39,9 @@ TINY = ["experiment=digits_4split", "debug=tiny", "stage=feature_net", "feature_
 
 
 def digits():
-    from cdm.data.datasets import build_dataset
+    from cdm.data.datasets import load_digits_dataset
 
-    return build_dataset("digits", resolution=8, channels=1)
+    return load_digits_dataset(resolution=8, channels=1)
 
 
 def uint8_images(dataset, indices) -> torch.Tensor:
@@ -96,8 +95,8 @@ def test_default_config_id_is_the_default_key():
     conf = Path(__file__).resolve().parents[1] / "cdm" / "conf"
     cfg = OmegaConf.load(conf / "feature_net" / "default.yaml")
     assert cfg.id.format(dataset="digits", resolution=8, seed=0, channels=1) == KEY
-    defaults = OmegaConf.to_container(OmegaConf.load(conf / "train.yaml"))["defaults"]
-    assert {"feature_net": "default"} in defaults
+    stage = OmegaConf.to_container(OmegaConf.load(conf / "stage" / "feature_net.yaml"))
+    assert {"/feature_net": "default"} in stage["defaults"]  # stage=feature_net pulls it in
 
 
 # ---------------------------------------------------------------------------------- the job
@@ -110,14 +109,14 @@ def trained(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("feature-net-artifacts")
     card = run_inprocess(*TINY, artifacts=root)
-    weights = load_file(feature_net_dir(ArtifactStore(root), KEY) / "feature_net.safetensors")
+    weights = load_file(ArtifactStore(root).feature_net_dir(KEY) / "feature_net.safetensors")
     return root, card, weights
 
 
 def test_job_writes_a_checked_artifact_with_a_card(trained):
     root, card, _ = trained
     store = ArtifactStore(root)
-    directory = feature_net_dir(store, KEY)
+    directory = store.feature_net_dir(KEY)
     assert directory == root / "feature_nets" / KEY  # per dataset and resolution, not experiment
     assert read_card(directory) == card
     assert card["kind"] == "feature_net" and card["name"] == KEY
@@ -126,7 +125,7 @@ def test_job_writes_a_checked_artifact_with_a_card(trained):
     assert card["weights_sha256"] == sha256_file(directory / "feature_net.safetensors")
     assert card["config"]["feature_net"]["epochs"] == 4 and card["wall_time_s"] > 0
     assert card["code_version"] and card["made_by_experiment"] == "digits_4split"
-    assert not feature_net_checkpoint_dir(store, KEY).exists()  # nothing else left on disk
+    assert not store.feature_net_checkpoint_dir(KEY).exists()  # nothing else left on disk
     assert [e["name"] for e in list_feature_nets(store)] == [KEY]
     assert not (root / "experiments").exists()  # no experiment artifacts: the net is shared
 
@@ -162,15 +161,16 @@ def test_accuracy_is_well_above_chance_and_that_of_the_saved_net(trained):
     assert card["metrics"]["feature_net/val_acc"] == pytest.approx(acc, abs=1e-6)
 
 
-def test_rerun_is_a_no_op(trained, capsys):
+def test_rerun_is_a_no_op(trained, caplog):
     from tests.conftest import run_inprocess
 
     root, card, _ = trained
-    path = feature_net_dir(ArtifactStore(root), KEY) / "feature_net.safetensors"
+    path = ArtifactStore(root).feature_net_dir(KEY) / "feature_net.safetensors"
     mtime = path.stat().st_mtime_ns
     # another experiment on the same dataset and resolution shares the net
+    caplog.set_level(logging.INFO, logger="cdm")
     again = run_inprocess(*TINY, "experiment=digits_2split", artifacts=root)
-    assert again == card and "already trained" in capsys.readouterr().out
+    assert again == card and "already trained" in caplog.text
     assert path.stat().st_mtime_ns == mtime
 
 
@@ -180,7 +180,7 @@ def test_retrain_with_the_same_seed_is_bit_identical(trained):
     root, card, weights = trained
     again = run_inprocess(*TINY, "retrain=true", artifacts=root)
     assert again["created"] >= card["created"]
-    redone = load_file(feature_net_dir(ArtifactStore(root), KEY) / "feature_net.safetensors")
+    redone = load_file(ArtifactStore(root).feature_net_dir(KEY) / "feature_net.safetensors")
     assert redone.keys() == weights.keys()
     assert all(torch.equal(redone[k], weights[k]) for k in weights)
     assert again["weights_sha256"] == card["weights_sha256"]
@@ -193,7 +193,7 @@ def test_a_stored_net_trained_on_other_data_is_refused(trained, tmp_path):
     root, _, _ = trained
     copy = tmp_path / "store"
     shutil.copytree(root, copy)
-    card_path = feature_net_dir(ArtifactStore(copy), KEY) / "card.json"
+    card_path = ArtifactStore(copy).feature_net_dir(KEY) / "card.json"
     card = json.loads(card_path.read_text())
     card["train_ids_hash"] = "0" * 64
     card_path.write_text(json.dumps(card))
@@ -281,7 +281,7 @@ def test_corrupted_net_is_refused(trained, tmp_path, damage):
     root, _, _ = trained
     copy = tmp_path / "store"
     shutil.copytree(root, copy)
-    directory = feature_net_dir(ArtifactStore(copy), KEY)
+    directory = ArtifactStore(copy).feature_net_dir(KEY)
     if damage == "config":
         path = directory / "feature_net_config.json"
         path.write_text(path.read_text().replace('"feature_dim": 128', '"feature_dim": 64'))
@@ -307,14 +307,14 @@ def test_killed_feature_net_job_resumes_bit_identical(tmp_path):
     proc = run_cli(*args, "kill_at_step=30", artifacts=killed, check=False)
     assert proc.returncode == 17, proc.stderr[-2000:]
     store = ArtifactStore(killed)
-    assert (feature_net_checkpoint_dir(store, KEY) / "last.ckpt").is_file()
-    assert not feature_net_dir(store, KEY).exists()
+    assert (store.feature_net_checkpoint_dir(KEY) / "last.ckpt").is_file()
+    assert not store.feature_net_dir(KEY).exists()
     assert "resuming" in run_cli(*args, artifacts=killed).stdout
     run_cli(*args, artifacts=straight)
-    a = load_file(feature_net_dir(store, KEY) / "feature_net.safetensors")
-    b = load_file(feature_net_dir(ArtifactStore(straight), KEY) / "feature_net.safetensors")
+    a = load_file(store.feature_net_dir(KEY) / "feature_net.safetensors")
+    b = load_file(ArtifactStore(straight).feature_net_dir(KEY) / "feature_net.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert (
-        read_card(feature_net_dir(store, KEY))["test_accuracy"]
-        == read_card(feature_net_dir(ArtifactStore(straight), KEY))["test_accuracy"]
+        read_card(store.feature_net_dir(KEY))["test_accuracy"]
+        == read_card(ArtifactStore(straight).feature_net_dir(KEY))["test_accuracy"]
     )

@@ -10,8 +10,6 @@ import pytest
 from PIL import Image
 
 from cdm.store import ArtifactStore, read_card
-from cdm.store.samples import samples_dir
-from cdm.store.stats import evals_dir
 
 TINY = ["debug=tiny", "num_samples=20", "batch_size=20", "steps=3", "progress=false"]
 
@@ -47,7 +45,7 @@ def test_table_is_the_relative_change_of_the_evaluation_cards(swept):
     assert [r[0] for r in rows[1:]] == ["1", "2"] and [r[1] for r in rows[1:]] == ["0", "0 1"]
     fd = {}
     for p in card["points"]:
-        eval_card = read_card(evals_dir(store, "digits_2split", p["samples"]))
+        eval_card = read_card(store.evals_dir("digits_2split", p["samples"]))
         fd[(p["k"], p["method"])] = eval_card["metrics"]["FD_digits"]
         assert eval_card["shards"] == list(range(p["k"]))
         assert p["value"] == fd[(p["k"], p["method"])]
@@ -76,7 +74,7 @@ def test_table_is_the_relative_change_of_the_evaluation_cards(swept):
     assert "restricted to those k shards" in md and "paper: FID up by at most 1%" in md
     assert f"{fd[(2, 'average')]:.4f}" in md
     # the classifier samples used the stored router, restricted to the composed shards
-    classifier = read_card(samples_dir(store, "digits_2split", "fig2-classifier-k2"))
+    classifier = read_card(store.samples_dir("digits_2split", "fig2-classifier-k2"))
     assert classifier["composition"] == "classifier" and classifier["shards"] == [0, 1]
     assert any(parent["kind"] == "router" for parent in classifier["parents"])
 
@@ -92,7 +90,7 @@ def test_one_shard_is_the_same_model_for_every_method(swept):
     )  # fmt: skip
     store = ArtifactStore(root)
     drawn = [
-        np.load(io.BytesIO((samples_dir(store, "digits_2split", n) / "samples.npz").read_bytes()))
+        np.load(io.BytesIO((store.samples_dir("digits_2split", n) / "samples.npz").read_bytes()))
         for n in ("one", "fig2-k1")
     ]
     np.testing.assert_array_equal(drawn[0]["images"], drawn[1]["images"])

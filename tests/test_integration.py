@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cdm.data.datasets import build_dataset
+from cdm.data.datasets import load_digits_dataset
 from cdm.data.sharding import held_out
 from cdm.eval.denoising_loss import heldout_denoising_loss
 from cdm.models.backbone import UNET_CLASSES, build_scheduler
@@ -23,7 +23,7 @@ def test_each_adapter_denoises_its_own_heldout_images_better_than_the_backbone(t
     backbone_card = train(*ARGS, "stage=backbone", artifacts=tmp_path)
     cards = [train(*ARGS, "stage=shard", f"shard.index={k}", artifacts=tmp_path) for k in range(4)]
     store = ArtifactStore(tmp_path)
-    dataset = build_dataset("digits")
+    dataset = load_digits_dataset()
     alphas = build_scheduler(backbone_card["config"]["backbone"]["scheduler"]).alphas_cumprod
     for k, card in enumerate(cards):
         assert card["backbone_hash"] == backbone_card["backbone_hash"]

@@ -5,9 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cdm.models.knn_router import CLIPEmbedder, KNNRouter, PixelEmbedder, build_embedder, kmeans
+from cdm.models.knn_router import (
+    CLIPEmbedder,
+    KNNRouter,
+    PixelEmbedder,
+    build_embedder,
+    embedder_needs_feature_net,
+    kmeans,
+)
 from cdm.store import ArtifactStore, CorruptArtifactError
-from cdm.store.knn import centroids_dir, load_centroids, save_centroids
+from cdm.store.knn import load_centroids, save_centroids
 
 
 def test_kmeans_is_seeded_and_finds_separated_clusters():
@@ -47,7 +54,9 @@ def test_clip_embedder_loads_a_local_model(tmp_path):
     config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
                               image_size=32, patch_size=8, projection_dim=8)  # fmt: skip
     CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
-    embedder = build_embedder({"kind": "clip", "path": str(tmp_path / "clip")})
+    embedder = build_embedder(
+        {"_target_": "cdm.models.knn_router.CLIPEmbedder", "path": str(tmp_path / "clip")}
+    )
     assert isinstance(embedder, CLIPEmbedder)
     z = embedder(torch.rand(3, 1, 8, 8) * 2 - 1)
     assert z.shape == (3, 8) and torch.isfinite(z).all()
@@ -61,7 +70,7 @@ def test_centroids_round_trip_and_corruption(tmp_path):
     save_centroids(store, "exp", "pixels", "shard-01", c, {"manifest_hash": "abc"})
     loaded, card = load_centroids(store, "exp", "pixels", "shard-01")
     assert torch.equal(loaded, c) and card["manifest_hash"] == "abc"
-    path = centroids_dir(store, "exp", "pixels", "shard-01") / "centroids.safetensors"
+    path = store.centroids_dir("exp", "pixels", "shard-01") / "centroids.safetensors"
     path.write_bytes(path.read_bytes()[:-3] + b"xyz")
     with pytest.raises(CorruptArtifactError, match="corrupt"):
         load_centroids(store, "exp", "pixels", "shard-01")
@@ -77,3 +86,16 @@ def test_knn_stage_writes_one_centroid_file_per_shard(tmp_path, train):
         )
     # a second run computes nothing: each shard's centroids are its own, made once
     assert train("experiment=digits_4split", "debug=tiny", "stage=knn", artifacts=tmp_path) == []
+
+
+def test_build_embedder_from_shipped_targets_only():
+    pixels = build_embedder({"_target_": "cdm.models.knn_router.PixelEmbedder", "size": 2})
+    assert isinstance(pixels, PixelEmbedder) and pixels(torch.zeros(3, 1, 8, 8)).shape == (3, 4)
+    spec = {"_target_": "cdm.models.knn_router.FeatureNetEmbedder"}
+    assert embedder_needs_feature_net(spec) and not embedder_needs_feature_net(
+        {"_target_": "cdm.models.knn_router.PixelEmbedder"}
+    )
+    with pytest.raises(ValueError, match="cdm-train stage=feature_net"):
+        build_embedder(spec)
+    with pytest.raises(ValueError, match="not a cdm class"):  # centroid cards store this node
+        build_embedder({"_target_": "torch.nn.Identity"})

@@ -37,7 +37,14 @@ def test_text_conditional_unet_trains_with_lora():
     b = preset("text_conditional")
     unet = build_unet(b["kind"], b["unet"], sample_size=8, channels=1, num_classes=10)
     model = prepare_shard_model(
-        unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["to_q", "to_k", "to_v"]}
+        unet,
+        {
+            "_target_": "cdm.models.adapters.lora_adapter",
+            "kind": "lora",
+            "rank": 2,
+            "alpha": 2,
+            "target_modules": ["to_q", "to_k", "to_v"],
+        },
     )
     params = [p for _, p in trainable_parameters(model)]
     assert params and all("lora" in n for n, _ in trainable_parameters(model))
@@ -99,7 +106,14 @@ def test_lora_on_conv_layers_trains_only_adapter_weights():
     unet = build_unet(b["kind"], b["unet"], sample_size=8, channels=1, num_classes=None)
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     model = prepare_shard_model(
-        unet, {"kind": "lora", "rank": 2, "alpha": 2, "target_modules": ["conv1", "conv2"]}
+        unet,
+        {
+            "_target_": "cdm.models.adapters.lora_adapter",
+            "kind": "lora",
+            "rank": 2,
+            "alpha": 2,
+            "target_modules": ["conv1", "conv2"],
+        },
     )
     names = [n for n, _ in trainable_parameters(model)]
     assert names and all("lora_" in n for n in names) and any("conv1" in n for n in names)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -101,7 +102,23 @@ def test_mid_features_are_the_unets_own_mid_block_output(kind):
         predict_epsilon(unet, x, t, labels)
         ours = unet_mid_features(unet, x, t)  # null label by default
     assert ours.shape == captured["out"].shape == (6, 16, 4, 4)
-    torch.testing.assert_close(ours, captured["out"])
+    assert torch.equal(ours, captured["out"])  # bit for bit
+
+
+@pytest.mark.parametrize("kind", ["unet2d", "unet2d_condition"])
+def test_mid_features_stop_the_forward_after_the_mid_block(kind):
+    unet = tiny_unet(kind).eval()
+    ran = []
+    for block in unet.up_blocks:
+        block.register_forward_hook(lambda m, i, o: ran.append(type(m).__name__))
+    hooks_before = len(unet.mid_block._forward_hooks)
+    x, t = batch()
+    with torch.no_grad():
+        feats = unet_mid_features(unet, x, t)
+        again = unet_mid_features(unet, x, t, class_labels=torch.arange(6))
+    assert ran == []  # the up path never ran
+    assert len(unet.mid_block._forward_hooks) == hooks_before  # the hook is removed again
+    assert not torch.equal(feats, again)  # explicit class labels reach the mid block
 
 
 @pytest.mark.parametrize("kind", ["unet2d", "unet2d_condition"])
@@ -110,7 +127,14 @@ def test_backbone_head_router_never_touches_the_backbone(kind):
     unet.requires_grad_(True).train()  # the router must freeze it itself
     before = {k: v.clone() for k, v in unet.state_dict().items()}
     router = build_router(
-        {"arch": "backbone_head", "model": {"dim": 16, "heads": 2, "time_embed_dim": 16}},
+        {
+            "model": {
+                "_target_": "cdm.models.router.BackboneHeadRouter",
+                "dim": 16,
+                "heads": 2,
+                "time_embed_dim": 16,
+            }
+        },
         n_shards=3,
         channels=1,
         resolution=8,
@@ -137,16 +161,25 @@ def test_backbone_head_router_never_touches_the_backbone(kind):
 
 
 def test_build_router_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown router arch"):
-        build_router({"arch": "knn"}, n_shards=2, channels=1, resolution=8)
+    with pytest.raises(ValueError, match="router.model has no `_target_`"):
+        build_router({"arch": "small"}, n_shards=2, channels=1, resolution=8)
+    with pytest.raises(ImportError, match="KNNRouterNet"):
+        build_router(
+            {"model": {"_target_": "cdm.models.router.KNNRouterNet"}},
+            n_shards=2, channels=1, resolution=8,
+        )  # fmt: skip
     with pytest.raises(ValueError, match="needs the backbone"):
-        build_router({"arch": "backbone_head"}, n_shards=2, channels=1, resolution=8)
+        build_router(
+            {"model": {"_target_": "cdm.models.router.BackboneHeadRouter"}},
+            n_shards=2, channels=1, resolution=8,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize("option", ["small", "backbone_head"])
 def test_shipped_router_configs_build(option):
     cfg = OmegaConf.to_container(OmegaConf.load(CONF / "router" / f"{option}.yaml"))
-    assert {"name", "arch", "epochs", "batch_size", "lr", "sampling", "bands"} <= set(cfg)
+    assert {"name", "model", "epochs", "batch_size", "lr", "sampling", "bands"} <= set(cfg)
+    assert cfg["model"]["_target_"].startswith("cdm.models.router.")
     router = build_router(cfg, n_shards=4, channels=1, resolution=8, backbone=tiny_unet())
     assert router(*batch()).shape == (6, 4)
 
@@ -201,11 +234,21 @@ def test_router_module_loss_is_deterministic_per_step():
 def saved_router(tmp_path: Path, backbone_hash: str = "b" * 64):
     store = ArtifactStore(tmp_path)
     router = SmallRouter(3, 1, 8, widths=(8, 16), time_embed_dim=8, norm_groups=4)
-    config = {"arch": "small", "model": {"widths": [8, 16], "time_embed_dim": 8, "norm_groups": 4},
-              "n_shards": 3, "channels": 1, "resolution": 8}  # fmt: skip
+    model = {"_target_": "cdm.models.router.SmallRouter", "widths": [8, 16], "time_embed_dim": 8,
+             "norm_groups": 4}  # fmt: skip
+    config = {"model": model, "n_shards": 3, "channels": 1, "resolution": 8}
     card = {"name": "router", "backbone_hash": backbone_hash, "metrics": {"acc": 0.5}}
     written = store.save_router("exp", router.state_dict(), config, card)
     return store, router, config, written
+
+
+def test_a_stored_router_target_outside_cdm_is_refused(tmp_path):
+    store, router, config, _ = saved_router(tmp_path)
+    state = router.state_dict()
+    for target in ("os.system", "collections.OrderedDict", None):
+        bad = {**config, "model": {**config["model"], "_target_": target}}
+        with pytest.raises(ValueError, match="not a cdm class: only cdm.* targets are rebuilt"):
+            router_from_artifact(state, bad)
 
 
 def test_store_round_trip_of_a_router(tmp_path):
@@ -258,24 +301,20 @@ def test_store_refuses_corrupt_or_mismatched_routers(tmp_path):
 
 
 def compose_router_cfg(artifacts: Path, router: str = "small", *overrides: str, **router_updates):
-    """conf/train.yaml + conf/router/<router>.yaml, as `- router: small` in the defaults will."""
+    """conf/train.yaml with stage=router router=<router> (conf/stage/router.yaml pulls the group)."""
     from hydra import compose, initialize_config_dir
 
     from cdm.cli.config import config_dir, register_resolvers
 
     register_resolvers()
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF / "train.yaml"))["defaults"]
-    wired = any(isinstance(d, dict) and "router" in d for d in defaults)  # `- router: small`
-    group = [f"router={router}"] if wired else []
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
             config_name="train",
-            overrides=[*TINY, *group, *overrides, f"paths.artifacts={artifacts}"],
-        )
-    if "router" not in cfg:
-        OmegaConf.update(cfg, "router", OmegaConf.load(CONF / "router" / f"{router}.yaml"), force_add=True)  # fmt: skip
-    for key, value in router_updates.items():
-        OmegaConf.update(cfg, f"router.{key}", value, merge=False, force_add=True)
+            overrides=[*TINY, "stage=router", f"router={router}", *overrides,
+                       f"paths.artifacts={artifacts}"],
+        )  # fmt: skip
+    for key, value in router_updates.items():  # a dict (model) keeps the option's _target_
+        OmegaConf.update(cfg, f"router.{key}", value, merge=isinstance(value, dict))
     return cfg
 
 
@@ -294,7 +333,7 @@ def trained(tmp_path_factory):
 def test_router_card_lists_every_shard_manifest_and_the_backbone(trained):
     root, cfg, card = trained
     store = ArtifactStore(root)
-    assert card["kind"] == "router" and card["arch"] == "small"
+    assert card["kind"] == "router" and card["arch"] == "cdm.models.router.SmallRouter"
     listed = {m["name"]: m["hash"] for m in card["shard_manifests"]}
     assert listed == {
         f"shard-{k:02d}": store.load_manifest("digits_4split", f"shard-{k:02d}")["hash"]
@@ -308,7 +347,11 @@ def test_router_card_lists_every_shard_manifest_and_the_backbone(trained):
     assert card["train_log_prior"] == pytest.approx([-1.3862944] * 4)  # balanced: uniform
     assert card["validation"]["kind"] == "test_split_by_class"
     assert card["n_samples_fed"] == sum(m["n_train"] for m in card["shard_manifests"])
-    assert card["code_version"] and card["wall_time_s"] > 0 and card["config"]["router"]["arch"]
+    assert (
+        card["code_version"]
+        and card["wall_time_s"] > 0
+        and card["config"]["router"]["model"]["_target_"]
+    )
     bands = ["t000-199", "t200-399", "t400-599", "t600-799", "t800-999"]
     assert card["bands"] == bands and list(card["metrics"]["band_accuracy"]) == bands
     assert all(f"router/acc_{b}" in card["metrics"] for b in bands)
@@ -331,12 +374,13 @@ def test_router_learns_the_shard_at_low_noise_only(trained):
     assert high < 0.45, acc  # nearly pure noise: close to chance
 
 
-def test_trained_router_is_kept_unless_retrain(trained, capsys):
+def test_trained_router_is_kept_unless_retrain(trained, caplog):
     from cdm.jobs.router import run_router_job
 
     root, cfg, card = trained
+    caplog.set_level(logging.INFO, logger="cdm")
     again = run_router_job(cfg)
-    assert again == card and "already trained" in capsys.readouterr().out
+    assert again == card and "already trained" in caplog.text
 
 
 def test_backbone_head_router_job_saves_only_the_head(trained):
@@ -345,9 +389,11 @@ def test_backbone_head_router_job_saves_only_the_head(trained):
 
     root, _, _ = trained
     cfg = compose_router_cfg(root, "backbone_head", epochs=1, name="router-head", val_draws=1)
-    OmegaConf.update(cfg, "router.model", {"dim": 16, "heads": 2, "time_embed_dim": 16}, merge=False)  # fmt: skip
+    head = {"_target_": "cdm.models.router.BackboneHeadRouter", "dim": 16, "heads": 2,
+            "time_embed_dim": 16}  # fmt: skip
+    OmegaConf.update(cfg, "router.model", head, merge=False)
     card = run_router_job(cfg)
-    assert card["arch"] == "backbone_head" and card["name"] == "router-head"
+    assert card["arch"] == "cdm.models.router.BackboneHeadRouter" and card["name"] == "router-head"
     store = ArtifactStore(root)
     unet, bcard = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
     weights = load_file(store.router_dir("digits_4split", "router-head") / "router.safetensors")

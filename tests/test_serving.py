@@ -19,7 +19,6 @@ from cdm.lifecycle.serving import (
     serve,
 )
 from cdm.store import ArtifactStore, CorruptArtifactError
-from cdm.store.samples import samples_dir
 
 TINY = ["experiment=digits_2split", "debug=tiny"]
 SAMPLE = [*TINY, "num_samples=6", "batch_size=4", "steps=4", "progress=false"]
@@ -83,7 +82,7 @@ def test_a_disallowed_source_is_refused_audited_and_writes_no_samples(store_root
     before = audit(store_root)
     with pytest.raises(AccessDenied, match=r"may not use \['shard-00'\].*may use \['shard-01'\]"):
         request(store_root, policy, "alice", ["shard-00", "shard-01"], "name=refused")
-    assert not samples_dir(ArtifactStore(store_root), "digits_2split", "refused").exists()
+    assert not ArtifactStore(store_root).samples_dir("digits_2split", "refused").exists()
     after = audit(store_root)
     assert after[: len(before)] == before and len(after) == len(before) + 1
     last = after[-1]

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cdm.core.hashing import hash_ids
-from cdm.data.datasets import ArrayDataset, build_dataset
+from cdm.data.datasets import ArrayDataset, load_digits_dataset, load_npz
 from cdm.data.sharding import Manifest, held_out, indices_of, make_split, slice_indices
 
 SAFE = {"safe_fraction": 0.1, "safe_classes": [9]}
@@ -19,7 +19,7 @@ SAFE = {"safe_fraction": 0.1, "safe_classes": [9]}
 
 @pytest.fixture(scope="module")
 def digits():
-    return build_dataset("digits")
+    return load_digits_dataset()
 
 
 @pytest.fixture(scope="module")
@@ -107,8 +107,8 @@ def test_deterministic_in_seed(strategy, scored, tmp_path):
 
 def test_independent_of_python_hash_seed(digits):
     code = (
-        "from cdm.data import build_dataset, make_split;"
-        "s = make_split(build_dataset('digits'), strategy='by_class', n_shards=3, seed=5,"
+        "from cdm.data import load_digits_dataset, make_split;"
+        "s = make_split(load_digits_dataset(), strategy='by_class', n_shards=3, seed=5,"
         " safe_fraction=0.2, n_slices=2);"
         "print([m.hash for m in s.manifests], [m.ids[:3] for m in s.manifests])"
     )
@@ -222,7 +222,7 @@ def test_by_score_on_npz(tmp_path):
         labels=rng.integers(0, 3, size=n),
         scores=rng.permutation(n).astype(float),
     )
-    ds = build_dataset("npz", path=str(tmp_path / "aesthetic.npz"))
+    ds = load_npz(path=str(tmp_path / "aesthetic.npz"))
     sp = make_split(ds, strategy="by_score", n_shards=4, seed=0, n_slices=2)
     bands = [sorted(float(ds.scores[i]) for i in indices_of(ds, m)) for m in sp.shards]
     assert bands == [[float(s) for s in range(10 * k, 10 * k + 10)] for k in range(4)]

@@ -12,6 +12,7 @@ import pytest
 
 from cdm.lifecycle.add_source import AddSourceError, run_add_source
 from cdm.lifecycle.forget import ForgetError, run_forget
+from cdm.store.records import forgotten_ids, read_forget_journal, read_sources
 from cdm.store import ArtifactStore, StaleArtifactError, sha256_file
 from tests.conftest import run_inprocess
 
@@ -95,7 +96,7 @@ def test_forgetting_a_source_deletes_it_and_keeps_the_others(root):
     # the private data lost exactly the source's ids; the paragon is refused until retrained
     private = store.load_manifest(EXP, "private")
     assert not set(shard1["ids"]) & set(private["ids"])
-    assert set(shard1["ids"]) <= set(store.forgotten_ids(EXP))
+    assert set(shard1["ids"]) <= set(forgotten_ids(store, EXP))
     assert any(s["artifact"] == "adapter paragon" for s in cert["stale"])
     with pytest.raises(StaleArtifactError):
         store.checked_adapter(EXP, "paragon", backbone_hash=backbone_hash(store))
@@ -124,7 +125,7 @@ def test_bad_source_requests_change_nothing(root, overrides, message):
     with pytest.raises(ForgetError, match=message):
         compose_and_run("forget", root, *overrides)
     assert adapter_hashes(root) == before
-    assert store.read_sources(EXP) == {"added": [], "removed": []}
+    assert read_sources(store, EXP) == {"added": [], "removed": []}
 
 
 def test_the_last_shard_cannot_be_forgotten(root):
@@ -152,7 +153,7 @@ def test_crash_while_removing_a_source_is_rolled_forward(root, monkeypatch):
     cert = compose_and_run("forget", root, "forget.retrain_router=false")  # no request: finish it
     assert cert["request"]["shard"] == "shard-02"
     assert not store.adapter_dir(EXP, "shard-02").exists()
-    assert store.pending_forget(EXP) is None
+    assert read_forget_journal(store, EXP) is None
 
 
 # ------------------------------------------------------------------------------ adding a source
@@ -160,9 +161,9 @@ def test_crash_while_removing_a_source_is_rolled_forward(root, monkeypatch):
 
 def new_source(path: Path, classes: tuple[int, ...] = (2, 3), n: int = 40) -> Path:
     """A .npz of digits test images (never in any shard) of ``classes``."""
-    from cdm.data.datasets import build_dataset
+    from cdm.data.datasets import load_digits_dataset
 
-    data = build_dataset("digits", resolution=8, channels=1)
+    data = load_digits_dataset(resolution=8, channels=1)
     idx = [i for i, s in enumerate(data.splits) if s == "test" and int(data.labels[i]) in classes]
     images = np.stack([((data.image(i)[0] + 1) * 127.5).round().numpy() for i in idx[:n]])
     np.savez(path, images=images.astype(np.uint8), labels=data.labels[idx[:n]].numpy())
@@ -232,7 +233,7 @@ def test_adding_a_source_that_fails_leaves_nothing(root, tmp_path, monkeypatch):
     monkeypatch.setattr(cdm.jobs.run, "run_job", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
         compose_and_run("add_source", root, "source.name=b6", f"source.path={new_source(tmp_path / 'b.npz')}")  # fmt: skip
-    assert store.read_sources(EXP)["added"] == []
+    assert read_sources(store, EXP)["added"] == []
     assert "shard-03" not in store.list_manifests(EXP)
     assert not store.source_data_path(EXP, "b6").exists()
     assert store.load_manifest(EXP, "private")["hash"] == private["hash"]
@@ -247,7 +248,7 @@ def test_bad_sources_are_refused(root, tmp_path):
         compose_and_run("add_source", root, "source.name=x", f"source.path={bad}")
     with pytest.raises(AddSourceError, match="source.name=<name>"):
         compose_and_run("add_source", root, f"source.path={bad}")
-    assert ArtifactStore(root).read_sources(EXP) == {"added": [], "removed": []}
+    assert read_sources(ArtifactStore(root), EXP) == {"added": [], "removed": []}
 
 
 # ------------------------------------------------------------------------------ store-wide artifacts

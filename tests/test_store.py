@@ -15,9 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
+import cdm.store.artifact as artifact_module
 import cdm.store.cards as cards_module
-import cdm.store.store as store_module
+import cdm.store.io as io_module
 from cdm.core.hashing import hash_state_dict, sha256_bytes
+from cdm.core.names import ShardId
 from cdm.store import (
     ArtifactStore,
     BackboneMismatchError,
@@ -33,7 +35,6 @@ from cdm.store import (
     make_card,
     read_card,
     sha256_file,
-    shard_job,
 )
 
 if TYPE_CHECKING:
@@ -140,10 +141,10 @@ def test_names_are_validated(store: ArtifactStore) -> None:
             store.manifest_path(bad, "safe")
     with pytest.raises(InvalidNameError):
         store.adapter_dir(EXP, "manifests")  # reserved
-    with pytest.raises(InvalidNameError):
-        shard_job(-1)
+    with pytest.raises(ValueError, match="non-negative"):
+        ShardId(-1)
     assert issubclass(InvalidNameError, ValueError)
-    assert shard_job(3) == "shard-03"
+    assert ShardId(3).name == "shard-03"
     root = store.root
     assert store.adapter_dir(EXP, "shard-03") == root / "experiments/exp/shards/shard-03"
     assert store.adapter_dir(EXP, "paragon") == root / "experiments/exp/paragon"
@@ -268,7 +269,7 @@ def test_several_adapters_on_one_peft_model(
     for k in range(2):
         model = add_lora(store.load_backbone("tiny")[0], seed=10 + k)
         expected[k] = outputs(model)
-        store.save_adapter(EXP, shard_job(k), model, adapter_card(bb_hash))
+        store.save_adapter(EXP, ShardId(k).name, model, adapter_card(bb_hash))
     base = store.load_backbone("tiny")[0]
     model, _ = store.load_adapter(EXP, "shard-00", base, backbone_hash=bb_hash, adapter_name="s0")
     same, _ = store.load_adapter(EXP, "shard-01", model, backbone_hash=bb_hash)
@@ -406,7 +407,7 @@ def test_replace_without_atomic_exchange(
     store: ArtifactStore, saved_backbone: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The portable set-aside path, and recovery from a crash between its two renames."""
-    monkeypatch.setattr(store_module, "_renameat2_exchange", lambda a, b: False)
+    monkeypatch.setattr(io_module, "_renameat2_exchange", lambda a, b: False)
     bb_hash = saved_backbone["backbone_hash"]
     store.save_adapter(EXP, "shard-00", add_lora(tiny_unet(), 1), adapter_card(bb_hash, version=1))
     store.save_adapter(EXP, "shard-00", add_lora(tiny_unet(), 2), adapter_card(bb_hash, version=2))
@@ -422,11 +423,14 @@ def test_replace_without_atomic_exchange(
     assert hidden_entries(store.root) == []
 
 
-@pytest.mark.parametrize("failing_step", ["_write_card", "_fsync_tree"])
+@pytest.mark.parametrize(
+    ("module", "failing_step"), [(artifact_module, "write_card"), (io_module, "fsync_tree")]
+)
 def test_interrupted_write_keeps_previous_artifact(
     store: ArtifactStore,
     saved_backbone: dict[str, Any],
     monkeypatch: pytest.MonkeyPatch,
+    module: Any,
     failing_step: str,
 ) -> None:
     bb_hash = saved_backbone["backbone_hash"]
@@ -438,7 +442,7 @@ def test_interrupted_write_keeps_previous_artifact(
         seen_tmp.append(directory)
         raise RuntimeError("simulated crash")
 
-    monkeypatch.setattr(store_module, failing_step, crash)
+    monkeypatch.setattr(module, failing_step, crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
         store.save_adapter(EXP, "shard-00", add_lora(tiny_unet(), 2), adapter_card(bb_hash))
     monkeypatch.undo()
@@ -504,8 +508,8 @@ def _concurrent_writer(root: str, index: int, n_iter: int, barrier: Any) -> None
     for i in range(n_iter):
         model = _StateDictModel(config, _perturbed(state, seed=1000 * index + i))
         card = adapter_card(backbone_hash, iteration=i, writer=index)
-        store.save_adapter(EXP, shard_job(index), model, card, kind="full")
-        store.save_manifest(EXP, {"name": shard_job(index), "iteration": i})
+        store.save_adapter(EXP, ShardId(index).name, model, card, kind="full")
+        store.save_manifest(EXP, {"name": ShardId(index).name, "iteration": i})
 
 
 def test_concurrent_writers_of_different_shards(
@@ -528,13 +532,13 @@ def test_concurrent_writers_of_different_shards(
     bb_hash = saved_backbone["backbone_hash"]
     backbone_state = tiny_unet().state_dict()
     for k in range(n_proc):
-        loaded, card = store.load_adapter(EXP, shard_job(k), tiny_unet(), backbone_hash=bb_hash)
+        loaded, card = store.load_adapter(EXP, ShardId(k).name, tiny_unet(), backbone_hash=bb_hash)
         assert card["iteration"] == n_iter - 1 and card["writer"] == k
         assert card["adapter_kind"] == "full"
         reference = tiny_unet()
         reference.load_state_dict(_perturbed(backbone_state, seed=1000 * k + n_iter - 1))
         torch.testing.assert_close(outputs(loaded), outputs(reference), rtol=0, atol=0)
-        assert store.load_manifest(EXP, shard_job(k))["iteration"] == n_iter - 1
+        assert store.load_manifest(EXP, ShardId(k).name)["iteration"] == n_iter - 1
     assert hidden_entries(store.root) == []
     jobs = [e.get("job") for e in store.list_artifacts(EXP) if e["artifact"] == "adapter"]
     assert jobs == ["shard-00", "shard-01"]

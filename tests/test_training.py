@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdm.core.hashing import hash_ids
-from cdm.data.datasets import build_dataset
+from cdm.data.datasets import load_digits_dataset
 from cdm.store import ArtifactStore, read_card
 
 TINY = ["experiment=digits_4split", "debug=tiny"]
@@ -19,11 +20,17 @@ TINY = ["experiment=digits_4split", "debug=tiny"]
 @pytest.fixture(scope="module")
 def store_root(tmp_path_factory) -> Path:
     """A store holding a tiny safe backbone for digits (trained once for this module)."""
-    from tests.conftest import run_cli
+    from tests.conftest import run_inprocess
 
     root = tmp_path_factory.mktemp("artifacts")
-    run_cli(*TINY, "stage=backbone", artifacts=root)
+    run_inprocess(*TINY, "stage=backbone", artifacts=root)
     return root
+
+
+def backbone_id(root: Path) -> str:
+    """The id of the one backbone in the store (``digits-r8-tiny-safe0.3-seed0-<hash>``)."""
+    (directory,) = (root / "backbones").iterdir()
+    return directory.name
 
 
 def adapter_weights(root: Path, experiment: str, job: str) -> dict[str, torch.Tensor]:
@@ -38,7 +45,7 @@ def test_card_records_the_hash_of_the_ids_actually_fed(store_root, train):
     assert card["manifest_hash"] == manifest["hash"]
     assert card["n_samples_fed"] == len(manifest["ids"])
     # the manifest hash is the hash of exactly those ids with their content hashes
-    dataset = build_dataset("digits")
+    dataset = load_digits_dataset()
     index = dataset.id_to_index
     assert (
         hash_ids(manifest["ids"], [dataset.content_hashes[index[i]] for i in manifest["ids"]])
@@ -76,9 +83,10 @@ def test_seeded_runs_are_bit_identical_and_seed_matters(store_root, cli, train):
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-def test_killed_and_resumed_run_ends_bit_identical(store_root, cli):
+def test_killed_and_resumed_run_ends_bit_identical(store_root, cli, train):
     args = (*TINY, "stage=shard", "shard.index=2", "optim.epochs_per_slice=2")
-    cli(*args, "experiment_name=ref", artifacts=store_root)
+    # the uninterrupted reference in this process (command line == in process: the test above)
+    train(*args, "experiment_name=ref", artifacts=store_root)
     killed = cli(
         *args, "experiment_name=resumed", "kill_at_step=5", artifacts=store_root, check=False
     )
@@ -106,13 +114,14 @@ def test_resume_with_other_settings_is_refused(store_root, cli):
     assert "retrain=true" in proc.stderr
 
 
-def test_existing_artifact_is_kept_unless_retrain(store_root, train, capsys):
+def test_existing_artifact_is_kept_unless_retrain(store_root, train, caplog):
     args = (*TINY, "stage=shard", "shard.index=0", "experiment_name=keep")
     train(*args, artifacts=store_root)
     path = ArtifactStore(store_root).adapter_dir("keep", "shard-00") / "card.json"
     created = json.loads(path.read_text())["created"]
+    caplog.set_level(logging.INFO, logger="cdm")
     train(*args, artifacts=store_root)
-    assert "already trained" in capsys.readouterr().out
+    assert "already trained" in caplog.text
     assert json.loads(path.read_text())["created"] == created
     train(*args, "retrain=true", artifacts=store_root)
     assert json.loads(path.read_text())["created"] != created
@@ -149,7 +158,7 @@ def test_bad_input_gets_a_clear_error(store_root, train, overrides, message):
 def test_backbone_trained_on_another_safe_split_is_refused(store_root, train):
     # same backbone id, but a safe split drawn with another seed: it may have seen private data
     with pytest.raises(ValueError, match="may have seen private data"):
-        train(*TINY, "stage=shard", "seed=5", "backbone.id=digits-r8-tiny-safe0.3-seed0",
+        train(*TINY, "stage=shard", "seed=5", f"backbone.id={backbone_id(store_root)}",
               "experiment_name=other-safe", artifacts=store_root)  # fmt: skip
 
 
@@ -215,6 +224,92 @@ def test_unconditional_backbone_has_no_class_embedding(tmp_path, train):
 
 
 def test_shard_refuses_a_backbone_of_the_other_conditioning(tmp_path, train):
-    train(*TINY, "stage=backbone", "data.conditional=false", artifacts=tmp_path)
-    with pytest.raises(ValueError, match="num_class_embeds"):
+    card = train(*TINY, "stage=backbone", "data.conditional=false", artifacts=tmp_path)
+    # the conditioning is part of the backbone's id: a conditional shard looks for another one
+    with pytest.raises(ValueError, match="stage=backbone"):
         train(*TINY, "stage=shard", "data.conditional=true", artifacts=tmp_path)
+    # and one pinned to the unconditional backbone is refused for its class embedding
+    with pytest.raises(ValueError, match="num_class_embeds"):
+        train(*TINY, "stage=shard", "data.conditional=true", f"backbone.id={card['name']}",
+              artifacts=tmp_path)  # fmt: skip
+
+
+def test_killed_and_resumed_run_with_ema_ends_bit_identical(store_root, cli, train):
+    args = (
+        *TINY,
+        "stage=shard",
+        "shard.index=1",
+        "optim.epochs_per_slice=2",
+        "optim.ema_decay=0.9",
+    )
+    train(*args, "experiment_name=ema-ref", artifacts=store_root)  # reference: in process
+    killed = cli(
+        *args, "experiment_name=ema-resumed", "kill_at_step=5", artifacts=store_root, check=False
+    )
+    assert killed.returncode == 17, killed.stderr[-2000:]
+    store = ArtifactStore(store_root)
+    ckpt = torch.load(
+        store.checkpoint_dir("ema-resumed", "shard-01") / "last.ckpt", weights_only=False
+    )
+    ema = ckpt["cdm"]["ema"]
+    # the average is in the checkpoint, and only over the adapter's own tensors (lean for LoRA)
+    assert ema["optimization_step"] > 0 and ema["decay"] == 0.9
+    assert ema["names"] and all("lora_" in n for n in ema["names"])
+    assert len(ema["shadow_params"]) == len(ema["names"]) < len(ckpt["state_dict"])
+    resumed = cli(*args, "experiment_name=ema-resumed", artifacts=store_root)
+    assert "resuming shard-01" in resumed.stdout
+    ref = adapter_weights(store_root, "ema-ref", "shard-01")
+    res = adapter_weights(store_root, "ema-resumed", "shard-01")
+    assert ref.keys() == res.keys() and all(torch.equal(ref[k], res[k]) for k in ref)
+
+
+def test_shard_checkpoint_loads_with_load_from_checkpoint(store_root, train):
+    from cdm.models.backbone import build_scheduler
+    from cdm.training.jobs import ShardTraining
+
+    card = train(*TINY, "stage=shard", "shard.index=2", "experiment_name=hparams", artifacts=store_root)  # fmt: skip
+    store = ArtifactStore(store_root)
+    path = store.checkpoint_dir("hparams", "shard-02") / "slice-00.ckpt"
+    saved = torch.load(path, weights_only=False)
+    assert not {"model", "unet", "alphas_cumprod"} & set(saved["hyper_parameters"])
+    backbone, _ = store.load_backbone(card["parents"][0]["name"])
+    scheduler = build_scheduler(card["config"]["backbone"]["scheduler"])
+    rng = torch.get_rng_state()
+    module = ShardTraining.load_from_checkpoint(
+        path, unet=backbone, alphas_cumprod=scheduler.alphas_cumprod
+    )
+    torch.set_rng_state(rng)
+    assert module.hparams.lr == card["config"]["optim"]["lr"]
+    assert module.hparams.adapter_cfg == card["config"]["adapter"]
+    assert module.hparams.dataset_size == len(module.fed_mask)
+    weights = module.state_dict()
+    assert weights.keys() == saved["state_dict"].keys()
+    assert all(torch.equal(weights[k], v) for k, v in saved["state_dict"].items())
+    # the slice checkpoint's adapter already moved away from its initialisation
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in weights.items())
+
+
+def test_cdm_list_is_a_hydra_command(store_root):
+    import subprocess
+    import sys
+
+    from cdm.store import format_table
+    from tests.conftest import REPO
+
+    def cdm_list(*overrides: str) -> str:
+        cmd = [sys.executable, "-m", "cdm.cli.list_artifacts", *overrides,
+               f"paths.artifacts={store_root}"]  # fmt: skip
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout
+
+    cards = ArtifactStore(store_root).list_artifacts("digits_4split")
+    assert cards
+    assert cdm_list("experiment=digits_4split") == format_table(cards) + "\n"
+    listed = json.loads(cdm_list("experiment=digits_4split", "list.json=true"))
+    assert listed == json.loads(json.dumps(cards))
+    everything = json.loads(cdm_list("list.json=true"))
+    assert len(everything) >= len(cards)
+    with_cards = cdm_list("list.cards=true")  # the shared backbone is outside any experiment
+    assert with_cards.startswith(format_table(ArtifactStore(store_root).list_artifacts()))
+    assert "\n== backbone " in with_cards

@@ -4,17 +4,35 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_resolvers() -> None:
-    """``${job_name:stage,index}`` -> ``backbone`` | ``paragon`` | ``shard-03``."""
+    """``${job_name:stage,index}`` -> ``backbone`` | ``paragon`` | ``shard-03``;
+    ``${identity:backbone}`` -> 8 hex of that job's identity (``identity_hash``)."""
     from cdm.core.names import job_name
 
     if not OmegaConf.has_resolver("job_name"):
         OmegaConf.register_new_resolver("job_name", lambda stage, index: job_name(stage, index))
+    if not OmegaConf.has_resolver("identity"):
+        OmegaConf.register_new_resolver("identity", identity_hash)
+
+
+def identity_hash(stage: str, *, _root_: DictConfig) -> str:
+    """8 hex of the ``stage`` job's identity in the whole config, without its run settings
+    (``JobIdentity.content_short``: a shard may run under another trainer than its backbone).
+
+    ``backbone.id`` is left out (it is the backbone job's output name and carries this hash), so
+    the config is copied without it before being resolved.
+    """
+    from cdm.core.identity import job_identity
+
+    copy = OmegaConf.create(OmegaConf.to_container(_root_, resolve=False))
+    if OmegaConf.select(copy, "backbone") is not None:
+        copy.backbone.id = None
+    return job_identity(OmegaConf.to_container(copy, resolve=True), str(stage)).content_short()
 
 
 def config_dir() -> str:

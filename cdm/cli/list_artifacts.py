@@ -1,36 +1,35 @@
 """cdm-list: list the artifacts in the store with their cards.
 
-cdm-list [--root artifacts] [--experiment digits_4split] [--cards | --json]
+cdm-list [experiment=digits_4split] [list.cards=true | list.json=true] [paths.artifacts=artifacts]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 
-from cdm.store import ArtifactStore, format_table
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+# conf/list.yaml needs no resolver: the training stack is never imported
+from cdm.cli.config import config_dir
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="cdm-list", description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default=os.environ.get("CDM_ARTIFACTS", "artifacts"))
-    parser.add_argument("--experiment", default=None)
-    parser.add_argument("--json", action="store_true", help="print the full cards as JSON")
-    parser.add_argument(
-        "--cards",
-        action="store_true",
-        help="after the table, each model's card (without its config)",
-    )
-    args = parser.parse_args(argv)
-    cards = ArtifactStore(args.root).list_artifacts(args.experiment)
-    if args.json:
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="list")
+def main(cfg: DictConfig) -> None:
+    from cdm.store import ArtifactStore, format_table
+
+    # no experiment=... on the command line: the whole store
+    experiment = cfg.experiment_name if HydraConfig.get().runtime.choices.get("experiment") else None
+    root = str(cfg.paths.artifacts)
+    cards = ArtifactStore(root).list_artifacts(None if experiment is None else str(experiment))
+    if cfg.list.json:
         print(json.dumps(cards, indent=2, sort_keys=True))
     elif not cards:
-        print(f"no artifacts under {args.root}")
+        print(f"no artifacts under {root}")
     else:
         print(format_table(cards))
-        if args.cards:
+        if cfg.list.cards:
             for card in cards:
                 if card.get("artifact") == "manifest":
                     continue

@@ -2,6 +2,9 @@
 
 cdm-train experiment=digits_4split stage=backbone
 cdm-train -m experiment=digits_4split stage=shard shard.index=0,1,2,3 [hydra/launcher=joblib]
+cdm-train experiment=digits_4split stage=router router=backbone_head
+
+``stage=`` chooses ``conf/stage/<stage>.yaml``, whose ``job`` (a ``_target_``) is what runs.
 """
 
 from __future__ import annotations

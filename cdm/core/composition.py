@@ -14,6 +14,7 @@ Conventions: shards are indexed 0..n-1; `weights` is [B, n]; per-shard epsilons 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -364,3 +365,138 @@ def merge_lora_deltas(
     if kernel:
         delta = delta.reshape(delta.shape[0], -1, *kernel)
     return delta
+
+
+# --------------------------------------------------------------------------------------------
+# Composition methods: one small class each (cdm/conf/composition/*.yaml names them by _target_)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Step:
+    """What a composition method sees at one denoising step of a batch of B samples.
+
+    prior: lambda [n], zero on disallowed shards, summing to one. log_prior: log lambda [n] over
+    every loaded shard, or log P(z | y) [B, n] for class-conditional sampling. logits: the router's
+    [B, n] (CPU, float) when the method names a router, else None.
+    """
+
+    x_t: torch.Tensor
+    t: torch.Tensor
+    prior: torch.Tensor
+    log_prior: torch.Tensor
+    logits: torch.Tensor | None = None
+    train_log_prior: torch.Tensor | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def batch(self) -> int:
+        """B, the number of samples in this step."""
+        return self.x_t.shape[0]
+
+
+class Composition:
+    """How the weights w_i(x_t, t) of Prop. 3.1 are formed; subclass it for a new method.
+
+    ``weights(step)`` returns [B, n] (rows of non-negative numbers; the denoiser masks
+    disallowed shards and renormalises); ``gate(w)`` may then sparsify the masked weights.
+    Class attributes tell the sampler what to load: ``router`` names the router whose logits
+    ``step.logits`` holds ("classifier" | "knn" | None); ``dense`` allows a dense step (every pair
+    evaluated, e.g. one CUDA graph); ``merged`` composes one lambda-weighted merge of the shards'
+    adapters; ``paragon`` samples the monolithic model trained on all private data.
+    """
+
+    name: str = "composition"
+    router: str | None = None
+    dense: bool = True
+    merged: bool = False
+    paragon: bool = False
+
+    def weights(self, step: Step) -> torch.Tensor:
+        """w [B, n] for this step."""
+        raise NotImplementedError(f"{type(self).__name__} must implement weights(step)")
+
+    def gate(self, weights: torch.Tensor) -> torch.Tensor:
+        """The weights after masking; identity unless the method gates shards off."""
+        return weights
+
+
+class Average(Composition):
+    """Naive averaging w_i = lambda_i (Sec. 3.4); the CP-Delta sampler of Vyas et al."""
+
+    name = "average"
+
+    def weights(self, step: Step) -> torch.Tensor:
+        """lambda for every sample."""
+        return average_weights(step.batch, step.prior)
+
+
+class RandomSelection(Composition):
+    """Random score selection (Sec. 3.4): one shard i ~ lambda per sample and step (cost 1x)."""
+
+    name = "random"
+    dense = False
+
+    def weights(self, step: Step) -> torch.Tensor:
+        """One-hot rows drawn from the step's generator."""
+        return random_selection_weights(step.batch, step.prior, step.generator)
+
+
+class Fixed(Composition):
+    """User-chosen constant weights w_i (OOD coverage, paper Fig. 4), one per allowed shard."""
+
+    name = "fixed"
+
+    def __init__(self, weights: Sequence[float] | None) -> None:
+        if weights is None:
+            raise ValueError("composition=fixed needs weights: fixed_weights=[w_0, ..., w_n-1]")
+        self.fixed = torch.tensor(list(weights), dtype=torch.float32)
+
+    def weights(self, step: Step) -> torch.Tensor:
+        """The fixed weights for every sample."""
+        return fixed_weights(step.batch, self.fixed)
+
+
+class RouterPosterior(Composition):
+    """w = P_lambda(z | x_t) from a router's logits (Sec. 3.4, eq. 5): classifier or k-NN."""
+
+    name = "classifier"
+
+    def __init__(self, router: str = "classifier") -> None:
+        self.router = router
+        self.name = "classifier" if router == "classifier" else router
+
+    def weights(self, step: Step) -> torch.Tensor:
+        """softmax(logits - log pi + log lambda)."""
+        return router_posterior(step.logits, step.log_prior, step.train_log_prior)
+
+
+class TopK(RouterPosterior):
+    """The router posterior gated to its k largest weights and/or those >= threshold."""
+
+    name = "topk"
+    dense = False
+
+    def __init__(
+        self, k: int | None = 2, threshold: float | None = None, router: str = "classifier"
+    ) -> None:
+        super().__init__(router)
+        self.name, self.k, self.threshold = "topk", k, threshold
+
+    def gate(self, weights: torch.Tensor) -> torch.Tensor:
+        """topk_weights of the masked posterior."""
+        return topk_weights(weights, k=self.k, threshold=self.threshold)
+
+
+class WeightMerge(Average):
+    """Weight-space merging: one model whose LoRA delta is the lambda-weighted sum of the shards'."""
+
+    name = "weight_merge"
+    merged = True
+
+
+class Paragon(Average):
+    """The paragon: one adapter trained on all private data (no compartments)."""
+
+    name = "paragon"
+    paragon = True

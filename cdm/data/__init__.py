@@ -1,6 +1,13 @@
 """Datasets with stable ids and content hashes; safe/shard/slice manifests."""
 
-from cdm.data.datasets import DATASETS, ArrayDataset, FileDataset, SampleDataset, build_dataset
+from cdm.data.datasets import (
+    ArrayDataset,
+    FileDataset,
+    SampleDataset,
+    build_dataset,
+    dataset_from_config,
+    load_digits_dataset,
+)
 from cdm.data.sharding import (
     STRATEGIES,
     Manifest,
@@ -12,7 +19,6 @@ from cdm.data.sharding import (
 )
 
 __all__ = [
-    "DATASETS",
     "STRATEGIES",
     "ArrayDataset",
     "FileDataset",
@@ -20,8 +26,10 @@ __all__ = [
     "SampleDataset",
     "Split",
     "build_dataset",
+    "dataset_from_config",
     "held_out",
     "indices_of",
+    "load_digits_dataset",
     "make_split",
     "slice_indices",
 ]

@@ -9,13 +9,15 @@ say which layout they expect when it is missing.
 from __future__ import annotations
 
 import gzip
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from hydra.utils import get_object
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
@@ -677,18 +679,6 @@ def load_oxford_pets(
     )
 
 
-DATASETS: dict[str, Callable[..., SampleDataset]] = {
-    "digits": load_digits_dataset,
-    "fashion_mnist": load_fashion_mnist,
-    "image_folder": load_image_folder,
-    "npz": load_npz,
-    "cifar10": load_cifar10,
-    "cub200": load_cub200,
-    "stanford_cars": load_stanford_cars,
-    "oxford_pets": load_oxford_pets,
-}
-
-
 class UnionDataset(SampleDataset):
     """Several datasets at one resolution/channel count, side by side (e.g. a cross-domain pair).
 
@@ -748,22 +738,48 @@ class UnionDataset(SampleDataset):
 
 
 def load_union(
-    parts: Sequence[dict], resolution: int = 8, channels: int | None = 1, label_by: str = "domain"
+    parts: Sequence[Mapping[str, Any]],
+    resolution: int = 8,
+    channels: int | None = 1,
+    label_by: str = "domain",
 ) -> UnionDataset:
-    """``parts=[{"name": "digits"}, {"name": "fashion_mnist", "limit_per_split": 1500}]``."""
+    """``parts=[{"_target_": "cdm.data.datasets.load_digits_dataset"}, {"_target_":
+    "cdm.data.datasets.load_fashion_mnist", "limit_per_split": 1500}]``, each built at
+    ``resolution`` and ``channels``."""
     built = []
     for spec in parts:
-        spec = dict(spec)
-        name = spec.pop("name")
-        built.append(build_dataset(name, resolution=resolution, channels=channels, **spec))
+        kwargs = dict(spec)
+        target = kwargs.pop("_target_", None)
+        if target is None:
+            raise ValueError(f"union: every part needs a `_target_` (a dataset loader), got {spec}")
+        built.append(build_dataset(target, resolution=resolution, channels=channels, **kwargs))
     return UnionDataset(built, label_by=label_by)
 
 
-DATASETS["union"] = load_union
+def build_dataset(target: str | Callable[..., SampleDataset], /, **kwargs: Any) -> SampleDataset:
+    """Call a dataset loader or class (a dotted ``_target_`` path, or the callable) with ``kwargs``;
+    the result must be a ``SampleDataset``."""
+    loader = get_object(target) if isinstance(target, str) else target
+    dataset = loader(**kwargs)
+    if not isinstance(dataset, SampleDataset):
+        raise TypeError(
+            f"data._target_ {target!r} made a {type(dataset).__name__}, not a dataset: return a "
+            "cdm.data.datasets.SampleDataset (e.g. subclass ArrayDataset)"
+        )
+    return dataset
 
 
-def build_dataset(name: str, **kwargs) -> SampleDataset:
-    """Build a registered dataset by name (see ``DATASETS``)."""
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {sorted(DATASETS)}")
-    return DATASETS[name](**kwargs)
+def dataset_from_config(data: Mapping[str, Any]) -> SampleDataset:
+    """The dataset of a ``data`` config node (``conf/data/*.yaml``): its ``_target_`` called with
+    ``resolution``, ``channels``, ``root`` (when set) and ``kwargs``."""
+    if not data.get("_target_"):
+        raise ValueError(
+            f"data {data.get('name')!r} has no `_target_`: name the loader or SampleDataset class "
+            "that builds it (see conf/data/digits.yaml)"
+        )
+    kwargs = dict(data.get("kwargs") or {})
+    if data.get("root") is not None:
+        kwargs["root"] = data["root"]
+    return build_dataset(
+        data["_target_"], resolution=data["resolution"], channels=data["channels"], **kwargs
+    )

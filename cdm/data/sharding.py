@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from cdm.core.hashing import hash_ids
+from cdm.core.names import ShardId
 
 STRATEGIES = ("by_class", "random", "by_score", "manifest")
 _TAG_SAFE, _TAG_SHARD, _TAG_SLICE = 1, 2, 3  # distinct RNG streams per purpose
@@ -416,7 +417,7 @@ def make_split(
 
     shards, shard_slices = [], []
     for k, (idx, extra) in enumerate(groups):
-        name = f"shard-{k:02d}"
+        name = ShardId(k).name
         parts = _shard_slices(dataset, idx, name, n_slices, seed, k)
         shard_slices.append(parts)
         shards.append(build(name, _concat(parts), _slice_bounds(parts), {"shard": k, **extra}))
@@ -520,7 +521,7 @@ def new_shard(
     """The manifest ``shard-<index>`` of a source added to an experiment (``cdm-add-source``),
     sliced exactly as ``make_split`` slices its shards."""
     if not ids:
-        raise ValueError(f"shard-{index:02d}: an added source needs at least one sample")
+        raise ValueError(f"{ShardId(int(index))}: an added source needs at least one sample")
     if n_slices > len(ids):
         raise ValueError(
             f"n_slices={n_slices} > {len(ids)} samples in the new source; lower sharding.n_slices"
@@ -530,7 +531,7 @@ def new_shard(
     members = [j for part in parts for j in part]
     bounds = np.cumsum([0] + [len(p) for p in parts])
     return Manifest.build(
-        f"shard-{index:02d}",
+        ShardId(int(index)).name,
         [ids[j] for j in members],
         [content_hashes[j] for j in members],
         list(zip(bounds[:-1], bounds[1:], strict=True)),

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 from pathlib import Path
@@ -13,8 +12,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.core.hashing import sha256_bytes
-from cdm.data.datasets import SampleDataset, UnionDataset, build_dataset, load_npz
+from cdm.core.identity import (
+    JobIdentity,
+    describe_differences,
+    differing_keys,
+    job_identity,
+    refusal,
+)
+from cdm.core.logging import get_logger
+from cdm.core.names import ShardId
+from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config, load_npz
 from cdm.data.sharding import (
     Manifest,
     Split,
@@ -27,20 +34,23 @@ from cdm.models.backbone import (
     UNET_CLASSES,
 )
 from cdm.store import ArtifactStore, StoreError
+from cdm.store.layout import last_checkpoint
+from cdm.store.records import forgotten_ids as stored_forgotten_ids
+from cdm.store.records import read_forget_journal, read_sources
 from cdm.training.callbacks import KillAtStep
+
+log = get_logger(__name__)
+
+REUSE_FIX = "pass retrain=true to replace it, or use a new experiment_name=..."
+RESUME_FIX = "resume it with the same config, or start over with retrain=true"
 
 
 def load_data(cfg: DictConfig) -> SampleDataset:
-    """The dataset named by ``cfg.data``, plus the samples of sources added to the experiment
-    (``cdm-add-source``: the store keeps a copy of each, labels in the same class space)."""
-    kwargs: dict[str, Any] = dict(OmegaConf.to_container(cfg.data.kwargs, resolve=True))
-    if cfg.data.get("root") is not None:
-        kwargs["root"] = cfg.data.root
-    base = build_dataset(
-        cfg.data.name, resolution=cfg.data.resolution, channels=cfg.data.channels, **kwargs
-    )
+    """The dataset of ``cfg.data`` (its ``_target_``), plus the samples of sources added to the
+    experiment (``cdm-add-source``: the store keeps a copy of each, labels in the same class space)."""
+    base = dataset_from_config(OmegaConf.to_container(cfg.data, resolve=True))
     store = experiment_store(cfg)
-    added = [] if store is None else store.read_sources(cfg.experiment_name)["added"]
+    added = [] if store is None else read_sources(store, cfg.experiment_name)["added"]
     paths = [(a["source"], store.source_data_path(cfg.experiment_name, a["source"])) for a in added]
     parts = [  # a forgotten source's data is deleted: its shard is removed from the split too
         load_npz(
@@ -78,7 +88,7 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
     )
     store = experiment_store(cfg)
     if store is not None:
-        sources = store.read_sources(cfg.experiment_name)
+        sources = read_sources(store, cfg.experiment_name)
         added = [Manifest.from_json(a["manifest"]) for a in sources["added"]]
         split = with_shards(split, added)
         removed = [r["job"] for r in sources["removed"]]
@@ -93,13 +103,13 @@ def forgotten_ids(cfg: DictConfig) -> list[str]:
     store = experiment_store(cfg)
     if store is None:
         return []
-    journal = store.pending_forget(cfg.experiment_name)
+    journal = read_forget_journal(store, cfg.experiment_name)
     if journal is not None and journal.get("state") == "committing":
         raise StoreError(
             f"a forget request on experiment {cfg.experiment_name!r} was interrupted while being "
             f"committed: finish it with `cdm-forget experiment={cfg.experiment_name}` first"
         )
-    return store.forgotten_ids(cfg.experiment_name)
+    return stored_forgotten_ids(store, cfg.experiment_name)
 
 
 def record_manifests(store: ArtifactStore, experiment: str, split: Split) -> None:
@@ -125,11 +135,11 @@ def select_manifest(stage: str, split: Split, index: int) -> Manifest:
         return split.safe
     if stage == "paragon":
         return split.private
-    name = f"shard-{int(index):02d}"
+    name = ShardId(int(index)).name
     for manifest in split.shards:
         if manifest.name == name:
             return manifest
-    have = [int(m.name[6:]) for m in split.shards]
+    have = [ShardId.parse(m.name).index for m in split.shards]
     raise ValueError(
         f"shard.index={index} but this experiment has shards {have} (forgotten sources leave "
         f"gaps, added ones come after): use one of them"
@@ -159,6 +169,7 @@ def load_backbone_for_shards(
             f"data.conditional={cfg.data.conditional} with {cfg.data.num_classes} classes needs {expected}: "
             "train a matching backbone under another backbone.id=..."
         )
+    check_backbone_config(cfg, card)
     return unet, card
 
 
@@ -201,23 +212,65 @@ def device_description() -> str:
 
 
 def fit_resumable(
-    trainer: pl.Trainer, module, datamodule, ckpt_dir: Path, *, resume: bool, what: str
+    trainer: pl.Trainer,
+    module,
+    datamodule,
+    ckpt_dir: Path,
+    *,
+    resume: bool,
+    what: str,
+    identity: JobIdentity | None = None,
 ) -> None:
-    """``trainer.fit``, continuing from ``ckpt_dir/last.ckpt`` when ``resume`` and it exists."""
-    last = ckpt_dir / "last.ckpt"
+    """``trainer.fit``, continuing from ``ckpt_dir/last.ckpt`` when ``resume`` and it exists
+    (refused if the checkpoint was written under another ``identity``)."""
+    last = last_checkpoint(ckpt_dir)
     ckpt_path = str(last) if resume and last.exists() else None
     if ckpt_path:
-        print(f"[cdm] resuming {what} from {ckpt_path}")
+        if identity is not None:
+            check_resume(identity, last, what)
+        log.info("resuming %s from %s", what, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
 
 
-def config_signature(config: dict) -> str:
-    """Hash of the settings that change what a job computes (not where it logs or runs)."""
-    keep = {
-        k: config.get(k)
-        for k in ("data", "sharding", "backbone", "adapter", "seed", "stage", "shard", "threads")
-    }
-    keep["train"] = (
-        config.get("pretrain") if config.get("stage") == "backbone" else config.get("optim")
-    )
-    return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
+def identity_of(cfg: DictConfig, stage: str | None = None) -> JobIdentity:
+    """The identity of this config's ``stage`` job (default ``cfg.stage``): ``cdm.core.identity``."""
+    return job_identity(OmegaConf.to_container(cfg, resolve=True), stage or str(cfg.stage))
+
+
+def check_reuse(identity: JobIdentity, card: dict, what: str, fix: str = REUSE_FIX) -> None:
+    """Refuse to reuse a stored artifact whose card records another identity (a card without
+    one, from an older store, is not checked)."""
+    stored = card.get("identity")
+    if stored is not None and card.get("signature") != identity.hash:
+        raise StoreError(refusal(what, stored, identity.sections, fix))
+
+
+def check_resume(identity: JobIdentity, checkpoint: Path, what: str) -> None:
+    """Refuse to resume from a checkpoint that a job with another identity wrote (before any
+    process is started for the trainer: the message stays one line)."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    for entry in (state.get("callbacks") or {}).values():
+        if isinstance(entry, dict) and "signature" in entry and entry["signature"] != identity.hash:
+            raise StoreError(
+                refusal(f"the checkpoint of {what} at {checkpoint}", entry.get("identity"),
+                        identity.sections, RESUME_FIX)
+            )  # fmt: skip
+
+
+def check_backbone_config(cfg: DictConfig, backbone_card: dict) -> None:
+    """Refuse a job that runs the backbone with another architecture or noise schedule than the
+    one it was trained with (its card's config): x_t must mean the same for every shard, the
+    router and the sampler."""
+    inert = ("id", "preset", "pretrained_path")  # names and paths: the weights' hash covers them
+    theirs = ((backbone_card.get("config") or {}).get("backbone")) or {}
+    theirs = {k: v for k, v in theirs.items() if k not in inert}
+    ours = OmegaConf.to_container(cfg.backbone, resolve=True)
+    ours = {k: v for k, v in ours.items() if k in theirs}  # keys newer than the card: unknown
+    keys = differing_keys(theirs, ours)
+    if keys:
+        what = "noise schedule" if all(k.startswith("scheduler") for k in keys) else "architecture"
+        raise StoreError(
+            f"backbone {cfg.backbone.id!r} was trained with another {what} than this config's "
+            f"({describe_differences(theirs, ours)}): set backbone.* to the backbone's settings, "
+            "or train a backbone for these (cdm-train stage=backbone)"
+        )

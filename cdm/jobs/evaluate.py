@@ -19,20 +19,17 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import sha256_bytes
+from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.eval.features import FeatureSpace, as_uint8_tensor, to_uint8
 from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
-from cdm.jobs.context import device_description, load_data
-from cdm.store import (
-    ArtifactStore,
-    CorruptArtifactError,
-    MissingArtifactError,
-    make_card,
-    read_card,
-)
-from cdm.store.samples import samples_dir
+from cdm.jobs.context import device_description, identity_of, load_data
+from cdm.store import ArtifactStore, StatsKey, make_card
+from cdm.store.samples import read_samples_file
 from cdm.store.stats import load_reference_features, save_evaluation, save_reference_features
+
+log = get_logger(__name__)
 
 REFERENCES = ("private", "train", "test")
 
@@ -94,7 +91,7 @@ def reference_images(
             raise ValueError(f"dataset {dataset.name!r} has no {reference!r} split to compare with")
         ids_hash = sha256_bytes("\n".join(dataset.ids[i] for i in rows).encode())
     images = to_uint8(torch.stack([dataset.image(i) for i in rows]))
-    key = f"{dataset.name}-r{dataset.resolution}-{reference}-{ids_hash[:16]}"
+    key = StatsKey(dataset.name, int(dataset.resolution), reference, ids_hash).name
     return images, key, ids_hash
 
 
@@ -122,18 +119,7 @@ def load_samples(
     store: ArtifactStore, experiment: str, name: str
 ) -> tuple[np.ndarray, np.ndarray, dict]:
     """(uint8 images [N, C, H, W], labels, card) of a samples artifact, checked against its card."""
-    directory = samples_dir(store, experiment, name)
-    if not (directory / "card.json").exists():
-        raise MissingArtifactError(
-            f"no samples {name!r} in experiment {experiment!r} ({directory}): draw them first with "
-            f"cdm-sample experiment={experiment} composition=... name={name}"
-        )
-    card = read_card(directory)
-    data = (directory / "samples.npz").read_bytes()
-    if sha256_bytes(data) != card.get("files", {}).get("samples.npz"):
-        raise CorruptArtifactError(
-            f"{directory / 'samples.npz'} does not match its card's sha256: draw the samples again"
-        )
+    data, card = read_samples_file(store, experiment, name)
     with np.load(io.BytesIO(data), allow_pickle=False) as npz:
         return npz["images"], npz["labels"], card
 
@@ -180,6 +166,7 @@ def evaluate_one(
                 {f"mem_{k}": v for k, v in memorization_summary(d1, d2).items()},
                 mem_feature_space=space.name,
             )
+    identity = identity_of(cfg, "evaluate")  # recorded: evaluations are not reused
     card = make_card(
         name=name,
         experiment=experiment,
@@ -190,6 +177,8 @@ def evaluate_one(
         metric_names=names,
         parents=parents,
         config=OmegaConf.to_container(cfg.evaluate, resolve=True),
+        signature=identity.hash,
+        identity=identity.sections,
         device=device_description(),
         wall_time_s=round(time.perf_counter() - started, 3),
     )
@@ -218,6 +207,6 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
             for k, v in card["metrics"].items()
             if isinstance(v, float) and "std" not in k
         )
-        print(f"[cdm] {cfg.experiment_name}/{name}: {shown}")
+        log.info("%s/%s: %s", cfg.experiment_name, name, shown)
         cards.append(card)
     return cards

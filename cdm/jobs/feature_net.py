@@ -12,13 +12,13 @@ Frechet distance in it is reported as ``FD_digits``, never as FID.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.core.hashing import hash_ids, sha256_bytes
+from cdm.core.hashing import hash_ids
+from cdm.core.logging import get_logger
 from cdm.models.feature_net import (
     DomainFeatures,
     FeatureNet,
@@ -30,20 +30,19 @@ from cdm.store import ArtifactStore, StoreError, make_card
 from cdm.store.feature_nets import (
     DEFAULT_KEY_PATTERN,
     clear_feature_net_checkpoints,
-    feature_net_checkpoint_dir,
-    feature_net_dir,
     feature_net_key,
-    feature_net_log_dir,
     feature_net_stale_reason,
     has_feature_net,
     load_feature_net,
     read_feature_net_card,
     train_hint,
 )
+from cdm.store.records import all_forgotten_ids
+
+log = get_logger(__name__)
 
 __all__ = [
     "DomainFeatures",
-    "feature_net_signature",
     "load_domain_features",
     "load_feature_net_model",
     "run_feature_net_job",
@@ -65,17 +64,11 @@ def feature_net_train_split(store: ArtifactStore, dataset) -> tuple[list[int], s
     split (not sources added to an experiment) minus every id forgotten anywhere in the store."""
     base = getattr(dataset, "base", dataset)
     indices, _ = split_hashes(base, "train")
-    forgotten = store.all_forgotten_ids()
+    forgotten = all_forgotten_ids(store)
     excluded = sorted(base.ids[i] for i in indices if base.ids[i] in forgotten)
     keep = [i for i in indices if base.ids[i] not in forgotten]
     digest = hash_ids([base.ids[i] for i in keep], [base.content_hashes[i] for i in keep])
     return keep, digest, excluded
-
-
-def feature_net_signature(config: dict) -> str:
-    """Hash of the settings that change what a feature-net job computes (for resume checks)."""
-    keep = {k: config.get(k) for k in ("data", "feature_net", "seed", "threads")}
-    return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
 
 
 def _check_existing(card: dict, key: str, train_hash: str, channels: int, hint: str) -> None:
@@ -98,7 +91,14 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
 
     from cdm.core.runtime import configure_runtime
-    from cdm.jobs.context import build_trainer, device_description, fit_resumable, load_data
+    from cdm.jobs.context import (
+        build_trainer,
+        check_reuse,
+        device_description,
+        fit_resumable,
+        identity_of,
+        load_data,
+    )
     from cdm.training.callbacks import SliceCheckpoint
     from cdm.training.feature_net import (
         FeatureNetDataModule,
@@ -129,16 +129,18 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     test_idx, test_hash = split_hashes(dataset, "test")
     if not train_idx:
         raise ValueError(f"dataset {dataset.name!r} has no train split to train a feature net on")
-    artifact = feature_net_dir(store, key)
+    artifact = store.feature_net_dir(key)
     retrain = bool(cfg.retrain)
+    identity = identity_of(cfg, "feature_net")
     if has_feature_net(store, key) and not retrain:
         card = read_feature_net_card(store, key, hint)
+        check_reuse(identity, card, f"feature net {key}", f"{hint} retrain=true replaces it")
         stale = feature_net_stale_reason(store, card)
         if stale is None:
             _check_existing(card, key, train_hash, channels, hint)
-            print(f"[cdm] feature net {key} already trained at {artifact}; pass retrain=true to train it again")  # fmt: skip
+            log.info("feature net %s already trained at %s; pass retrain=true to train it again", key, artifact)  # fmt: skip
             return card
-        print(f"[cdm] feature net {key} is stale ({stale}): training it again without them")
+        log.info("feature net %s is stale (%s): training it again without them", key, stale)
         retrain = True
     if retrain:
         clear_feature_net_checkpoints(store, key)
@@ -189,6 +191,8 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
         made_by_experiment=str(cfg.experiment_name),
         parents=[],
         config=config,
+        signature=identity.hash,
+        identity=identity.sections,
         device=device_description(),
     )
     datamodule = FeatureNetDataModule(
@@ -199,18 +203,19 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
         epochs=epochs,
         seed=seed,
     )
-    ckpt_dir = feature_net_checkpoint_dir(store, key)
+    ckpt_dir = store.feature_net_checkpoint_dir(key)
     callbacks: list[pl.Callback] = [
-        SliceCheckpoint(ckpt_dir, epochs, signature=feature_net_signature(config)),
+        SliceCheckpoint(ckpt_dir, epochs, identity.hash, identity.sections),
         FeatureNetWriter(str(store.root), key, train_hash, card),
     ]
     trainer = build_trainer(
-        cfg, callbacks, feature_net_log_dir(store), epochs,
+        cfg, callbacks, store.feature_net_log_dir(), epochs,
         check_val_every_n_epoch=1, limit_val_batches=1.0 if test_idx else 0,
     )  # fmt: skip
     fit_resumable(
-        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"feature net {key}"
-    )
+        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"feature net {key}",
+        identity=identity,
+    )  # fmt: skip
     card = read_feature_net_card(store, key, hint)
     # a finished net keeps no checkpoint: nothing else trained on private data lingers on disk
     clear_feature_net_checkpoints(store, key)

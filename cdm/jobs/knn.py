@@ -8,12 +8,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
+from cdm.core.names import ShardId
 from cdm.core.runtime import configure_runtime
 from cdm.data.sharding import indices_of
-from cdm.jobs.context import load_data, record_manifests, split_data
-from cdm.models.knn_router import build_embedder, kmeans
-from cdm.store import ArtifactStore, make_card
-from cdm.store.knn import centroids_dir, save_centroids
+from cdm.jobs.context import check_reuse, identity_of, load_data, record_manifests, split_data
+from cdm.models.knn_router import build_embedder, embedder_needs_feature_net, kmeans
+from cdm.store import CARD_FILENAME, ArtifactStore, make_card, read_card
+from cdm.store.knn import save_centroids
 
 
 @torch.no_grad()
@@ -31,7 +32,7 @@ def embed(
 def knn_embedder(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[torch.nn.Module, list]:
     """The configured embedder and the artifacts it comes from (a feature net is one: it saw data)."""
     spec = OmegaConf.to_container(cfg.knn.embedder, resolve=True)
-    if spec.get("kind") != "feature_net":
+    if not embedder_needs_feature_net(spec):
         return build_embedder(spec), []
     from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 
@@ -50,12 +51,13 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
     split = split_data(cfg, dataset)
     record_manifests(store, cfg.experiment_name, split)
     embedder, parents = knn_embedder(cfg, store, dataset)
+    identity = identity_of(cfg, "knn")
     cards = []
     for manifest in tqdm(split.shards, desc="k-NN centroids"):
-        job, k = manifest.name, int(manifest.name[6:])  # shard indices may have gaps
-        if (
-            centroids_dir(store, cfg.experiment_name, cfg.knn.name, job) / "card.json"
-        ).exists() and not cfg.retrain:
+        job, k = manifest.name, ShardId.parse(manifest.name).index  # indices may have gaps
+        directory = store.centroids_dir(cfg.experiment_name, cfg.knn.name, job)
+        if (directory / CARD_FILENAME).exists() and not cfg.retrain:
+            check_reuse(identity, read_card(directory), f"k-NN centroids at {directory}")
             continue
         started = time.perf_counter()
         points = embed(embedder, dataset, indices_of(dataset, manifest))
@@ -63,6 +65,7 @@ def run_knn_job(cfg: DictConfig) -> list[dict]:
         card = make_card(
             name=job, experiment=cfg.experiment_name, embedder=cfg.knn.name, manifest_hash=manifest.hash,
             n_samples=len(manifest.ids), config=OmegaConf.to_container(cfg.knn, resolve=True), parents=parents,
+            signature=identity.hash, identity=identity.sections,
             wall_time_s=round(time.perf_counter() - started, 3),
         )  # fmt: skip
         cards.append(save_centroids(store, cfg.experiment_name, cfg.knn.name, job, centroids, card))

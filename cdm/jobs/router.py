@@ -8,7 +8,6 @@ depends on. Its softmax gives the weights w_i(x_t, t) of the mixture score (Prop
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,14 +17,18 @@ import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.core.hashing import hash_ids, sha256_bytes
+from cdm.core.hashing import hash_ids
+from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.data.datasets import SampleDataset
 from cdm.data.sharding import Split, held_out, indices_of
 from cdm.jobs.context import (
     build_trainer,
+    check_backbone_config,
+    check_reuse,
     device_description,
     fit_resumable,
+    identity_of,
     load_backbone_for_shards,
     load_data,
     record_manifests,
@@ -33,7 +36,7 @@ from cdm.jobs.context import (
 )
 from cdm.models.backbone import backbone_hash, build_scheduler
 from cdm.models.router import build_router, router_from_artifact, router_model_config
-from cdm.store import ArtifactStore, StoreError, make_card, read_card
+from cdm.store import ArtifactStore, make_card, read_card, stale_reason
 from cdm.training.callbacks import SliceCheckpoint
 from cdm.training.router import (
     RouterDataModule,
@@ -41,6 +44,8 @@ from cdm.training.router import (
     RouterWriter,
     train_log_prior,
 )
+
+log = get_logger(__name__)
 
 _TAG_ROUTER_VAL = 4  # numpy RNG stream for the held-out part (sharding uses tags 1-3)
 
@@ -115,22 +120,12 @@ def router_data(
 
 
 def backbone_alphas_cumprod(cfg: DictConfig, backbone_card: dict) -> torch.Tensor:
-    """The backbone's own noise schedule (from its card), checked against ``cfg.backbone``."""
+    """The backbone's own noise schedule (from its card), checked against ``cfg.backbone``: the
+    router must see x_t as the shard adapters do."""
+    check_backbone_config(cfg, backbone_card)
     ours = OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
     theirs = ((backbone_card.get("config") or {}).get("backbone") or {}).get("scheduler")
-    if theirs is not None and dict(theirs) != dict(ours):
-        raise StoreError(
-            f"backbone {cfg.backbone.id!r} was trained with noise schedule {theirs}, but this "
-            f"config has {ours}: the router must see x_t as the shard adapters do. "
-            "Set backbone.scheduler to the backbone's."
-        )
     return build_scheduler(theirs or ours).alphas_cumprod
-
-
-def router_signature(config: dict) -> str:
-    """Hash of the settings that change what a router job computes (for resume checks)."""
-    keep = {k: config.get(k) for k in ("data", "sharding", "backbone", "router", "seed", "threads")}
-    return sha256_bytes(json.dumps(keep, sort_keys=True, default=str).encode())
 
 
 def run_router_job(cfg: DictConfig) -> dict:
@@ -150,14 +145,18 @@ def run_router_job(cfg: DictConfig) -> dict:
     record_manifests(store, experiment, split)
     artifact = store.router_dir(experiment, name)
     retrain = bool(cfg.retrain)
+    identity = identity_of(cfg, "router")
     if store.has_router(experiment, name) and not retrain:
-        stale = store.stale_reason(experiment, read_card(artifact))
+        check_reuse(identity, read_card(artifact), f"router {name} at {artifact}")
+        stale = stale_reason(store, experiment, read_card(artifact))
         if stale is None:
-            print(
-                f"[cdm] router {name} already trained at {artifact}; pass retrain=true to train it again"
+            log.info(
+                "router %s already trained at %s; pass retrain=true to train it again",
+                name,
+                artifact,
             )
             return read_card(artifact)
-        print(f"[cdm] router {name} is stale ({stale}, e.g. after cdm-forget): training it again")
+        log.info("router %s is stale (%s, e.g. after cdm-forget): training it again", name, stale)
         retrain = True
     if retrain:
         store.clear_checkpoints(experiment, name)
@@ -178,7 +177,7 @@ def run_router_job(cfg: DictConfig) -> dict:
         n_shards=n_shards,
         channels=cfg.data.channels,
         resolution=cfg.data.resolution,
-        backbone=unet if router_config["arch"] == "backbone_head" else None,
+        backbone=unet,  # given to router classes that take one (BackboneHeadRouter)
     )
     module = RouterTraining(
         router,
@@ -197,7 +196,7 @@ def run_router_job(cfg: DictConfig) -> dict:
         kind="router",
         name=name,
         experiment=experiment,
-        arch=router_config["arch"],
+        arch=router_config["model"]["_target_"],
         parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}],
         backbone_hash=bcard["backbone_hash"],
         safe_manifest_hash=split.safe.hash,
@@ -209,6 +208,8 @@ def run_router_job(cfg: DictConfig) -> dict:
         validation=data.validation,
         bands=list(module.band_names),
         config=config,
+        signature=identity.hash,
+        identity=identity.sections,
         device=device_description(),
     )
     train_ids = [dataset.ids[i] for g in data.train_groups for i in g]
@@ -227,15 +228,16 @@ def run_router_job(cfg: DictConfig) -> dict:
     )
     ckpt_dir = store.checkpoint_dir(experiment, name)
     callbacks: list[pl.Callback] = [
-        SliceCheckpoint(ckpt_dir, epochs, signature=router_signature(config)),
+        SliceCheckpoint(ckpt_dir, epochs, identity.hash, identity.sections),
         RouterWriter(str(store.root), experiment, name, train_hash, card, router_config),
     ]
     trainer = build_trainer(
         cfg, callbacks, store.log_dir(experiment), epochs, check_val_every_n_epoch=1
     )
     fit_resumable(
-        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"router {name}"
-    )
+        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"router {name}",
+        identity=identity,
+    )  # fmt: skip
     return read_card(artifact)
 
 

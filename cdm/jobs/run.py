@@ -1,35 +1,48 @@
-"""Run one job (stage) of a CDM from a resolved config: the library behind cdm-train."""
+"""Run one job (stage) of a CDM from a resolved config: the library behind cdm-train.
+
+The job is the stage option's ``job`` node (``conf/stage/<stage>.yaml``): a ``_partial_`` function
+of the config, e.g. ``cdm.jobs.router.run_router_job`` for ``stage=router``.
+"""
 
 from __future__ import annotations
 
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from cdm.core.logging import get_logger
 from cdm.core.names import job_name
 from cdm.core.runtime import configure_runtime
 from cdm.jobs.context import (
+    REUSE_FIX,
+    check_reuse,
+    identity_of,
     load_data,
     record_manifests,
     select_manifest,
     split_data,
 )
 from cdm.jobs.train import fit_job
-from cdm.store import ArtifactStore, read_card
+from cdm.store import ArtifactStore, read_card, stale_reason
+
+log = get_logger(__name__)
 
 
 def run_job(cfg: DictConfig) -> dict | list[dict]:
-    """Train the job ``cfg.stage`` (backbone | shard | paragon | router | knn | feature_net); its card."""
-    if cfg.stage == "router":
-        from cdm.jobs.router import run_router_job
+    """Run the job of ``cfg.stage`` (``cfg.job``, set by the stage option); its card(s)."""
+    if cfg.get("job") is None:
+        raise ValueError(
+            f"the config has no `job` for stage {cfg.get('stage')!r}: compose it with a stage option "
+            "(cdm-train stage=backbone|shard|paragon|router|knn|feature_net)"
+        )
+    job = instantiate(cfg.job)
+    return job(cfg)
 
-        return run_router_job(cfg)
-    if cfg.stage == "knn":
-        from cdm.jobs.knn import run_knn_job
 
-        return run_knn_job(cfg)
-    if cfg.stage == "feature_net":
-        from cdm.jobs.feature_net import run_feature_net_job
+def run_training_job(cfg: DictConfig) -> dict:
+    """Train the backbone (``stage=backbone``), a shard adapter (``shard``) or the paragon; its card.
 
-        return run_feature_net_job(cfg)
+    A job whose artifact exists is skipped unless it is stale or ``retrain=true``.
+    """
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
@@ -46,11 +59,17 @@ def run_job(cfg: DictConfig) -> dict | list[dict]:
     ckpt_job = f"backbone-{cfg.backbone.id}" if is_backbone else job
     retrain = bool(cfg.retrain)
     if (artifact / "card.json").exists() and not retrain:
-        stale = None if is_backbone else store.stale_reason(experiment, read_card(artifact))
+        fix = (
+            "pass retrain=true to replace it, or set another backbone.id=..."
+            if is_backbone
+            else REUSE_FIX
+        )
+        check_reuse(identity_of(cfg), read_card(artifact), f"{job} at {artifact}", fix)
+        stale = None if is_backbone else stale_reason(store, experiment, read_card(artifact))
         if stale is None:
-            print(f"[cdm] {job} already trained at {artifact}; pass retrain=true to train it again")
+            log.info("%s already trained at %s; pass retrain=true to train it again", job, artifact)
             return read_card(artifact)
-        print(f"[cdm] {job} is stale ({stale}, e.g. after cdm-forget): training it again")
+        log.info("%s is stale (%s, e.g. after cdm-forget): training it again", job, stale)
         retrain = True
     if retrain:
         store.clear_checkpoints(experiment, ckpt_job)

@@ -3,170 +3,21 @@
 from __future__ import annotations
 
 import io
-import json
 import time
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.core import composition as C
-from cdm.core.hashing import sha256_bytes
-from cdm.core.names import job_name
+from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
-from cdm.jobs.context import device_description
-from cdm.models.backbone import UNET_CLASSES, null_label
-from cdm.models.composed import ComposedDenoiser, build_sampling_scheduler, sample_composed
-from cdm.models.multi_adapter import (
-    GraphedDense,
-    MultiShardUNet,
-    merge_adapters,
-    read_peft_adapter,
-)
+from cdm.eval.grids import grid_png
+from cdm.jobs.context import device_description, identity_of
+from cdm.jobs.pipeline import CDMPipeline, cycle_labels, to_uint8
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.store.samples import save_samples
 
-
-def shard_indices(store: ArtifactStore, experiment: str) -> list[int]:
-    """Indices of the experiment's shards, from its manifests."""
-    names = [m for m in store.list_manifests(experiment) if m.startswith("shard-")]
-    if not names:
-        raise StoreError(
-            f"experiment {experiment!r} has no shard manifests: train it first (cdm-train stage=shard)"
-        )
-    return sorted(int(m.split("-")[1]) for m in names)
-
-
-def allowed_shards(cfg: DictConfig, available: list[int]) -> list[int]:
-    """The shards this request may use (``shards=[...]``), checked against the experiment."""
-    if cfg.shards is None:
-        return available
-    wanted = sorted({int(k) for k in cfg.shards})
-    unknown = [k for k in wanted if k not in available]
-    if unknown or not wanted:
-        raise ValueError(
-            f"shards={wanted}: this experiment has shards {available}; unknown {unknown}"
-        )
-    return wanted
-
-
-def load_router(
-    cfg: DictConfig, store: ArtifactStore, manifests: dict[int, dict], backbone, backbone_card: dict
-):
-    """The classifier router and its training log-prior, checked to be trained on these exact shards."""
-    import copy
-
-    from cdm.jobs.router import load_router_model
-
-    router, card = load_router_model(
-        store, cfg.experiment_name, cfg.router_name, backbone=copy.deepcopy(backbone),
-        expected_backbone_hash=backbone_card["backbone_hash"],
-    )  # fmt: skip
-    trained = {m["name"]: m["hash"] for m in card["shard_manifests"]}
-    current = {f"shard-{k:02d}": m["hash"] for k, m in manifests.items()}
-    if trained != current:
-        raise StoreError(
-            f"router {cfg.router_name!r} was trained on other shard data than the current shards "
-            f"(manifests changed or shards were added/forgotten): retrain it with "
-            f"cdm-train experiment={cfg.experiment_name} stage=router retrain=true"
-        )
-    order = [m["name"] for m in card["shard_manifests"]]
-    parent = {"kind": "router", "name": cfg.router_name, "hash": card["weights_sha256"]}
-    return router, order, torch.tensor(card["train_log_prior"], dtype=torch.float32), parent
-
-
-def knn_router(
-    cfg: DictConfig, store: ArtifactStore, shards: list[int], manifests: dict[int, dict]
-):
-    """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone."""
-    from cdm.models.backbone import build_scheduler, predict_epsilon
-    from cdm.models.knn_router import KNNRouter
-    from cdm.store.knn import load_centroids
-
-    centroids, parents, cards = [], [], []
-    for k in shards:
-        c, card = load_centroids(store, cfg.experiment_name, cfg.knn.name, job_name("shard", k))
-        cards.append(card)
-        parents.append(
-            {
-                "kind": "knn_centroids",
-                "name": f"{cfg.knn.name}/shard-{k:02d}",
-                "hash": card["weights_sha256"],
-            }
-        )
-        if card["manifest_hash"] != manifests[k]["hash"]:
-            raise StoreError(
-                f"k-NN centroids of shard-{k:02d} were computed on other data: recompute with "
-                f"cdm-train experiment={cfg.experiment_name} stage=knn retrain=true"
-            )
-        centroids.append(c)
-    bare, _ = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
-    bare.eval()
-    alphas = build_scheduler(
-        OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
-    ).alphas_cumprod
-    from cdm.jobs.context import load_data
-    from cdm.jobs.knn import knn_embedder
-
-    embedder, embedder_parents = knn_embedder(cfg, store, load_data(cfg))
-    for k, c in zip(shards, cards, strict=True):  # centroids embedded by another feature net
-        if {p["hash"] for p in c.get("parents", [])} != {p["hash"] for p in embedder_parents}:
-            raise StoreError(
-                f"k-NN centroids {cfg.knn.name}/shard-{k:02d} were embedded by another version of "
-                f"their feature net (e.g. before it was retrained after cdm-forget): recompute with "
-                f"cdm-train experiment={cfg.experiment_name} stage=knn knn={cfg.knn.name} retrain=true"
-            )
-    parents += embedder_parents
-    null = null_label(bare)
-
-    def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        labels = None if null is None else torch.full((x.shape[0],), null, device=x.device)
-        return predict_epsilon(bare, x, t, labels)
-
-    return KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature)), parents
-
-
-def shard_label_prior(
-    cfg: DictConfig, shards: list[int], manifests: dict[int, dict]
-) -> torch.Tensor:
-    """P(shard | label) [num_classes + 1, n] from each allowed shard's label counts.
-
-    A label no allowed shard holds (and the null label) falls back to the shard sizes.
-    """
-    from cdm.jobs.context import load_data
-
-    dataset = load_data(cfg)
-    index = dataset.id_to_index
-    counts = torch.zeros(int(cfg.data.num_classes) + 1, len(shards), dtype=torch.float64)
-    for j, k in enumerate(shards):
-        labels = dataset.labels[[index[i] for i in manifests[k]["ids"]]]
-        counts[:, j] = torch.bincount(labels, minlength=counts.shape[0]).double()[: counts.shape[0]]
-    sizes = counts.sum(dim=0)
-    empty = counts.sum(dim=1) == 0
-    counts[empty] = sizes
-    return (counts / counts.sum(dim=1, keepdim=True)).float()
-
-
-def grid_png(images: torch.Tensor, ncol: int | None = None) -> bytes:
-    """A PNG grid of images in [-1, 1]."""
-    from PIL import Image
-
-    n, c, h, w = images.shape
-    ncol = ncol or int(np.ceil(np.sqrt(n)))
-    nrow = int(np.ceil(n / ncol))
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    canvas = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), dtype=np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        canvas[1 + r * (h + 1) : 1 + r * (h + 1) + h, 1 + q * (w + 1) : 1 + q * (w + 1) + w] = (
-            pixels[i]
-        )
-    image = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
-    scale = max(1, 256 // max(canvas.shape[:2]))
-    image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+log = get_logger(__name__)
 
 
 def weights_plot_png(trace: torch.Tensor, shard_names: list[str], title: str) -> bytes:
@@ -214,159 +65,86 @@ def run_sampling(cfg: DictConfig) -> dict:
     """Compose the allowed shards with ``cfg.composition``, sample, and store the result."""
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     started = time.perf_counter()
-    device = sampling_device(cfg)
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
-    unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
     signature = sampling_signature(cfg)
-    previous = (
-        None if cfg.resample else _current_samples(store, experiment, str(cfg.name), signature)
-    )
+    previous = None if cfg.resample else current_samples(store, experiment, str(cfg.name), signature)  # fmt: skip
     if previous is not None:
-        print(
-            f"[cdm] samples {cfg.name!r} are up to date at {previous['path']}; resample=true redraws"
+        log.info(
+            "samples %r are up to date at %s; resample=true redraws", cfg.name, previous["path"]
         )
         return previous
-    available = shard_indices(store, experiment)
-    paragon = cfg.composition == "paragon"
-    shards = [] if paragon else allowed_shards(cfg, available)
-    manifests = {k: store.load_manifest(experiment, f"shard-{k:02d}") for k in available}
-    # only the allowed shards' adapters are ever read: a disallowed shard cannot be evaluated
-    jobs = ["paragon"] if paragon else [job_name("shard", k) for k in shards]
-    dirs, adapter_cards = [], []
-    for job in jobs:
-        directory, card = store.checked_adapter(
-            experiment, job, backbone_hash=backbone_card["backbone_hash"]
-        )
-        dirs.append(directory)
-        adapter_cards.append(card)
-    router = train_log_prior = None
-    router_parents: list[dict] = []
-    if cfg.composition in ("classifier", "topk"):
-        full_router, order, log_prior, parent = load_router(
-            cfg, store, manifests, unet, backbone_card
-        )
-        router_parents = [parent]
-        full_router.to(device)
-        columns = torch.tensor([order.index(f"shard-{k:02d}") for k in shards])
-        router = lambda x, t: full_router(x, t)[:, columns]  # noqa: E731  logits of allowed shards
-        train_log_prior = log_prior[columns]
-    if cfg.composition == "knn":
-        router, router_parents = knn_router(cfg, store, shards, manifests)
-    adapters = [read_peft_adapter(d) for d in dirs]
-    sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
-    method = cfg.composition
-    if paragon:  # the monolithic model: one adapter trained on all private data
-        method, prior = "average", torch.ones(1)
-    else:
-        prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
-    if (
-        method == "weight_merge"
-    ):  # one model whose LoRA delta is the lambda-weighted sum of the shards'
-        adapters = [merge_adapters(adapters, C.normalize_priors(prior).tolist())]
-        method, prior = "average", torch.ones(1)
-    model = MultiShardUNet(unet, adapters).to(device)
-    labels = label_prior = None
-    if cfg.data.conditional:
-        label_prior = None if paragon else shard_label_prior(cfg, shards, manifests)
-        if cfg.labels is not None:
-            pool = torch.tensor(list(cfg.labels))
-        else:
-            owners = available if paragon else shards
-            pool = torch.tensor(sorted({c for k in owners for c in manifests[k]["classes"]}))
-        labels = pool[torch.arange(int(cfg.num_samples)) % len(pool)]
-    dense = None
-    if cfg.get("cuda_graph"):
-        if device.type != "cuda":
-            raise ValueError("cuda_graph=true needs device=cuda")
-        dense = GraphedDense(model)
-    denoiser = ComposedDenoiser(
-        model, method, prior.float(), router=router, train_log_prior=train_log_prior, dense=dense,
-        fixed=None if cfg.fixed_weights is None else torch.tensor(list(cfg.fixed_weights), dtype=torch.float32),
-        topk=cfg.topk.k, threshold=cfg.topk.threshold, guidance_scale=float(cfg.guidance_scale),
-        label_prior=label_prior,
-        null_label=null_label(unet),
-    )  # fmt: skip
-    scheduler = build_sampling_scheduler(
-        cfg.sampler, OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
-    )
-    shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-    images, trace = sample_composed(
-        denoiser, scheduler, num_samples=int(cfg.num_samples), shape=shape, steps=int(cfg.steps),
-        labels=labels, seed=int(cfg.seed), batch_size=int(cfg.batch_size), progress=bool(cfg.progress),
-        device=device,
-    )  # fmt: skip
-    names = jobs
-    plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
-    files = {
-        "grid.png": grid_png(images),
-        "samples.npz": _npz(
-            images=((images + 1) * 127.5).round().to(torch.uint8).numpy(),
-            labels=np.array([] if labels is None else labels.numpy()),
-        ),  # fmt: skip
-        "trace.npz": _npz(
-            weights=trace.numpy(),
-            shards=np.array(shards),
-            timesteps=scheduler.timesteps.cpu().numpy(),
-        ),
-        "weights.png": weights_plot_png(
-            trace, plot_names, f"{experiment}: {cfg.composition}, {cfg.sampler} {cfg.steps} steps"
-        ),
-    }
+    pipe = CDMPipeline.from_config(cfg, store)
+    pipe.set_progress_bar_config(disable=not cfg.progress, desc="sampling (steps)")
+    images, trace, labels = draw_samples(pipe, cfg)
+    pairs = pipe.denoiser.evaluated_pairs / (int(cfg.num_samples) * int(cfg.steps))
     card = make_card(
-        kind="samples",
-        name=cfg.name,
-        experiment=experiment,
-        composition=cfg.composition,
-        shards=shards,
-        parents=[
-            {"kind": "backbone", "name": cfg.backbone.id, "hash": backbone_card["backbone_hash"]}
-        ]
-        + [
-            {
-                "kind": "adapter",
-                "name": n,
-                "hash": c["weights_sha256"],
-                "manifest_hash": c["manifest_hash"],
-            }
-            for n, c in zip(names, adapter_cards, strict=True)
-        ]  # fmt: skip
-        + router_parents,
-        prior=prior.tolist(),
-        signature=signature,
-        metrics={
-            "evaluated_pairs_per_sample_step": denoiser.evaluated_pairs
-            / (int(cfg.num_samples) * int(cfg.steps))
-        },
-        config=OmegaConf.to_container(cfg, resolve=True),
-        device=device_description(),
+        kind="samples", name=cfg.name, experiment=experiment, composition=cfg.composition.name,
+        shards=pipe.shards, parents=pipe.parents, prior=pipe.prior.tolist(), signature=signature,
+        metrics={"evaluated_pairs_per_sample_step": pairs},
+        config=OmegaConf.to_container(cfg, resolve=True), device=device_description(),
         wall_time_s=round(time.perf_counter() - started, 3),
-    )
+    )  # fmt: skip
+    files = sample_files(cfg, pipe, images, trace, labels)
     return save_samples(store, experiment, cfg.name, files, card)
 
 
-def sampling_device(cfg: DictConfig) -> torch.device:
-    """``cfg.device`` (cpu | cuda | cuda:K), checked to exist here."""
-    device = torch.device(str(cfg.device))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device={cfg.device}: no CUDA device on this machine; use device=cpu")
-    if device.type != "cpu" and cfg.composition == "knn":
-        raise ValueError("composition=knn samples on the CPU only for now: use device=cpu")
-    return device
+def draw_samples(
+    pipe: CDMPipeline, cfg: DictConfig
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(x_0 [N, C, H, W] in [-1, 1], trace [N, steps, n], labels [N] or None).
+
+    ``num_samples`` are drawn in batches of ``batch_size``; the batch at ``start`` comes from a
+    generator seeded ``seed * 1_000_003 + start``, so each batch is reproducible on its own.
+    """
+    n, size = int(cfg.num_samples), int(cfg.batch_size)
+    labels = None if pipe.label_pool is None else cycle_labels(pipe.label_pool, n)
+    images, traces = [], []
+    for start in range(0, n, size):
+        stop = min(start + size, n)
+        out = pipe(
+            batch_size=stop - start, class_labels=None if labels is None else labels[start:stop],
+            num_inference_steps=int(cfg.steps), output_type="latent",
+            generator=torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + start),
+        )  # fmt: skip
+        images.append(out.images)
+        traces.append(out.weights)
+    return torch.cat(images), torch.cat(traces), labels
+
+
+def sample_files(
+    cfg: DictConfig,
+    pipe: CDMPipeline,
+    images: torch.Tensor,
+    trace: torch.Tensor,
+    labels: torch.Tensor | None,
+) -> dict[str, bytes]:
+    """The samples artifact's files: grid.png, samples.npz, trace.npz, weights.png."""
+    names = pipe.adapter_names
+    plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
+    title = f"{cfg.experiment_name}: {cfg.composition.name}, {cfg.sampler.name} {cfg.steps} steps"
+    return {
+        "grid.png": grid_png(images),
+        "samples.npz": _npz(
+            images=to_uint8(images).numpy(),
+            labels=np.array([] if labels is None else labels.numpy()),
+        ),
+        "trace.npz": _npz(
+            weights=trace.numpy(),
+            shards=np.array(pipe.shards),
+            timesteps=pipe.scheduler.timesteps.cpu().numpy(),
+        ),
+        "weights.png": weights_plot_png(trace, plot_names, title),
+    }
 
 
 def sampling_signature(cfg: DictConfig) -> str:
-    """Hash of every setting that changes which samples are drawn (not where they are written)."""
-    keys = ("composition", "shards", "prior", "fixed_weights", "topk", "router_name", "sampler",
-            "steps", "num_samples", "batch_size", "guidance_scale", "labels", "seed", "knn", "device")  # fmt: skip
-    config = OmegaConf.to_container(cfg, resolve=True)
-    kept = {k: config.get(k) for k in keys} | {"backbone": config["backbone"]["id"]}
-    if config.get("cuda_graph"):  # only when set: signatures of earlier samples stay valid
-        kept["cuda_graph"] = True
-    return sha256_bytes(json.dumps(kept, sort_keys=True, default=str).encode())
+    """Hash of every setting that changes which samples are drawn: the ``sample`` identity
+    (``cdm.core.identity``); the parents' hashes are checked on the card."""
+    return identity_of(cfg, "sample").hash
 
 
-def _current_samples(
+def current_samples(
     store: ArtifactStore, experiment: str, name: str, signature: str
 ) -> dict | None:
     """The stored samples ``name`` if drawn with these settings from the artifacts stored now.
@@ -374,9 +152,7 @@ def _current_samples(
     Every parent (backbone, adapters, router, centroids) must still have the hash the samples
     were drawn with; a retrained or forgotten parent makes the samples stale.
     """
-    from cdm.store.samples import samples_dir
-
-    directory = samples_dir(store, experiment, name)
+    directory = store.samples_dir(experiment, name)
     if not (directory / "card.json").exists():
         return None
     card = read_card(directory)
@@ -398,14 +174,10 @@ def current_parent_hash(store: ArtifactStore, experiment: str, parent: dict) -> 
         if parent["kind"] == "router":
             return read_card(store.router_dir(experiment, parent["name"])).get("weights_sha256")
         if parent["kind"] == "feature_net":
-            from cdm.store.feature_nets import feature_net_dir
-
-            return read_card(feature_net_dir(store, parent["name"])).get("weights_sha256")
+            return read_card(store.feature_net_dir(parent["name"])).get("weights_sha256")
         if parent["kind"] == "knn_centroids":
-            from cdm.store.knn import centroids_dir
-
             embedder, job = parent["name"].split("/")
-            return read_card(centroids_dir(store, experiment, embedder, job)).get("weights_sha256")
+            return read_card(store.centroids_dir(experiment, embedder, job)).get("weights_sha256")
     except StoreError:
         return None
     return None

@@ -19,9 +19,9 @@ from cdm.data.sharding import (
 )
 from cdm.jobs.context import (
     build_trainer,
-    config_signature,
     device_description,
     fit_resumable,
+    identity_of,
     load_backbone_for_shards,
 )
 from cdm.models.backbone import (
@@ -128,6 +128,7 @@ def fit_job(
     module, parents = build_module(cfg, dataset, split, store)
     slices, epochs_per_slice, batch_size = job_schedule(cfg, dataset, manifest)
     config = OmegaConf.to_container(cfg, resolve=True)
+    identity = identity_of(cfg)
     card = make_card(
         kind=cfg.stage,
         name=cfg.backbone.id if is_backbone else job,
@@ -137,6 +138,8 @@ def fit_job(
         safe_manifest_hash=split.safe.hash,
         parents=parents,
         config=config,
+        signature=identity.hash,
+        identity=identity.sections,
         device=device_description(),
         **(card_extra or {}),
     )
@@ -151,12 +154,15 @@ def fit_job(
         seed=int(cfg.seed),
     )
     callbacks: list[pl.Callback] = [
-        SliceCheckpoint(ckpt_dir, epochs_per_slice, signature=config_signature(config)),
+        SliceCheckpoint(ckpt_dir, epochs_per_slice, identity.hash, identity.sections),
         ArtifactWriter(
-            *(str(store.root), experiment, job, cfg.stage, manifest.hash, card, cfg.adapter.kind),
+            *(str(store.root), experiment, job, cfg.stage, manifest.hash, card),
+            OmegaConf.select(cfg, "adapter.kind"),  # None for the backbone (no adapter group)
             target_dir=None if target_dir is None else str(target_dir),
         ),
     ]
     trainer = build_trainer(cfg, callbacks, store.log_dir(experiment), datamodule.max_epochs)
-    fit_resumable(trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job)
+    fit_resumable(
+        trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job, identity=identity
+    )
     return None

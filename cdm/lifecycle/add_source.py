@@ -32,8 +32,13 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.logging import get_logger
+from cdm.core.names import ShardId
 from cdm.store import ArtifactStore, atomic_write_bytes, atomic_write_json, validate_name
 from cdm.store.cards import utc_now
+from cdm.store.records import read_sources, save_sources
+
+log = get_logger(__name__)
 
 
 class AddSourceError(ValueError):
@@ -60,10 +65,10 @@ def load_source(path: str | Path, resolution: int, channels: int) -> Any:
 
 def next_shard_index(store: ArtifactStore, experiment: str) -> int:
     """One past every shard index the experiment has used (removed ones included)."""
-    sources = store.read_sources(experiment)
-    used = [int(n[6:]) for n in store.list_manifests(experiment) if n.startswith("shard-")]
-    used += [int(r["job"][6:]) for r in sources["removed"]]
-    used += [int(a["job"][6:]) for a in sources["added"]]
+    sources = read_sources(store, experiment)
+    used = [ShardId.parse(n).index for n in store.list_manifests(experiment) if ShardId.is_shard(n)]
+    used += [ShardId.parse(r["job"]).index for r in sources["removed"]]
+    used += [ShardId.parse(a["job"]).index for a in sources["added"]]
     return max(used, default=-1) + 1
 
 
@@ -117,9 +122,9 @@ def record_source(
         "manifest": manifest.to_json(), "origin": manifest.meta["origin"], "state": "training",
         "added": utc_now(),
     }  # fmt: skip
-    sources = store.read_sources(experiment)
+    sources = read_sources(store, experiment)
     sources["added"].append(entry)
-    store.save_sources(experiment, sources)
+    save_sources(store, experiment, sources)
     return entry
 
 
@@ -134,9 +139,9 @@ def _adapter_hashes(store: ArtifactStore, experiment: str) -> dict[str, str]:
 
 def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | None) -> None:
     """Remove everything a failed request wrote: the record, data copy, manifest, adapter."""
-    sources = store.read_sources(experiment)
+    sources = read_sources(store, experiment)
     sources["added"] = [a for a in sources["added"] if a["source"] != entry["source"]]
-    store.save_sources(experiment, sources)
+    save_sources(store, experiment, sources)
     store.source_data_path(experiment, entry["source"]).unlink(missing_ok=True)
     store.delete_manifest(experiment, entry["job"])
     store.delete_adapter(experiment, entry["job"])
@@ -148,11 +153,11 @@ def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | No
 def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> list[dict]:
     """k-NN centroids of the new shard for every embedder the experiment already has."""
     from cdm.jobs.knn import run_knn_job
-    from cdm.store import read_card
+    from cdm.store import CARD_FILENAME, read_card
 
     cards = []
-    for directory in sorted((store.experiment_dir(experiment) / "knn").glob("*")):
-        existing = sorted(directory.glob("shard-*/card.json"))
+    for directory in sorted(store.knn_dir(experiment).glob("*")):
+        existing = sorted(directory.glob(f"shard-*/{CARD_FILENAME}"))
         if not existing:
             continue
         knn_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
@@ -184,10 +189,10 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "train it first (cdm-train stage=backbone, then stage=shard)"
         )
     with experiment_lock(store, experiment):
-        sources = store.read_sources(experiment)
+        sources = read_sources(store, experiment)
         entry = next((a for a in sources["added"] if a["source"] == name), None)
         taken = {str(store.load_manifest(experiment, n).get("meta", {}).get("source"))
-                 for n in store.list_manifests(experiment) if n.startswith("shard-")}  # fmt: skip
+                 for n in store.list_manifests(experiment) if ShardId.is_shard(n)}  # fmt: skip
         if entry is not None and entry.get("state") == "live":
             raise AddSourceError(
                 f"source {name!r} is already {entry['job']} of {experiment!r}; pick another name"
@@ -202,8 +207,8 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         if created:
             entry = record_source(cfg, store, name, cfg.source.path)
         else:
-            print(
-                f"[cdm] add-source: finishing the interrupted request for {name!r} ({entry['job']})"
+            log.info(
+                "add-source: finishing the interrupted request for %r (%s)", name, entry["job"]
             )
         job = entry["job"]
         try:
@@ -220,11 +225,11 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             if created:
                 _undo(store, experiment, entry, private)
             raise
-        sources = store.read_sources(experiment)
+        sources = read_sources(store, experiment)
         for a in sources["added"]:
             if a["source"] == name:  # the private versions link old artifacts in cdm-provenance
                 a["state"], a["manifests"] = "live", {"private": change}
-        store.save_sources(experiment, sources)
+        save_sources(store, experiment, sources)
         after = _adapter_hashes(store, experiment)
         changed = [j for j, h in before.items() if after.get(j) != h]
         if changed:  # never expected: the shard job only writes its own adapter
@@ -246,10 +251,12 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
         if int(cfg.add.num_samples) > 0:
             record["samples"] = compose_all(cfg, store, name, overrides or [])
         record["wall_time_s"] = round(time.perf_counter() - started, 3)
-        path = store.source_data_path(experiment, name).with_suffix(".json")
+        path = store.source_record_path(experiment, name)
         atomic_write_json(path, record)
         record["path"] = str(path)
-        print(f"[cdm] add-source: {name!r} is {job} ({entry['n_samples']} samples); record {path}")
+        log.info(
+            "add-source: %r is %s (%s samples); record %s", name, job, entry["n_samples"], path
+        )
         return record
 
 

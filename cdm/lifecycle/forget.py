@@ -7,6 +7,7 @@ import shutil
 
 from omegaconf import DictConfig
 
+from cdm.core.logging import get_logger
 from cdm.lifecycle.forget_samples import (
     ForgetError,
     commit,
@@ -18,6 +19,9 @@ from cdm.lifecycle.forget_samples import (
 )
 from cdm.lifecycle.forget_source import commit_source, forget_source, plan_forget_source
 from cdm.store import ArtifactStore
+from cdm.store.records import read_forget_journal, write_forget_journal
+
+log = get_logger(__name__)
 
 __all__ = ["ForgetError", "recover", "run_forget"]
 
@@ -25,22 +29,20 @@ __all__ = ["ForgetError", "recover", "run_forget"]
 def recover(cfg: DictConfig, store: ArtifactStore, experiment: str) -> dict | None:
     """Finish (roll forward) a committed request that was interrupted, or drop an uncommitted one."""
     pending = store.forget_pending_dir(experiment)
-    journal = store.pending_forget(experiment)
+    journal = read_forget_journal(store, experiment)
     if journal is None or journal.get("state") == "training":
         if pending.exists():
-            print(
-                f"[cdm] forget: dropping the unfinished retrain in {pending}; nothing had changed"
-            )
+            log.info("forget: dropping the unfinished retrain in %s; nothing had changed", pending)
             shutil.rmtree(pending)
         return None
-    print(f"[cdm] forget: finishing the interrupted request {journal['tag']}")
+    log.info("forget: finishing the interrupted request %s", journal["tag"])
     if journal["state"] == "committing":
         if journal.get("kind") == "source":
             commit_source(store, experiment, journal)
         else:
             commit(store, experiment, journal)
         journal["state"] = "committed"
-        store.save_forget_journal(experiment, journal)
+        write_forget_journal(store, experiment, journal)
     return finish(cfg, store, experiment, journal)
 
 

@@ -44,9 +44,28 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids
+from cdm.core.logging import get_logger
+from cdm.core.names import ShardId
 from cdm.data.sharding import Manifest, indices_of, without_ids
-from cdm.store import ArtifactStore, make_card, read_card, sha256_file
+from cdm.store import (
+    CARD_FILENAME,
+    ArtifactStore,
+    atomic_write_json,
+    make_card,
+    read_card,
+    sha256_file,
+)
 from cdm.store.cards import utc_now
+from cdm.store.layout import last_checkpoint
+from cdm.store.records import (
+    add_forgotten_ids,
+    forgotten_ids,
+    save_certificate,
+    write_forget_journal,
+)
+from cdm.store.staleness import stale_reason
+
+log = get_logger(__name__)
 
 _SAMPLE_PARENT_KINDS = ("adapter", "router", "knn_centroids")
 
@@ -93,7 +112,7 @@ class ShardPlan:
 
     @property
     def job(self) -> str:
-        return f"shard-{self.index:02d}"
+        return ShardId(self.index).name
 
     @property
     def restart_slice(self) -> int | None:
@@ -142,7 +161,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
     if not ids:
         read_request([])  # raises the empty-request error
     manifests = stored_manifests(store, experiment)
-    forgotten = set(store.forgotten_ids(experiment))
+    forgotten = set(forgotten_ids(store, experiment))
     again = [i for i in ids if i in forgotten]
     if again:
         raise ForgetError(
@@ -158,7 +177,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
             "never forgotten; remove them from the request, or build an experiment whose safe "
             "split excludes them (sharding.safe_fraction / safe_classes, new experiment_name)"
         )
-    shards = {n: m for n, m in manifests.items() if n.startswith("shard-")}
+    shards = {n: m for n, m in manifests.items() if ShardId.is_shard(n)}
     owner = {sid: name for name, m in shards.items() for sid in m.ids}
     unknown = [i for i in ids if i not in owner]
     if unknown:
@@ -184,7 +203,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
                     "id": sid,
                     "content_hash": old.content_hashes[pos[sid]],
                     "manifest": name,
-                    "shard": int(name[6:]),
+                    "shard": ShardId.parse(name).index,
                     "slice": where[sid],
                 }
             )
@@ -196,7 +215,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
                 f"which deletes its adapter (paper Sec. 5): cdm-forget experiment={experiment} "
                 f"forget.source={name}"
             ) from None
-        plans.append(ShardPlan(int(name[6:]), old, new, min(where.values())))
+        plans.append(ShardPlan(ShardId.parse(name).index, old, new, min(where.values())))
     private = manifests["private"]
     return ForgetPlan(
         experiment, tuple(ids), tuple(samples), tuple(plans), private, private.without(ids)
@@ -261,10 +280,10 @@ def retrain_shard(
     store: ArtifactStore,
     plan: ForgetPlan,
     shard: ShardPlan,
-    pending: Path,
     tag: str,
 ) -> dict:
-    """Retrain one shard without the ids into ``pending`` (the live adapter is not touched)."""
+    """Retrain one shard without the ids into the store's pending area (``forget/pending``; the
+    live adapter is not touched)."""
     from cdm.core.runtime import configure_runtime
     from cdm.jobs.context import load_data, split_data
     from cdm.jobs.train import fit_job
@@ -288,7 +307,7 @@ def retrain_shard(
     new_split = without_ids(current, plan.ids)
     manifest = new_split[job]
     assert manifest.hash == shard.new.hash, "Manifest.without is not deterministic"
-    ckpt_dir = pending / "checkpoints" / job
+    ckpt_dir = store.pending_checkpoint_dir(experiment, job)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start: dict[str, Any] = {"kind": "scratch", "reason": "the earliest affected slice is slice 0"}
     if shard.restart_slice is not None:
@@ -296,7 +315,7 @@ def retrain_shard(
         why = f"{src.name} is missing" if not src.is_file() else None
         why = why or checkpoint_saw_only(store, src, dataset, shard.old, shard.first_slice)
         if why is None:
-            shutil.copyfile(src, ckpt_dir / "last.ckpt")
+            shutil.copyfile(src, last_checkpoint(ckpt_dir))
             start = {
                 "kind": "slice_checkpoint",
                 "slice": shard.restart_slice,
@@ -305,10 +324,13 @@ def retrain_shard(
             }
         else:
             start = {"kind": "scratch", "reason": why}
-    print(
-        f"[cdm] forget: retraining {job} on {len(manifest)} samples from {start.get('path', 'scratch')}"
+    log.info(
+        "forget: retraining %s on %s samples from %s",
+        job,
+        len(manifest),
+        start.get("path", "scratch"),
     )
-    target = pending / "adapters" / job
+    target = store.pending_adapter_dir(experiment, job)
     started = time.perf_counter()
     fit_job(
         job_cfg,
@@ -354,7 +376,7 @@ def retrain_shard(
 @contextlib.contextmanager
 def experiment_lock(store: ArtifactStore, experiment: str) -> Iterator[None]:
     """One forget request at a time per experiment (a lock file naming the holder's pid)."""
-    path = store.forget_dir(experiment) / "lock"
+    path = store.forget_lock_path(experiment)
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -409,7 +431,6 @@ def _drop_checkpoints(directory: Path, from_slice: int, keep: Iterable[str] = ()
 def _quarantine(store: ArtifactStore, experiment: str, journal: dict) -> list[dict]:
     """Move samples, evaluations and reference statistics drawn from what saw the ids aside."""
     tag = journal["tag"]
-    exp_dir = store.experiment_dir(experiment)
     affected = {("adapter", s["job"]) for s in journal["shards"]} | {("adapter", "paragon")}
     knn = {s["job"] for s in journal["shards"]}
     moved: list[dict] = []
@@ -421,7 +442,7 @@ def _quarantine(store: ArtifactStore, experiment: str, journal: dict) -> list[di
         moved.append({"artifact": rel, "moved_to": str(dst), "reason": why})
 
     gone: set[str] = set()
-    for card_path in sorted((exp_dir / "samples").glob("*/card.json")):
+    for card_path in sorted(store.samples_root(experiment).glob(f"*/{CARD_FILENAME}")):
         card = read_card(card_path)
         hit = [
             p
@@ -437,13 +458,13 @@ def _quarantine(store: ArtifactStore, experiment: str, journal: dict) -> list[di
             gone.add(card_path.parent.name)
             parents = ", ".join(f"{p['kind']} {p.get('name')}" for p in hit)
             move(card_path.parent, f"samples/{card_path.parent.name}", f"drawn from {parents}")
-    for card_path in sorted((exp_dir / "evals").glob("*/card.json")):
+    for card_path in sorted(store.evals_root(experiment).glob(f"*/{CARD_FILENAME}")):
         if card_path.parent.name in gone:
             move(
                 card_path.parent, f"evals/{card_path.parent.name}", "evaluates quarantined samples"
             )
     old_hashes = set(journal["old_manifest_hashes"])
-    for card_path in sorted((store.root / "stats").glob("*/*/card.json")):
+    for card_path in sorted(store.stats_root().glob(f"*/*/{CARD_FILENAME}")):
         if read_card(card_path).get("ids_hash") in old_hashes:
             rel = card_path.parent.relative_to(store.root).as_posix()
             move(card_path.parent, rel, "features of a manifest that held the ids")
@@ -457,14 +478,13 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     else saw the ids. From the first step on, every artifact trained on an old manifest is
     refused by the store, so no intermediate state serves a model that saw the ids.
     """
-    pending = store.forget_pending_dir(experiment)
     done = journal.setdefault("done", {})
-    for path in sorted((pending / "manifests").glob("*.json")):
+    for path in sorted(store.pending_manifests_dir(experiment).glob("*.json")):
         store.save_manifest(experiment, Manifest.from_json(_read_json(path)).to_json())
-    store.add_forgotten_ids(experiment, journal["ids"], journal["tag"])
+    add_forgotten_ids(store, experiment, journal["ids"], journal["tag"])
     for shard in journal["shards"]:
         job = shard["job"]
-        staged = pending / "adapters" / job
+        staged = store.pending_adapter_dir(experiment, job)
         if staged.is_dir():
             # after a crash inside the swap, the staged path may hold the OLD adapter: never put
             # back anything but the checked retrain
@@ -473,7 +493,7 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
             else:
                 shutil.rmtree(staged)
         ckpts = store.checkpoint_dir(experiment, job)
-        staged_ckpts = pending / "checkpoints" / job
+        staged_ckpts = store.pending_checkpoint_dir(experiment, job)
         replaced = done.setdefault("checkpoints_replaced", [])
         if staged_ckpts.is_dir():
             ckpts.mkdir(parents=True, exist_ok=True)
@@ -483,7 +503,7 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
                 os.replace(path, ckpts / path.name)
         deleted = done.setdefault("checkpoints_deleted", [])
         deleted += _drop_checkpoints(ckpts, shard["first_slice"], shard.get("new_checkpoints", ()))
-        store.save_forget_journal(experiment, journal)
+        write_forget_journal(store, experiment, journal)
     return set_aside(store, experiment, journal)
 
 
@@ -518,7 +538,7 @@ def retrain_routers(
     exp_dir = store.experiment_dir(experiment)
     for card_path in sorted(exp_dir.glob("*/card.json")):
         card = read_card(card_path)
-        if card.get("kind") != "router" or not store.stale_reason(experiment, card):
+        if card.get("kind") != "router" or not stale_reason(store, experiment, card):
             continue
         name = card_path.parent.name
         record = {"artifact": f"router {name}", "old_weights_sha256": card.get("weights_sha256")}
@@ -557,9 +577,7 @@ def recompute_centroids(
         base = cfg
         if store.has_adapter(experiment, job):
             base = job_config(store.read_adapter_card(experiment, job)["config"], store, experiment)
-        for card_path in sorted(
-            (store.experiment_dir(experiment) / "knn").glob(f"*/{job}/card.json")
-        ):
+        for card_path in sorted(store.knn_dir(experiment).glob(f"*/{job}/{CARD_FILENAME}")):
             card = read_card(card_path)
             name = card_path.parent.parent.name
             record = {
@@ -610,7 +628,7 @@ def stale_adapters(store: ArtifactStore, experiment: str) -> list[dict]:
         card = read_card(card_path)
         if card.get("kind") == "router" or "adapter_kind" not in card:
             continue
-        reason = store.stale_reason(experiment, card)
+        reason = stale_reason(store, experiment, card)
         if reason:
             job = card_path.parent.name
             records.append(
@@ -684,10 +702,10 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
     cert["not_covered"] = not_covered(store, experiment, journal["ids"], cert.get("dataset"))
     cert["finished"] = utc_now()
     cert["wall_time_s"] = round(time.time() - journal["started_unix"], 3)
-    path = store.save_certificate(experiment, journal["tag"], cert)
+    path = save_certificate(store, experiment, journal["tag"], cert)
     cert["path"] = str(path)
     shutil.rmtree(store.forget_pending_dir(experiment), ignore_errors=True)
-    print(f"[cdm] forget: certificate {path}")
+    log.info("forget: certificate %s", path)
     return cert
 
 
@@ -709,11 +727,11 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
         "private_first_slice": plan.private_first_slice,
         "old_manifest_hashes": [plan.private_old.hash, *(s.old.hash for s in plan.shards)],
     }
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     try:
-        retrained = [retrain_shard(cfg, store, plan, s, pending, tag) for s in plan.shards]
+        retrained = [retrain_shard(cfg, store, plan, s, tag) for s in plan.shards]
         for m in (plan.private_new, *(s.new for s in plan.shards)):
-            _write_staged_manifest(pending, m)
+            _write_staged_manifest(store, experiment, m)
     except BaseException:
         shutil.rmtree(pending, ignore_errors=True)
         raise
@@ -722,17 +740,15 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
         entry["new_weights_sha256"] = record.get("new_weights_sha256")
     journal["certificate"] = draft_certificate(store, plan, tag, retrained)
     journal["state"] = "committing"
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     commit(store, experiment, journal)
     journal["state"] = "committed"
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     return finish(cfg, store, experiment, journal)
 
 
-def _write_staged_manifest(pending: Path, manifest: Manifest) -> None:
-    from cdm.store import atomic_write_json
-
-    atomic_write_json(pending / "manifests" / f"{manifest.name}.json", manifest.to_json())
+def _write_staged_manifest(store: ArtifactStore, experiment: str, manifest: Manifest) -> None:
+    atomic_write_json(store.pending_manifest_path(experiment, manifest.name), manifest.to_json())
 
 
 def paragon_cost(
@@ -760,7 +776,7 @@ def shard_adapters(
     records = []
     for name in store.list_manifests(experiment):
         if (
-            name.startswith("shard-")
+            ShardId.is_shard(name)
             and name not in set(exclude)
             and store.has_adapter(experiment, name)
         ):

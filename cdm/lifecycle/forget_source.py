@@ -28,9 +28,11 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cdm.core.hashing import hash_ids
+from cdm.core.names import ShardId
 from cdm.data.sharding import Manifest
-from cdm.store import ArtifactStore
+from cdm.store import CARD_FILENAME, ArtifactStore
 from cdm.store.cards import utc_now
+from cdm.store.records import add_forgotten_ids, read_sources, save_sources, write_forget_journal
 
 
 @dataclass(frozen=True)
@@ -60,18 +62,16 @@ def resolve_shard(store: ArtifactStore, experiment: str, source: Any) -> str:
     """The shard manifest a user's ``forget.source`` names: 3, ``shard-03`` or a source name."""
     from cdm.lifecycle.forget_samples import ForgetError, stored_manifests
 
-    shards = {
-        n: m for n, m in stored_manifests(store, experiment).items() if n.startswith("shard-")
-    }
+    shards = {n: m for n, m in stored_manifests(store, experiment).items() if ShardId.is_shard(n)}
     text = str(source).strip()
     if text.isdigit():
-        text = f"shard-{int(text):02d}"
+        text = ShardId(int(text)).name
     if text in shards:
         return text
     by_source = [n for n, m in shards.items() if str(m.meta.get("source")) == text]
     if len(by_source) == 1:
         return by_source[0]
-    removed = {r["job"]: r for r in store.read_sources(experiment)["removed"]}
+    removed = {r["job"]: r for r in read_sources(store, experiment)["removed"]}
     gone = [j for j, r in removed.items() if text in (j, str(r.get("source")))]
     if gone:
         raise ForgetError(
@@ -93,7 +93,7 @@ def plan_forget_source(store: ArtifactStore, experiment: str, source: Any) -> So
 
     job = resolve_shard(store, experiment, source)
     manifests = stored_manifests(store, experiment)
-    shards = sorted(n for n in manifests if n.startswith("shard-"))
+    shards = sorted(n for n in manifests if ShardId.is_shard(n))
     remaining = tuple(n for n in shards if n != job)
     if not remaining:
         raise ForgetError(
@@ -126,16 +126,18 @@ def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> di
         "ids": ids,
         "started_unix": time.time(),
         "retrain_router": bool(cfg.forget.retrain_router),
-        "shards": [{"job": job, "index": int(job[6:]), "first_slice": 0, "removed": True}],
+        "shards": [
+            {"job": job, "index": ShardId.parse(job).index, "first_slice": 0, "removed": True}
+        ],
         "private_first_slice": first,
         "old_manifest_hashes": [plan.private_old.hash, plan.shard.hash],
         "private_new": plan.private_new.to_json(),
         "certificate": draft_source_certificate(store, plan, tag),
     }
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     commit_source(store, experiment, journal)
     journal["state"] = "committed"
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     return finish(cfg, store, experiment, journal)
 
 
@@ -145,17 +147,17 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
 
     job, tag = journal["job"], journal["tag"]
     done = journal.setdefault("done", {})
-    sources = store.read_sources(experiment)
+    sources = read_sources(store, experiment)
     if not any(r["job"] == job for r in sources["removed"]):
         shard = store.load_manifest(experiment, job)
         sources["removed"].append(
             {"job": job, "source": shard.get("meta", {}).get("source", job), "manifest_hash": shard["hash"],
              "n_samples": len(shard["ids"]), "certificate": tag, "at": utc_now()}
         )  # fmt: skip
-        store.save_sources(
-            experiment, sources
+        save_sources(
+            store, experiment, sources
         )  # from here on the shard and its routers are refused
-    store.add_forgotten_ids(experiment, journal["ids"], tag)
+    add_forgotten_ids(store, experiment, journal["ids"], tag)
     store.save_manifest(experiment, journal["private_new"])
     deleted = done.setdefault("deleted", [])
     source = next((r.get("source") for r in sources["removed"] if r["job"] == job), job)
@@ -171,7 +173,7 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     checkpoints = store.checkpoint_dir(experiment, job)
     if store.clear_checkpoints(experiment, job):
         deleted.append({"artifact": f"checkpoints {job}", "path": str(checkpoints)})
-    for card in sorted((store.experiment_dir(experiment) / "knn").glob(f"*/{job}/card.json")):
+    for card in sorted(store.knn_dir(experiment).glob(f"*/{job}/{CARD_FILENAME}")):
         shutil.rmtree(card.parent)
         deleted.append(
             {"artifact": f"knn centroids {card.parent.parent.name}/{job}", "path": str(card.parent)}
@@ -180,7 +182,7 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
         deleted.append(
             {"artifact": f"manifest {job}", "path": str(store.manifest_path(experiment, job))}
         )
-    store.save_forget_journal(experiment, journal)
+    write_forget_journal(store, experiment, journal)
     return set_aside(store, experiment, journal)
 
 

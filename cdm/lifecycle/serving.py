@@ -20,8 +20,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.store import ArtifactStore
-from cdm.store.store import validate_name
+from cdm.core.names import ShardId
+from cdm.store import ArtifactStore, validate_name
 
 POLICY_EXAMPLE = '{"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]}}'
 ALL = "*"
@@ -65,11 +65,11 @@ def load_policy(path: str | Path) -> dict[str, list[str]]:
 
 def shard_labels(store: ArtifactStore, experiment: str) -> dict[int, list[str]]:
     """``{k: names shard k answers to}``: ``shard-KK`` plus its manifest's source, if any."""
-    from cdm.jobs.sample import shard_indices
+    from cdm.jobs.pipeline import shard_indices
 
     labels = {}
     for k in shard_indices(store, experiment):
-        name = f"shard-{k:02d}"
+        name = ShardId(k).name
         source = store.load_manifest(experiment, name).get("meta", {}).get("source")
         labels[k] = [name] + ([str(source)] if source is not None else [])
     return labels
@@ -110,7 +110,7 @@ def resolve_sources(
 
 def audit_path(artifacts: str | Path) -> Path:
     """``<artifacts>/audit/serve.jsonl``."""
-    return ArtifactStore(artifacts).root / "audit" / "serve.jsonl"
+    return ArtifactStore(artifacts).audit_log_path("serve")
 
 
 def append_audit(path: Path, record: dict[str, Any]) -> None:
@@ -147,7 +147,7 @@ def _grant(
     record["allowed"] = _names(labels, allowed)
     if not allowed:
         raise AccessDenied(f"user {user!r} may use no shard of {experiment!r} ({policy_file})")
-    if cfg.composition == "paragon" and allowed != sorted(labels):
+    if cfg.composition.name == "paragon" and allowed != sorted(labels):
         raise AccessDenied(
             f"composition=paragon uses all private data; user {user!r} may use only "
             f"{record['allowed']}: use a composition over the allowed shards"
@@ -180,7 +180,7 @@ def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) ->
         "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
         "user": user,
         "experiment": cfg.experiment_name,
-        "composition": cfg.composition,
+        "composition": cfg.composition.name,
         "requested": requested,
         "allowed": None,
     }

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-ADAPTER_KINDS = ("lora", "full")
+from cdm.models.targets import stored_target
 
 
 def attach_lora(
@@ -44,22 +45,38 @@ def attach_lora(
     return get_peft_model(unet, config, adapter_name=adapter_name)
 
 
-def prepare_shard_model(unet: torch.nn.Module, adapter_cfg: dict) -> torch.nn.Module:
-    """Freeze the backbone and return the model whose trainable parameters belong to one shard."""
-    kind = adapter_cfg["kind"]
-    if kind == "lora":
-        unet.requires_grad_(False)
-        return attach_lora(
-            unet,
-            rank=int(adapter_cfg["rank"]),
-            alpha=float(adapter_cfg["alpha"]),
-            target_modules=list(adapter_cfg["target_modules"]),
-            dropout=float(adapter_cfg.get("dropout", 0.0)),
-        )
-    if kind == "full":
-        unet.requires_grad_(True)
-        return unet
-    raise ValueError(f"unknown adapter.kind {kind!r}: choose one of {ADAPTER_KINDS}")
+def lora_adapter(
+    unet: torch.nn.Module,
+    *,
+    rank: int,
+    alpha: float,
+    target_modules: Sequence[str],
+    dropout: float = 0.0,
+) -> PeftModel:
+    """``adapter=lora``: freeze the backbone and attach LoRA factors, the shard's only weights."""
+    unet.requires_grad_(False)
+    return attach_lora(
+        unet,
+        rank=int(rank),
+        alpha=float(alpha),
+        target_modules=list(target_modules),
+        dropout=float(dropout),
+    )
+
+
+def full_adapter(unet: torch.nn.Module) -> torch.nn.Module:
+    """``adapter=full``: the shard owns (and trains) a whole copy of the backbone."""
+    unet.requires_grad_(True)
+    return unet
+
+
+def prepare_shard_model(unet: torch.nn.Module, adapter_cfg: Mapping[str, Any]) -> torch.nn.Module:
+    """The model whose trainable parameters belong to one shard: ``adapter_cfg["_target_"]``
+    (``lora_adapter`` | ``full_adapter``) called with the backbone and the other keys but ``kind``
+    (the stored layout). Shard cards store this config, so only cdm functions are accepted."""
+    kwargs = {k: v for k, v in adapter_cfg.items() if k not in ("_target_", "kind")}
+    attach = stored_target(adapter_cfg.get("_target_"), "the adapter config")
+    return attach(unet, **kwargs)
 
 
 def trainable_parameters(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:

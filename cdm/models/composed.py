@@ -1,9 +1,10 @@
 """The compartmentalized model: shards composed by router weights at every denoising step.
 
-``ComposedDenoiser`` turns a ``MultiShardUNet`` and a weighting method into the ``denoise(x_t, t)``
-callable of Prop. 3.1 (eps = sum_i w_i(x_t, t) eps_i(x_t, t)); only (sample, shard) pairs with a
-non-zero weight are evaluated, all in ONE batched forward. ``sample_composed`` runs a diffusers
-scheduler over it and records every sample's weights at every step (the trace).
+``ComposedDenoiser`` turns a ``MultiShardUNet`` and a composition method (a
+``cdm.core.composition.Composition``) into the ``denoise(x_t, t)`` callable of Prop. 3.1
+(eps = sum_i w_i(x_t, t) eps_i(x_t, t)); only (sample, shard) pairs with a non-zero weight are
+evaluated, all in ONE batched forward. ``draw`` runs a diffusers scheduler over it for one batch
+and records every sample's weights at every step (the trace).
 """
 
 from __future__ import annotations
@@ -12,46 +13,30 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 
 from cdm.core import composition as C
+from cdm.core.sampling import Callback
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.multi_adapter import MultiShardUNet
-
-DENSE = ("average", "classifier", "knn", "fixed")  # methods a dense step may serve (topk skips)
-SCHEDULERS = {"ddpm": DDPMScheduler, "ddim": DDIMScheduler, "dpm++": DPMSolverMultistepScheduler}
-
-
-def build_sampling_scheduler(name: str, scheduler_kwargs: dict):
-    """A diffusers scheduler for sampling with the backbone's training noise schedule."""
-    if name not in SCHEDULERS:
-        raise ValueError(f"unknown sampler {name!r}: choose one of {sorted(SCHEDULERS)}")
-    kwargs = dict(scheduler_kwargs)
-    if name == "dpm++":
-        kwargs.update(algorithm_type="dpmsolver++", solver_order=2)
-    return SCHEDULERS[name](**kwargs)
 
 
 @dataclass
 class ComposedDenoiser:
     """eps(x_t, t) of the CDM mixture (Prop. 3.1) over the allowed shards.
 
-    method: classifier | knn | average | random | fixed | topk.
-    ``router(x_t, t) -> logits [B, n]`` is needed by classifier/knn/topk; ``prior`` is lambda.
+    ``composition`` forms the weights (average, router posterior, ...); ``prior`` is lambda.
+    ``router(x_t, t) -> logits [B, n]`` is needed when ``composition.router`` is set.
     ``label_prior`` [num_labels, n] is P(shard | label) for class-conditional sampling: the
     router's posterior then uses it in place of lambda, P(z | x_t, y) ~ P(z | x_t) P(z | y) / P(z)
     (exact when each label lives in one shard, as with by-class shards).
     """
 
     model: MultiShardUNet
-    method: str
+    composition: C.Composition
     prior: torch.Tensor
     allowed: torch.Tensor | None = None
     router: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
     train_log_prior: torch.Tensor | None = None
-    fixed: torch.Tensor | None = None
-    topk: int | None = None
-    threshold: float | None = None
     label_prior: torch.Tensor | None = None
     guidance_scale: float = 1.0
     null_label: int | None = None
@@ -65,37 +50,29 @@ class ComposedDenoiser:
         self.prior = C.normalize_priors(self.prior.double()).float()
         if self.allowed is None:
             self.allowed = torch.ones(n, dtype=torch.bool)
-        if self.method in ("classifier", "topk", "knn") and self.router is None:
+        if self.composition.router is not None and self.router is None:
             raise ValueError(
-                f"composition={self.method} needs a router (train one: cdm-train stage=router)"
+                f"composition={self.composition.name} needs a router "
+                "(train one: cdm-train stage=router)"
             )
-        if self.method == "fixed" and self.fixed is None:
-            raise ValueError("composition=fixed needs weights: fixed_weights=[w_0, ..., w_n-1]")
 
     def weights(
         self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None = None
     ) -> torch.Tensor:
         """w [B, n] for this step, zero on disallowed shards, rows summing to one."""
-        batch = x_t.shape[0]
-        prior = C.mask_weights(self.prior[None], self.allowed)[0]
-        if self.method == "average":
-            w = C.average_weights(batch, prior)
-        elif self.method == "random":
-            w = C.random_selection_weights(batch, prior, self.generator)
-        elif self.method == "fixed":
-            w = C.fixed_weights(batch, self.fixed)
-        else:  # classifier, knn, topk: the router's posterior under the mixture prior lambda
+        logits = None
+        if self.composition.router is not None:
             # weights live on the CPU ([B, n] is tiny; the trace is kept there anyway)
             logits = self.router(x_t, t).float().cpu()
-            if self.label_prior is not None and labels is not None:
-                log_prior = torch.log(self.label_prior[labels.cpu()])  # -inf: label not in shard
-            else:
-                log_prior = torch.log(self.prior.clamp_min(1e-30))
-            w = C.router_posterior(logits, log_prior, self.train_log_prior)
-        w = C.mask_weights(w, self.allowed)
-        if self.method == "topk":
-            w = C.topk_weights(w, k=self.topk, threshold=self.threshold)
-        return w
+        if self.label_prior is not None and labels is not None:
+            log_prior = torch.log(self.label_prior[labels.cpu()])  # -inf: label not in shard
+        else:
+            log_prior = torch.log(self.prior.clamp_min(1e-30))
+        step = C.Step(
+            x_t, t, prior=C.mask_weights(self.prior[None], self.allowed)[0], log_prior=log_prior,
+            logits=logits, train_log_prior=self.train_log_prior, generator=self.generator,
+        )  # fmt: skip
+        return self.composition.gate(C.mask_weights(self.composition.weights(step), self.allowed))
 
     @torch.no_grad()
     def __call__(
@@ -108,7 +85,7 @@ class ComposedDenoiser:
         guided = labels is not None and self.guidance_scale != 1.0 and self.null_label is not None
         if (
             self.dense is not None
-            and self.method in DENSE
+            and self.composition.dense
             and not guided
             and bool(self.allowed.all())
         ):
@@ -137,41 +114,30 @@ class ComposedDenoiser:
         return C.mix_selected(eps, sample_idx, shard_idx, w.to(eps.device), batch)
 
 
-def sample_composed(
+def draw(
     denoiser: ComposedDenoiser,
     scheduler,
     *,
-    num_samples: int,
     shape: Sequence[int],
     steps: int,
-    labels: torch.Tensor | None,
-    seed: int,
-    batch_size: int,
-    progress: bool = True,
+    labels: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
+    callback: Callback | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(samples [N, C, H, W] in [-1, 1], trace [N, steps, n]), both on the CPU: reverse process of the CDM.
+    """(x_0 [B, C, H, W] clamped to [-1, 1], trace [B, steps, n]), both on the CPU: one batch of
+    the CDM's reverse process (paper eq. 2 with the eps of Prop. 3.1).
 
-    Noise is drawn on the CPU from the seeded generator and moved to ``device``, so a seed gives
-    the same x_T on every device.
+    ``shape`` is (B, C, H, W). x_T is drawn on the CPU from ``generator`` and moved to
+    ``device``, so a seed gives the same x_T on every device; the same generator then serves the
+    composition's draws (random selection) and the scheduler's noise, in that order per step.
     """
-    from tqdm.auto import tqdm
-
-    images, traces = [], []
-    starts = range(0, num_samples, batch_size)
-    bar = tqdm(total=len(starts) * steps, desc="sampling (batches x steps)", disable=not progress)
-    for start in starts:
-        stop = min(start + batch_size, num_samples)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + start)
-        denoiser.generator = generator
-        denoiser.trace = []
-        x_T = torch.randn((stop - start, *shape), generator=generator).to(device)
-        y = None if labels is None else labels[start:stop].to(device)
-        x0 = run_sampler(
-            lambda x, t, y=y: denoiser(x, t, y), scheduler, x_T, steps, generator=generator,
-            callback=lambda *_: bar.update(1),
-        )  # fmt: skip
-        images.append(x0.clamp(-1, 1).cpu())
-        traces.append(torch.stack(denoiser.trace, dim=1).cpu())
-    bar.close()
-    return torch.cat(images), torch.cat(traces)
+    denoiser.generator = generator
+    denoiser.trace = []
+    x_T = torch.randn(tuple(shape), generator=generator).to(device)
+    y = None if labels is None else labels.to(device)
+    x0 = run_sampler(
+        lambda x, t: denoiser(x, t, y), scheduler, x_T, steps, generator=generator,
+        callback=callback,
+    )  # fmt: skip
+    return x0.clamp(-1, 1).cpu(), torch.stack(denoiser.trace, dim=1).cpu()

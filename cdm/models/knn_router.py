@@ -9,6 +9,7 @@ computes only its own.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cdm.core.sampling import tweedie_x0
+from cdm.models.targets import stored_target
 
 
 class PixelEmbedder(nn.Module):
@@ -74,21 +76,27 @@ class FeatureNetEmbedder(nn.Module):
         return self.net.features(images.clamp(-1, 1))
 
 
+def embedder_needs_feature_net(spec: Mapping) -> bool:
+    """Whether the embedder class of ``spec["_target_"]`` is built on the domain feature net
+    (it takes ``net``, as ``FeatureNetEmbedder``): then the caller loads that artifact."""
+    cls = stored_target(spec.get("_target_"), "knn.embedder")
+    return "net" in inspect.signature(cls).parameters
+
+
 def build_embedder(spec: Mapping, feature_net: nn.Module | None = None) -> nn.Module:
-    """``{"kind": "pixels", "size": 8}``, ``{"kind": "clip", "path": "/models/clip-vision"}`` or
-    ``{"kind": "feature_net"}`` with the loaded ``feature_net``."""
-    kind = spec.get("kind", "pixels")
-    if kind == "pixels":
-        return PixelEmbedder(int(spec.get("size", 8)))
-    if kind == "clip":
-        return CLIPEmbedder(spec["path"])
-    if kind == "feature_net":
+    """The embedder of a ``knn.embedder`` node: its ``_target_`` class with the other keys as
+    keyword arguments (``{"_target_": "cdm.models.knn_router.PixelEmbedder", "size": 8}``), plus
+    ``net=feature_net`` for one on the domain feature net. Centroid cards store this node, so
+    only cdm classes are accepted (``cdm.models.targets.stored_target``)."""
+    kwargs = dict(spec)
+    cls = stored_target(kwargs.pop("_target_", None), "knn.embedder")
+    if embedder_needs_feature_net(spec):
         if feature_net is None:
             raise ValueError(
                 "knn=feature_net needs the dataset's trained feature net: cdm-train stage=feature_net"
             )
-        return FeatureNetEmbedder(feature_net)
-    raise ValueError(f"unknown embedder kind {kind!r}: choose pixels, clip or feature_net")
+        kwargs["net"] = feature_net
+    return cls(**kwargs)
 
 
 def kmeans(points: torch.Tensor, k: int, *, seed: int = 0, iters: int = 50) -> torch.Tensor:

@@ -11,14 +11,17 @@ mixture score ``s(x_t, t) = sum_i w_i(x_t, t) s_i(x_t, t)`` (Prop. 3.1). Two arc
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
+from hydra.utils import get_object
 from torch import nn
 
-ROUTER_ARCHS = ("small", "backbone_head")
+from cdm.models.backbone import null_label, predict_epsilon
+from cdm.models.targets import stored_target
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10_000.0):
@@ -131,6 +134,10 @@ def _base_model(unet: nn.Module) -> nn.Module:
     return unet.get_base_model() if hasattr(unet, "get_base_model") else unet
 
 
+class _MidBlockReached(Exception):
+    """Raised by the mid-block hook to stop the UNet forward there: the up path is not needed."""
+
+
 def unet_mid_features(
     unet: nn.Module,
     x_t: torch.Tensor,
@@ -138,73 +145,43 @@ def unet_mid_features(
     class_labels: torch.Tensor | None = None,
     encoder_hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The mid-block output [B, C_mid, h, w] of a diffusers UNet: steps 0-4 of its ``forward``.
+    """The mid-block output [B, C_mid, h, w] of a UNet, caught by a forward hook on ``mid_block``.
 
-    Walks time_proj, time_embedding (+ class embedding), conv_in, down_blocks and mid_block of a
-    ``UNet2DModel`` or ``UNet2DConditionModel`` (diffusers 0.42). A class-conditional backbone
-    gets its null label (the unconditional branch) unless ``class_labels`` is given; a
-    cross-attention one gets one all-zero context token, as ``predict_epsilon`` does.
+    The UNet's own ``forward`` runs (through ``predict_epsilon``) and the hook stops it after
+    the mid block, so the up blocks never run and no diffusers internals are re-implemented. A
+    class-conditional backbone gets its null label (the unconditional branch) unless
+    ``class_labels`` is given; a cross-attention one gets one all-zero context token.
     """
-    from diffusers import UNet2DConditionModel, UNet2DModel
-
     unet = _base_model(unet)
-    if not isinstance(unet, UNet2DModel | UNet2DConditionModel):
-        raise TypeError(f"unet_mid_features needs a diffusers UNet, got {type(unet).__name__}")
-    cfg = unet.config
-    sample = 2 * x_t - 1.0 if cfg.center_input_sample else x_t
-    timesteps = torch.as_tensor(timesteps, device=sample.device)
+    mid_block = getattr(unet, "mid_block", None)
+    if not isinstance(mid_block, nn.Module):
+        raise TypeError(
+            f"unet_mid_features needs a UNet with a mid_block, got {type(unet).__name__}; "
+            "use router=small"
+        )
+    timesteps = torch.as_tensor(timesteps, device=x_t.device)
     if timesteps.dim() == 0:
         timesteps = timesteps[None]
-    timesteps = timesteps.expand(sample.shape[0])
-    dtype = next(unet.parameters()).dtype
-    if unet.class_embedding is not None and class_labels is None:
-        n = cfg.get("num_class_embeds")
-        if n is None:
-            raise ValueError("this backbone's class embedding needs class_labels")
-        class_labels = torch.full_like(timesteps, int(n) - 1, dtype=torch.long)
+    timesteps = timesteps.expand(x_t.shape[0])
+    null = null_label(unet)
+    if class_labels is None and null is not None:
+        class_labels = torch.full_like(timesteps, null, dtype=torch.long)
+    captured: list[torch.Tensor] = []
 
-    if isinstance(unet, UNet2DModel):
-        if cfg.time_embedding_type == "fourier":
-            raise NotImplementedError("fourier time embeddings are not supported by the router")
-        emb = unet.time_embedding(unet.time_proj(timesteps).to(dtype))
-        if unet.class_embedding is not None:
-            labels = class_labels
-            if cfg.class_embed_type == "timestep":
-                labels = unet.time_proj(labels)
-            emb = emb + unet.class_embedding(labels).to(dtype)
-        skip = sample
-        h = unet.conv_in(sample)
-        for block in unet.down_blocks:
-            if hasattr(block, "skip_conv"):
-                h, _, skip = block(hidden_states=h, temb=emb, skip_sample=skip)
-            else:
-                h, _ = block(hidden_states=h, temb=emb)
-        return unet.mid_block(h, emb) if unet.mid_block is not None else h
+    def stop_after_mid_block(module: nn.Module, args: Any, output: torch.Tensor) -> None:
+        captured.append(output)
+        raise _MidBlockReached
 
-    if cfg.addition_embed_type is not None or unet.encoder_hid_proj is not None:
-        raise NotImplementedError(
-            "backbone_head routers support UNet2DConditionModel without addition embeddings or "
-            "encoder_hid_proj; use router=small"
-        )
-    emb = unet.time_embedding(unet.get_time_embed(sample=sample, timestep=timesteps), None)
-    class_emb = unet.get_class_embed(sample=sample, class_labels=class_labels)
-    if class_emb is not None:
-        emb = torch.cat([emb, class_emb], -1) if cfg.class_embeddings_concat else emb + class_emb
-    if unet.time_embed_act is not None:
-        emb = unet.time_embed_act(emb)
-    if encoder_hidden_states is None:
-        encoder_hidden_states = sample.new_zeros(sample.shape[0], 1, cfg.cross_attention_dim)
-    h = unet.conv_in(sample)
-    for block in unet.down_blocks:
-        if getattr(block, "has_cross_attention", False):
-            h, _ = block(hidden_states=h, temb=emb, encoder_hidden_states=encoder_hidden_states)
-        else:
-            h, _ = block(hidden_states=h, temb=emb)
-    if unet.mid_block is None:
-        return h
-    if getattr(unet.mid_block, "has_cross_attention", False):
-        return unet.mid_block(h, emb, encoder_hidden_states=encoder_hidden_states)
-    return unet.mid_block(h, emb)
+    handle = mid_block.register_forward_hook(stop_after_mid_block)
+    try:
+        predict_epsilon(unet, x_t, timesteps, class_labels, encoder_hidden_states)
+    except _MidBlockReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(unet).__name__}.forward never called its mid_block")
+    return captured[0]
 
 
 class BackboneHeadRouter(nn.Module):
@@ -291,16 +268,18 @@ class BackboneHeadRouter(nn.Module):
 def router_model_config(
     router_cfg: Mapping[str, Any], *, n_shards: int, channels: int, resolution: int
 ) -> dict[str, Any]:
-    """What rebuilds a router's architecture: arch, its keyword arguments and the shapes."""
-    arch = router_cfg.get("arch")
-    if arch not in ROUTER_ARCHS:
-        raise ValueError(f"unknown router arch {arch!r}: choose one of {ROUTER_ARCHS}")
+    """What rebuilds a router: its ``model`` node (``_target_`` + keyword arguments) and the shapes."""
+    model = dict(router_cfg.get("model") or {})
+    if not model.get("_target_"):
+        raise ValueError(
+            "router.model has no `_target_`: name the router class, e.g. "
+            "cdm.models.router.SmallRouter (see conf/router/small.yaml)"
+        )
     model = {
         k: list(v) if isinstance(v, Sequence) and not isinstance(v, str) else v
-        for k, v in dict(router_cfg.get("model") or {}).items()
+        for k, v in model.items()
     }
     return {
-        "arch": arch,
         "model": model,
         "n_shards": int(n_shards),
         "channels": int(channels),
@@ -316,19 +295,21 @@ def build_router(
     resolution: int,
     backbone: nn.Module | None = None,
 ) -> nn.Module:
-    """A router from ``router_cfg`` (``arch`` + ``model`` kwargs, as in ``conf/router/*.yaml``).
-
-    ``arch: backbone_head`` needs ``backbone`` (frozen here); ``arch: small`` ignores it.
+    """A router from ``router_cfg["model"]`` (as in ``conf/router/*.yaml``): its ``_target_`` class
+    called as ``cls(n_shards, channels, resolution, **kwargs)``, plus ``backbone`` (frozen there)
+    when the class takes one (``BackboneHeadRouter``).
     """
     spec = router_model_config(
         router_cfg, n_shards=n_shards, channels=channels, resolution=resolution
     )
     kwargs = dict(spec["model"])
-    if spec["arch"] == "small":
-        return SmallRouter(n_shards, channels, resolution, **kwargs)
-    if backbone is None:
-        raise ValueError("router arch 'backbone_head' needs the backbone: pass backbone=unet")
-    return BackboneHeadRouter(n_shards, channels, resolution, backbone=backbone, **kwargs)
+    target = kwargs.pop("_target_")
+    cls = get_object(target) if isinstance(target, str) else target
+    if "backbone" in inspect.signature(cls).parameters:
+        if backbone is None:
+            raise ValueError(f"router {target} needs the backbone: pass backbone=unet")
+        kwargs["backbone"] = backbone
+    return cls(n_shards, channels, resolution, **kwargs)
 
 
 def router_from_artifact(
@@ -336,9 +317,14 @@ def router_from_artifact(
     config: Mapping[str, Any],
     backbone: nn.Module | None = None,
 ) -> nn.Module:
-    """Rebuild a saved router (``ArtifactStore.load_router``) in eval mode; strict weight loading."""
+    """Rebuild a saved router (``ArtifactStore.load_router``) in eval mode; strict weight loading.
+
+    The stored ``model._target_`` must be a cdm class (``cdm.models.targets.stored_target``).
+    """
+    model = dict(config.get("model") or {})
+    model["_target_"] = stored_target(model.get("_target_"), "the router artifact's model")
     router = build_router(
-        config,
+        {"model": model},
         n_shards=int(config["n_shards"]),
         channels=int(config["channels"]),
         resolution=int(config["resolution"]),

@@ -33,6 +33,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.logging import get_logger
+from cdm.core.names import ShardId
 from cdm.paper.table1 import (
     METHOD_TITLES,
     _current_adapter,
@@ -42,6 +44,8 @@ from cdm.paper.table1 import (
     save_table,
 )
 from cdm.store import ArtifactStore, make_card
+
+log = get_logger(__name__)
 
 COMPOSITIONS = ("classifier", "average", "random", "topk")  # methods that compose a shard subset
 ROUTED = ("classifier", "topk")  # methods that need the trained router
@@ -82,7 +86,8 @@ def check_spec(cfg: DictConfig) -> tuple[list[str], str, str]:
 def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample k = 1..n shards per method, evaluate, write the figure."""
     from cdm.jobs.evaluate import run_evaluation
-    from cdm.jobs.sample import run_sampling, shard_indices
+    from cdm.jobs.pipeline import shard_indices
+    from cdm.jobs.sample import run_sampling
 
     started = time.perf_counter()
     spec = cfg.fig2
@@ -99,7 +104,7 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             f"fig2.experiment={experiment} has {n} shard: adding or dropping shards needs at least 2"
         )
     store = ArtifactStore(cfg.paths.artifacts)
-    print(f"[cdm] fig2: {experiment} ({n} shards): train what is missing")
+    log.info("fig2: %s (%s shards): train what is missing", experiment, n)
     _train(experiment, overrides, [("backbone", 0)], 1)
     missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, stored, k)]
     _train(experiment, overrides, [("shard", k) for k in missing], int(spec.n_jobs))
@@ -152,8 +157,8 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     written = save_table(store, str(spec.name), markdown, rows, card, "fig2", {"fig2.png": figure})
     print(markdown)
     for filename in ("fig2.md", "fig2.csv", "fig2.png", "card.json"):
-        print(f"[cdm] {written['path']}/{filename}")
-    print(f"[cdm] fig2 written in {written['wall_time_s']:.0f} s")
+        log.info("%s/%s", written["path"], filename)
+    log.info("fig2 written in %.0f s", written["wall_time_s"])
     return written
 
 
@@ -187,7 +192,7 @@ def own_reference_values(
     test = [i for i, split in enumerate(dataset.splits) if split == "test"]
     values, floor = {}, {}
     for k in sorted({k for k, _ in names}):
-        manifests = [store.load_manifest(cfg.experiment_name, f"shard-{s:02d}") for s in order[:k]]
+        manifests = [store.load_manifest(cfg.experiment_name, ShardId(s).name) for s in order[:k]]
         ids = [i for m in manifests for i in m["ids"]]
         ids_hash = sha256_bytes("\n".join(sorted(ids)).encode())
         images = to_uint8(torch.stack([dataset.image(dataset.id_to_index[i]) for i in ids]))

@@ -12,14 +12,19 @@ from __future__ import annotations
 import csv
 import io
 import time
-from pathlib import Path
 from typing import Any
 
 from hydra import compose
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.logging import console_logging, get_logger
+from cdm.core.names import ShardId
 from cdm.store import ArtifactStore, make_card
-from cdm.store.store import _write_card, _write_dir_atomically, validate_name
+from cdm.store.artifact import save_artifact
+from cdm.store.layout import GRID_FILE, WEIGHTS_PLOT_FILE
+from cdm.store.staleness import stale_reason
+
+log = get_logger(__name__)
 
 METHOD_TITLES = {"classifier": "Classifier", "average": "Naive Avg", "random": "Random"}
 
@@ -67,15 +72,16 @@ def _train(
 
 def _current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
     """Shard k's adapter is stored and not stale (its manifest unchanged since it was trained)."""
-    job = f"shard-{k:02d}"
+    job = ShardId(k).name
     if not store.has_adapter(experiment, job):
         return False
-    return store.stale_reason(experiment, store.read_adapter_card(experiment, job)) is None
+    return stale_reason(store, experiment, store.read_adapter_card(experiment, job)) is None
 
 
 def _run_resolved(config: dict) -> None:
     from cdm.jobs.run import run_job
 
+    console_logging()  # a loky worker: Hydra configured logging in the parent only
     run_job(OmegaConf.create(config))
 
 
@@ -116,12 +122,12 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         t0 = time.perf_counter()
         mine = [c for c in cells if c["experiment"] == experiment]
         n = mine[-1]["n"]
-        print(f"[cdm] table1: {experiment} ({n} shard(s)): train what is missing")
+        log.info("table1: %s (%s shard(s)): train what is missing", experiment, n)
         _train(experiment, overrides, [("backbone", 0)], 1)
         missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, experiment, k)]
         if len(missing) < n:
-            print(
-                f"[cdm] {n - len(missing)} of {n} shards of {experiment} are in the store already"
+            log.info(
+                "%s of %s shards of %s are in the store already", n - len(missing), n, experiment
             )
         _train(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
         if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
@@ -155,7 +161,7 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     written = save_table(store, str(table.name), markdown, rows, card)
     log_wandb(cfg, cells, rows, metric)
     print(markdown)
-    print(f"[cdm] table written to {written['path']} in {written['wall_time_s']:.0f} s")
+    log.info("table written to %s in %.0f s", written["path"], written["wall_time_s"])
     return written
 
 
@@ -196,20 +202,16 @@ def save_table(
 ) -> dict:  # fmt: skip
     """Write ``<stem>.md``, ``<stem>.csv``, any extra ``files`` (e.g. a plot) and the card under
     ``<root>/tables/<name>/`` atomically."""
-    final = store.root / "tables" / validate_name(name, "table name")
+    final = store.table_dir(name)
     buffer = io.StringIO()
     csv.writer(buffer).writerows(rows)
-    written: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        (tmp / f"{stem}.md").write_text(markdown, encoding="utf-8")
-        (tmp / f"{stem}.csv").write_text(buffer.getvalue(), encoding="utf-8")
-        for filename, data in (files or {}).items():
-            (tmp / validate_name(filename, "file name")).write_bytes(data)
-        written.update(_write_card(tmp, {**card, "path": str(final)}))
-
-    _write_dir_atomically(final, write)
-    return written
+    tables = {
+        f"{stem}.md": markdown.encode("utf-8"),
+        f"{stem}.csv": buffer.getvalue().encode("utf-8"),
+    }
+    return save_artifact(
+        final, {**card, "path": str(final)}, weights=None, files={**tables, **(files or {})}
+    )
 
 
 def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str) -> list[str]:
@@ -222,8 +224,6 @@ def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric:
 
     import wandb
 
-    from cdm.store.samples import samples_dir
-
     store = ArtifactStore(cfg.paths.artifacts)
     mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
     spec = cfg.logger.wandb
@@ -232,11 +232,11 @@ def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric:
         run = wandb.init(project=spec.project, group=experiment, job_type="eval", mode=mode,
                          name=f"{experiment}-eval", dir=str(store.root), reinit="create_new")  # fmt: skip
         for c in (c for c in cells if c["experiment"] == experiment):
-            directory = samples_dir(store, experiment, c["samples"])
-            logged = {f"samples/{c['samples']}": wandb.Image(str(directory / "grid.png"))}
+            directory = store.samples_dir(experiment, c["samples"])
+            logged = {f"samples/{c['samples']}": wandb.Image(str(directory / GRID_FILE))}
             if c["method"] in ("classifier", "topk", "knn"):
                 logged[f"router_weights/{c['samples']}"] = wandb.Image(
-                    str(directory / "weights.png")
+                    str(directory / WEIGHTS_PLOT_FILE)
                 )
             logged.update({f"{c['samples']}/{k}": v for k, v in c["metrics"].items()
                            if isinstance(v, int | float)})  # fmt: skip

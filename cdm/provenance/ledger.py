@@ -14,7 +14,7 @@ never disagree with the store.
   (their samples and reference statistics), tables (their cells' experiment, samples and
   metrics), and domain feature nets, which train on their dataset's whole train split;
 * each one's status: ``served`` (live and current), ``stale`` (trained on a manifest version the
-  experiment no longer holds, as ``ArtifactStore.stale_reason`` says, or derived from something
+  experiment no longer holds, as ``cdm.store.staleness.stale_reason`` says, or derived from something
   that is no longer current) or ``quarantined`` (set aside under ``forget/quarantine`` by
   cdm-forget).
 
@@ -30,15 +30,18 @@ from __future__ import annotations
 import bisect
 import json
 import os
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from cdm.core.hashing import sha256_bytes
+from cdm.core.names import ShardId
 from cdm.store.cards import CARD_FILENAME
-from cdm.store.store import ArtifactStore, validate_name
+from cdm.store.layout import StatsKey, validate_name
+from cdm.store.records import forgotten_ids, list_certificates, read_sources
+from cdm.store.staleness import stale_reason
+from cdm.store.store import ArtifactStore
 
 __all__ = [
     "QUARANTINED",
@@ -62,8 +65,6 @@ _BY_FOLDER = {"shards": "adapter", "knn": "knn_centroids", "samples": "samples",
               "evals": "evaluation", "stats": "ref_stats"}  # fmt: skip
 _BY_CARD_KIND = {"router": "router", "knn_centroids": "knn_centroids", "samples": "samples",
                  "evaluation": "evaluation", "ref_stats": "ref_stats", "backbone": "backbone"}  # fmt: skip
-# cdm.jobs.evaluate.reference_images: "<dataset>-r<resolution>-<reference set>-<ids hash[:16]>"
-_STATS_KEY = re.compile(r"(?P<dataset>.+)-r\d+-(?P<reference>[A-Za-z0-9_]+)-[0-9a-f]{16}")
 
 
 class ProvenanceError(ValueError):
@@ -87,7 +88,7 @@ def _hashable(value: Any) -> str | None:
 class _CachedStore(ArtifactStore):
     """The caller's store, reading each manifest, sources record and certificate once per query.
 
-    ``stale_reason`` is the store's own: only its manifest reads are memoised here.
+    ``stale_reason`` is the store's own (``cdm.store.staleness``) over these memoised reads.
     """
 
     def __init__(self, store: ArtifactStore | str | Path) -> None:
@@ -126,17 +127,24 @@ class _CachedStore(ArtifactStore):
 
     def read_sources(self, experiment: str) -> dict[str, Any]:
         if experiment not in self._sources:
-            reader = getattr(super(), "read_sources", None)
-            self._sources[experiment] = (
-                reader(experiment) if reader is not None else {"added": [], "removed": []}
-            )
+            self._sources[experiment] = read_sources(self, experiment)
         return self._sources[experiment]
+
+    def stale_reason(self, experiment: str, card: dict[str, Any]) -> str | None:
+        """``cdm.store.staleness.stale_reason`` over the memoised manifests and sources."""
+        return stale_reason(
+            self,
+            experiment,
+            card,
+            manifest_hash=lambda name: self.manifest_hash(experiment, name),
+            sources=self.read_sources(experiment),
+        )
 
     def certificates(self, experiment: str) -> list[tuple[Path, bytes]]:
         """``(path, bytes)`` of the experiment's forget certificates, oldest first."""
         if experiment not in self._certs:
             self._certs[experiment] = [
-                (p, p.read_bytes()) for p in self.list_certificates(experiment)
+                (p, p.read_bytes()) for p in list_certificates(self, experiment)
             ]
         return self._certs[experiment]
 
@@ -160,8 +168,7 @@ def _slice_of(manifest: dict[str, Any], position: int) -> int | None:
 
 
 def _shard_index(name: str | None) -> int | None:
-    match = re.fullmatch(r"shard-(\d+)", name or "")
-    return int(match.group(1)) if match else None
+    return ShardId.parse(name).index if ShardId.is_shard(name) else None
 
 
 # ------------------------------------------------------------------------------ nodes
@@ -255,7 +262,7 @@ def _scan(store: _CachedStore, experiments: Sequence[str]) -> list[_Node]:
     from cdm.store.feature_nets import list_feature_nets
 
     nodes: list[_Node] = []
-    for path in _walk_cards(store.root / "backbones"):
+    for path in _walk_cards(store.backbones_root()):
         read = _read(path)
         if read:
             nodes.append(_node("backbone", None, path.parent, *read))
@@ -263,17 +270,17 @@ def _scan(store: _CachedStore, experiments: Sequence[str]) -> list[_Node]:
         if "error" not in entry:
             node = _node("feature_net", None, Path(entry["path"]), entry, b"")
             nodes.append(node)
-    for path in _walk_cards(store.root / "stats"):  # cdm/store/stats.py: <root>/stats/<space>/<key>
+    for path in _walk_cards(store.stats_root()):
         read = _read(path)
         if read:
             nodes.append(_node("ref_stats", None, path.parent, *read))
-    for path in _walk_cards(store.root / "tables"):  # cdm/table1.py: <root>/tables/<name>
+    for path in _walk_cards(store.tables_root()):
         read = _read(path)
         if read and read[0].get("kind") == "table":
             nodes.append(_node("table", None, path.parent, *read))
     for exp in experiments:
         exp_dir = store.experiment_dir(exp)
-        quarantine = store.forget_dir(exp) / "quarantine"
+        quarantine = store.quarantine_root(exp)
         for path in _walk_cards(exp_dir):
             rel = path.parent.relative_to(exp_dir).parts
             tag = None
@@ -418,7 +425,7 @@ def _experiments(store: ArtifactStore, experiment: str | None) -> list[str]:
     if not store.experiment_dir(experiment).is_dir():
         have = ", ".join(store.list_experiments()) or "none"
         raise ProvenanceError(
-            f"no experiment {experiment!r} under {store.root / 'experiments'} (it has: {have})"
+            f"no experiment {experiment!r} under {store.experiments_root()} (it has: {have})"
         )
     return [experiment]
 
@@ -452,7 +459,7 @@ def _locate(
             dataset = _train_split_dataset(meta, sample_id)
             if dataset:
                 seeds.train_datasets.add(dataset)
-        if sample_id not in set(store.forgotten_ids(exp)):
+        if sample_id not in set(forgotten_ids(store, exp)):
             continue
         found = False
         for path, data in store.certificates(exp):
@@ -500,7 +507,7 @@ def _forgotten_with_a_source(
         )
         return entry
     r = removed[0]
-    path = store.certificate_dir(experiment) / f"{r.get('certificate')}.json"
+    path = store.certificate_path(experiment, str(r.get("certificate")))
     entry["note"] = f"inferred: {r['job']} is the only source removed from {experiment}"
     entry.update(manifest=r["job"], shard=_shard_index(r["job"]), source=r.get("source"),
                  manifest_hash=r.get("manifest_hash"),
@@ -627,9 +634,9 @@ class _Ledger:
             name = seeds.has_hash(card.get("ids_hash"))
             if name:
                 via.append(f"reference set = manifest {name} ({_short(card.get('ids_hash'))})")
-            key = _STATS_KEY.fullmatch(node.name)
-            if key and key["reference"] == "train" and key["dataset"] in seeds.train_datasets:
-                via.append(f"reference set = the train split of {key['dataset']}")
+            key = StatsKey.parse(node.name)
+            if key and key.reference == "train" and key.dataset in seeds.train_datasets:
+                via.append(f"reference set = the train split of {key.dataset}")
         if node.kind == "feature_net":
             dataset = card.get("dataset")
             if dataset in seeds.train_datasets and card.get("split", "train") == "train":
@@ -821,7 +828,7 @@ def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seed
     if not removed:
         return None
     r = removed[-1]
-    path = store.certificate_dir(experiment) / f"{r.get('certificate')}.json"
+    path = store.certificate_path(experiment, str(r.get("certificate")))
     seeds.add_chain(store, experiment, name, r.get("manifest_hash"))
     if path.is_file():
         cert = store.certificate(path, path.read_bytes())
@@ -883,7 +890,7 @@ def what_depends_on(
 def _unknown_id(store: _CachedStore, sample_id: str, experiments: Sequence[str]) -> str:
     if not experiments:
         return f"the store {store.root} has no experiments: nothing can depend on {sample_id!r}"
-    where = store.root / "experiments" / "<experiment>" / "manifests" / "*.json"
+    where = store.manifests_pattern()
     example = None
     for exp in experiments:
         names = store.list_manifests(exp)

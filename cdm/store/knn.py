@@ -3,38 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from cdm.store.store import (
-    ArtifactStore,
-    CorruptArtifactError,
-    MissingArtifactError,
-    _write_card,
-    _write_dir_atomically,
-    read_card,
-    sha256_file,
-    validate_name,
-)
+from cdm.store.artifact import checked_card, load_tensors, save_artifact, verify_weights
+from cdm.store.layout import StoreLayout
 
 CENTROIDS_FILE = "centroids.safetensors"
 
 
-def centroids_dir(store: ArtifactStore, experiment: str, embedder: str, job: str) -> Path:
-    """``<root>/experiments/<experiment>/knn/<embedder>/<job>``."""
-    return (
-        store.experiment_dir(experiment)
-        / "knn"
-        / validate_name(embedder, "embedder name")
-        / validate_name(job)
-    )
-
-
 def save_centroids(
-    store: ArtifactStore,
+    layout: StoreLayout,
     experiment: str,
     embedder: str,
     job: str,
@@ -42,37 +22,24 @@ def save_centroids(
     card: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write one shard's centroids [k, d] (safetensors) and card atomically."""
-    final = centroids_dir(store, experiment, embedder, job)
-    written: dict[str, Any] = {}
-
-    def write(tmp: Path) -> None:
-        save_file({"centroids": centroids.detach().cpu().contiguous()}, str(tmp / CENTROIDS_FILE))
-        written.update(
-            card,
-            kind="knn_centroids",
-            weights_file=CENTROIDS_FILE,
-            weights_sha256=sha256_file(tmp / CENTROIDS_FILE),
-        )
-        _write_card(tmp, written)
-
-    _write_dir_atomically(final, write)
-    return written
+    return save_artifact(
+        layout.centroids_dir(experiment, embedder, job),
+        {**card, "kind": "knn_centroids"},
+        tensors={"centroids": centroids.detach().cpu().contiguous()},
+        weights_file=CENTROIDS_FILE,
+    )
 
 
 def load_centroids(
-    store: ArtifactStore, experiment: str, embedder: str, job: str
+    layout: StoreLayout, experiment: str, embedder: str, job: str
 ) -> tuple[torch.Tensor, dict[str, Any]]:
     """One shard's centroids, checked against the sha256 in its card."""
-    directory = centroids_dir(store, experiment, embedder, job)
-    if not (directory / "card.json").is_file():
-        raise MissingArtifactError(
-            f"no k-NN centroids for {experiment}/{job} ({embedder}) at {directory}: "
-            f"make them with cdm-train experiment={experiment} stage=knn"
-        )
-    card = read_card(directory)
-    if sha256_file(directory / CENTROIDS_FILE) != card.get("weights_sha256"):
-        raise CorruptArtifactError(
-            f"{directory / CENTROIDS_FILE} is corrupt (sha256 differs from its card): "
-            f"recompute with cdm-train experiment={experiment} stage=knn retrain=true"
-        )
-    return load_file(str(directory / CENTROIDS_FILE))["centroids"], card
+    directory = layout.centroids_dir(experiment, embedder, job)
+    remake = f"cdm-train experiment={experiment} stage=knn"
+    card = checked_card(
+        directory,
+        f"no k-NN centroids for {experiment}/{job} ({embedder}) at {directory}: make them with "
+        + remake,
+    )
+    verify_weights(directory, card, f"recompute with {remake} retrain=true")
+    return load_tensors(directory, card)["centroids"], card

@@ -3,37 +3,32 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
-from cdm.core.hashing import sha256_bytes
-from cdm.store.store import ArtifactStore, _write_card, _write_dir_atomically, validate_name
-
-
-def samples_dir(store: ArtifactStore, experiment: str, name: str) -> Path:
-    """``<root>/experiments/<experiment>/samples/<name>``."""
-    return store.experiment_dir(experiment) / "samples" / validate_name(name, "samples name")
+from cdm.store.artifact import checked_card, save_artifact, verify_file
+from cdm.store.layout import SAMPLES_FILE, StoreLayout
 
 
 def save_samples(
-    store: ArtifactStore,
+    layout: StoreLayout,
     experiment: str,
     name: str,
     files: Mapping[str, bytes],
     card: Mapping[str, Any],
 ) -> dict[str, Any]:
     """Write ``files`` and ``card.json`` (with each file's sha256) into one directory, atomically."""
-    final = samples_dir(store, experiment, name)
-    written = {
-        **card,
-        "files": {f: sha256_bytes(data) for f, data in files.items()},
-        "path": str(final),
-    }
+    final = layout.samples_dir(experiment, name)
+    return save_artifact(final, {**card, "path": str(final)}, weights=None, files=files)
 
-    def write(tmp: Path) -> None:
-        for filename, data in files.items():
-            (tmp / validate_name(filename, "file name")).write_bytes(data)
-        _write_card(tmp, written)
 
-    _write_dir_atomically(final, write)
-    return written
+def read_samples_file(
+    layout: StoreLayout, experiment: str, name: str, filename: str = SAMPLES_FILE
+) -> tuple[bytes, dict[str, Any]]:
+    """``(bytes, card)`` of one file of a samples artifact, checked against its card's sha256."""
+    directory = layout.samples_dir(experiment, name)
+    card = checked_card(
+        directory,
+        f"no samples {name!r} in experiment {experiment!r} ({directory}): draw them first with "
+        f"cdm-sample experiment={experiment} composition=... name={name}",
+    )
+    return verify_file(directory, card, filename, "draw the samples again"), card

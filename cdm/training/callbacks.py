@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
+
+from cdm.core.identity import refusal
+from cdm.core.logging import get_logger
+
+log = get_logger(__name__)
 
 
 class SliceCheckpoint(pl.Callback):
@@ -16,20 +23,29 @@ class SliceCheckpoint(pl.Callback):
     written to a temporary name and renamed, so a kill never leaves a half-written checkpoint.
     """
 
-    def __init__(self, dirpath: str | Path, epochs_per_slice: int, signature: str = "") -> None:
+    def __init__(
+        self,
+        dirpath: str | Path,
+        epochs_per_slice: int,
+        signature: str = "",
+        identity: Mapping[str, Any] | None = None,
+    ) -> None:
         self.dirpath = Path(dirpath)
         self.epochs_per_slice = epochs_per_slice
-        self.signature = signature
+        self.signature = signature  # the job's identity hash; ``identity``: its sections
+        self.identity = dict(identity or {})
 
     def state_dict(self) -> dict:
-        return {"signature": self.signature}
+        return {"signature": self.signature, "identity": self.identity}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if state_dict.get("signature") != self.signature:
             raise RuntimeError(
-                f"the checkpoint in {self.dirpath} was written by a job with other settings; "
-                "resume it with the same config, or start over with retrain=true"
-            )
+                refusal(
+                    f"the checkpoint in {self.dirpath}", state_dict.get("identity"), self.identity,
+                    "resume it with the same config, or start over with retrain=true",
+                )
+            )  # fmt: skip
 
     def _save(self, trainer: pl.Trainer, name: str) -> None:
         final = self.dirpath / name
@@ -79,7 +95,7 @@ class ArtifactWriter(pl.Callback):
         stage: str,
         expected_hash: str,
         card: dict,
-        adapter_kind: str,
+        adapter_kind: str | None,
         target_dir: str | None = None,
     ) -> None:
         self.store_root = store_root
@@ -107,7 +123,7 @@ class ArtifactWriter(pl.Callback):
             metrics=final_metrics(trainer),
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
-            wandb_run_id=_wandb_run_id(trainer),
+            wandb_run_id=wandb_run_id(trainer),
         )
         store = ArtifactStore(self.store_root)
         model = pl_module.model
@@ -122,7 +138,8 @@ class ArtifactWriter(pl.Callback):
             )  # fmt: skip
 
 
-def _wandb_run_id(trainer: pl.Trainer) -> str | None:
+def wandb_run_id(trainer: pl.Trainer) -> str | None:
+    """The id of the trainer's W&B run, for the card (None without a WandbLogger)."""
     from pytorch_lightning.loggers import WandbLogger
 
     for logger in trainer.loggers:
@@ -148,8 +165,12 @@ def checked_fed_hash(
             f"{what}: the {len(fed)} samples fed hash to {fed_hash[:12]} but the manifest is "
             f"{expected_hash[:12]}; the job saw other data or missed some. Nothing was written."
         )
-    print(
-        f"[cdm] {what}: fed {len(fed)} samples, id hash {fed_hash[:12]} == manifest {expected_hash[:12]}"
+    log.info(
+        "%s: fed %s samples, id hash %s == manifest %s",
+        what,
+        len(fed),
+        fed_hash[:12],
+        expected_hash[:12],
     )
     return fed_hash, len(fed)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from cdm.core.diffusion import (
     epsilon_loss,
@@ -22,6 +23,12 @@ class DenoisingModule(TrackedModule):
     alone, so a run resumed from a checkpoint continues bit for bit. Every dataset index the
     module is fed is recorded in ``fed_mask``: the card's data hash is computed from it, not
     copied from the manifest.
+
+    ``ema_decay``: an exponential moving average of the trainable parameters (diffusers'
+    ``EMAModel``; checkpointed for bit-identical resume) replaces them before the artifact is
+    saved. ``None`` (the default) leaves training untouched. Constructing the module calls
+    ``save_hyperparameters``, so ``load_from_checkpoint(path, unet=..., alphas_cumprod=...)``
+    rebuilds it from a checkpoint given the backbone and the noise schedule.
     """
 
     def __init__(
@@ -49,7 +56,9 @@ class DenoisingModule(TrackedModule):
         self.cond_drop_prob = cond_drop_prob
         self.seed = seed
         self.null_label = null_label(model)
-        self.ema: dict[str, torch.Tensor] | None = None
+        self.ema: EMAModel | None = None
+        self._ema_state: dict | None = None  # from a checkpoint, loaded at train start
+        self.save_hyperparameters(ignore=["model", "unet", "alphas_cumprod"], logger=False)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -94,42 +103,47 @@ class DenoisingModule(TrackedModule):
             fused=fused or None,
         )
 
-    # ---- EMA of the trainable parameters -------------------------------------------------
+    # ---- EMA of the trainable parameters (diffusers' EMAModel) ----------------------------
+    # A thin wrapper, not Lightning's EMAWeightAveraging: that one deep-copies the whole module
+    # (the frozen backbone too) into every checkpoint; EMAModel averages only the trainable
+    # tensors (a LoRA shard's checkpoint stays lean) and its state rides in checkpoint["cdm"].
     def on_train_start(self) -> None:
-        if self.ema_decay is not None and self.ema is None:
-            self.ema = {n: p.detach().clone() for n, p in trainable_parameters(self.model)}
-        elif self.ema is not None:
-            self.ema = {n: v.to(self.device) for n, v in self.ema.items()}
+        if self.ema_decay is None:
+            return
+        decay = float(self.ema_decay)
+        params = [p for _, p in trainable_parameters(self.model)]
+        # min_decay=decay: a constant decay after the first update (which copies the weights)
+        self.ema = EMAModel(params, decay=decay, min_decay=decay, foreach=True)
+        if self._ema_state is not None:
+            names = [n for n, _ in trainable_parameters(self.model)]
+            if self._ema_state.get("names") != names:
+                raise ValueError(
+                    "the checkpoint's EMA state is for other trainable parameters (or an older "
+                    "format): resume with the same adapter config, or start over with retrain=true"
+                )
+            self.ema.load_state_dict({k: v for k, v in self._ema_state.items() if k != "names"})
+            self.ema.to(self.device)
+            self._ema_state = None
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.ema is None:
-            return
-        with torch.no_grad():
-            names = list(self.ema)
-            params = dict(trainable_parameters(self.model))
-            torch._foreach_lerp_(
-                [self.ema[n] for n in names],
-                [params[n].detach() for n in names],
-                1 - self.ema_decay,
-            )
+        if self.ema is not None:
+            self.ema.step([p for _, p in trainable_parameters(self.model)])
 
     def copy_ema_to_model(self) -> None:
         """Replace the trainable weights by their EMA (done once, before the artifact is saved)."""
-        if self.ema is None:
-            return
-        params = dict(trainable_parameters(self.model))
-        with torch.no_grad():
-            for name, value in self.ema.items():
-                params[name].copy_(value)
+        if self.ema is not None:
+            self.ema.copy_to([p for _, p in trainable_parameters(self.model)])
 
     # ---- what a resumed run needs beyond TrackedModule's state ----------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         super().on_save_checkpoint(checkpoint)
-        ema = (
-            None if self.ema is None else {k: v.detach().cpu().clone() for k, v in self.ema.items()}
-        )
+        ema = None
+        if self.ema is not None:
+            state = self.ema.state_dict()
+            state["shadow_params"] = [t.detach().cpu().clone() for t in state["shadow_params"]]
+            ema = {"names": [n for n, _ in trainable_parameters(self.model)], **state}
         checkpoint["cdm"]["ema"] = ema
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.ema = checkpoint["cdm"].get("ema")
+        self._ema_state = checkpoint["cdm"].get("ema")

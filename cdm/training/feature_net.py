@@ -19,7 +19,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 from cdm.data.datamodule import ManifestDataModule
 from cdm.models.feature_net import FeatureNet
-from cdm.training.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
+from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
 from cdm.training.tracked import TrackedModule
 
 
@@ -83,6 +83,7 @@ class FeatureNetTraining(TrackedModule):
         # torchmetrics: accumulated over the epoch and synced over DDP ranks
         self.val_correct, self.val_count = SumMetric(), SumMetric()
         self.val_loss = MeanMetric()
+        self.save_hyperparameters(ignore=["net"], logger=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -155,7 +156,7 @@ class FeatureNetWriter(pl.Callback):
             metrics={**final_metrics(trainer), "test_accuracy": pl_module.test_accuracy},
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
-            wandb_run_id=_wandb_run_id(trainer),
+            wandb_run_id=wandb_run_id(trainer),
         )
         net = pl_module.net
         save_feature_net(

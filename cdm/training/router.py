@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.core.diffusion import q_sample, sample_noise_and_timesteps, step_generator
-from cdm.training.callbacks import _wandb_run_id, checked_fed_hash, final_metrics
+from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
 from cdm.training.tracked import TrackedModule
 
 SAMPLINGS = ("balanced", "by_prior")
@@ -230,6 +230,7 @@ class RouterTraining(TrackedModule):
         self.band_names = [band_name(lo, hi, T) for lo, hi in self.bands]
         self.band_accuracy: dict[str, float] = {}
         self._val: torch.Tensor | None = None  # [bands, 3]: correct, count, summed loss
+        self.save_hyperparameters(ignore=["router", "alphas_cumprod"], logger=False)
 
     @property
     def num_train_timesteps(self) -> int:
@@ -335,7 +336,7 @@ class RouterWriter(pl.Callback):
             metrics={**final_metrics(trainer), "band_accuracy": dict(pl_module.band_accuracy)},
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
-            wandb_run_id=_wandb_run_id(trainer),
+            wandb_run_id=wandb_run_id(trainer),
         )
         state = pl_module.router.state_dict()
         ArtifactStore(self.store_root).save_router(

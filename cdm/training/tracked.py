@@ -16,6 +16,8 @@ import time
 import pytorch_lightning as pl
 import torch
 
+from cdm.core.logging import console_logging
+
 
 class TrackedModule(pl.LightningModule):
     """Base of the training jobs: fed-id record, running loss, resumable wall time."""
@@ -50,6 +52,9 @@ class TrackedModule(pl.LightningModule):
             self.log(
                 self.loss_name, mean, prog_bar=True, on_step=False, on_epoch=True, sync_dist=True
             )
+
+    def setup(self, stage: str) -> None:
+        console_logging()  # a spawned DDP rank: Hydra configured logging in the parent only
 
     def on_fit_start(self) -> None:
         self._started_at = time.perf_counter()
