@@ -3,7 +3,7 @@
 ``layout`` (every path), ``io`` (atomic files and directories, sha256), ``artifact`` (the one
 generic save / verify / load), ``records`` (JSON records: manifests, sources, forgotten ids,
 forget journal, certificates), ``staleness`` (is an artifact trained on data still held),
-``store`` (``ArtifactStore``: backbones, adapters, routers, checkpoints, listing) and one module
+``store`` (``ArtifactStore``: backbones, adapters, routers, checkpoints), ``listing`` (cdm-list) and one module
 per store-wide kind (``feature_nets``, ``knn``, ``samples``, ``stats``).
 """
 
@@ -24,8 +24,9 @@ from cdm.store.io import (
     sha256_file,
 )
 from cdm.store.layout import StatsKey, StoreLayout, validate_name
+from cdm.store.listing import format_table
 from cdm.store.staleness import stale_reason
-from cdm.store.store import ArtifactStore, format_table
+from cdm.store.store import ArtifactStore
 
 __all__ = [
     "CARD_FILENAME",
