@@ -163,6 +163,10 @@ def test_stage_groups_stay_overridable_from_the_command_line():
     cfg = compose_train(["stage=shard", "shard.index=2", "adapter=full"])
     assert cfg.shard.index == 2 and cfg.adapter.kind == "full"
     assert cfg.job._target_ == "cdm.jobs.run.run_training_job"
+    # debug=tiny shrinks a LoRA adapter and leaves a full one as it is
+    assert compose_train(["stage=paragon", "debug=tiny"]).adapter.rank == 2
+    full = compose_train(["stage=shard", "adapter=full", "debug=tiny"]).adapter
+    assert set(full) == {"_target_", "kind"}
 
 
 @pytest.mark.parametrize(

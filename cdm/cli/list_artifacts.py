@@ -20,7 +20,9 @@ def main(cfg: DictConfig) -> None:
     from cdm.store import ArtifactStore, format_table
 
     # no experiment=... on the command line: the whole store
-    experiment = cfg.experiment_name if HydraConfig.get().runtime.choices.get("experiment") else None
+    experiment = (
+        cfg.experiment_name if HydraConfig.get().runtime.choices.get("experiment") else None
+    )
     root = str(cfg.paths.artifacts)
     cards = ArtifactStore(root).list_artifacts(None if experiment is None else str(experiment))
     if cfg.list.json:
