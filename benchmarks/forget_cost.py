@@ -64,8 +64,8 @@ from cdm.cli.config import config_dir, register_resolvers  # noqa: E402
 from cdm.core.runtime import machine_info  # noqa: E402
 from cdm.data.sharding import Manifest  # noqa: E402
 from cdm.jobs.run import run_job  # noqa: E402
+from cdm.lifecycle.downstream import retrain_routers, schedule_cost  # noqa: E402
 from cdm.lifecycle.forget import run_forget  # noqa: E402
-from cdm.lifecycle.forget_samples import retrain_routers, schedule_cost  # noqa: E402
 from cdm.store import ArtifactStore  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,15 @@ from pathlib import Path
 import pytest
 
 from cdm.data.sharding import Manifest
+from cdm.lifecycle.downstream import schedule_cost
 from cdm.lifecycle.forget import ForgetError, run_forget
-from cdm.lifecycle.forget_samples import schedule_cost
-from cdm.store.records import add_forgotten_ids, forgotten_ids, list_certificates, read_forget_journal
 from cdm.store import ArtifactStore, StaleArtifactError, StoreError, load_checkpoint, sha256_file
+from cdm.store.records import (
+    add_forgotten_ids,
+    forgotten_ids,
+    list_certificates,
+    read_forget_journal,
+)
 from tests.conftest import REPO, run_inprocess
 
 EXP = "digits_2split"

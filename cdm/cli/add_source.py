@@ -20,7 +20,7 @@ register_resolvers()
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="add_source")
 def main(cfg: DictConfig) -> None:
     from cdm.lifecycle.add_source import AddSourceError, run_add_source
-    from cdm.lifecycle.forget_samples import ForgetError
+    from cdm.lifecycle.journal import ForgetError
 
     try:
         record = run_add_source(cfg, list(HydraConfig.get().overrides.task))

@@ -34,7 +34,22 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
-from cdm.store import ArtifactStore, atomic_write_bytes, atomic_write_json, validate_name
+from cdm.data.datasets import load_image_folder, load_npz
+from cdm.data.sharding import new_shard
+from cdm.jobs.context import load_data, split_data
+from cdm.jobs.knn import run_knn_job
+from cdm.jobs.run import run_job
+from cdm.jobs.sample import run_sampling
+from cdm.lifecycle.downstream import retrain_routers, shard_adapters, stale_adapters
+from cdm.lifecycle.journal import experiment_lock
+from cdm.store import (
+    CARD_FILENAME,
+    ArtifactStore,
+    atomic_write_bytes,
+    atomic_write_json,
+    read_card,
+    validate_name,
+)
 from cdm.store.cards import utc_now
 from cdm.store.records import read_sources, save_sources
 
@@ -48,8 +63,6 @@ class AddSourceError(ValueError):
 def load_source(path: str | Path, resolution: int, channels: int) -> Any:
     """The new source's samples: a ``.npz`` (images, labels) or an image folder (one subfolder
     per class), at the experiment's resolution and channels."""
-    from cdm.data.datasets import load_image_folder, load_npz
-
     p = Path(path).expanduser()
     if not p.exists():
         raise AddSourceError(
@@ -82,9 +95,6 @@ def record_source(
     cfg: DictConfig, store: ArtifactStore, name: str, path: str | Path
 ) -> dict[str, Any]:
     """Copy the source's samples into the store and record it as the experiment's next shard."""
-    from cdm.data.datasets import load_npz
-    from cdm.data.sharding import new_shard
-
     experiment = cfg.experiment_name
     data = load_source(path, int(cfg.data.resolution), int(cfg.data.channels))
     train = [i for i, s in enumerate(data.splits) if s == "train"]
@@ -130,8 +140,6 @@ def record_source(
 
 def _adapter_hashes(store: ArtifactStore, experiment: str) -> dict[str, str]:
     """``{shard job: weights sha256}`` of every trained shard adapter."""
-    from cdm.lifecycle.forget_samples import shard_adapters
-
     return {
         r["artifact"].split(" ")[1]: r["weights_sha256"] for r in shard_adapters(store, experiment)
     }
@@ -152,9 +160,6 @@ def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | No
 
 def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> list[dict]:
     """k-NN centroids of the new shard for every embedder the experiment already has."""
-    from cdm.jobs.knn import run_knn_job
-    from cdm.store import CARD_FILENAME, read_card
-
     cards = []
     for directory in sorted(store.knn_dir(experiment).glob("*")):
         existing = sorted(directory.glob(f"shard-*/{CARD_FILENAME}"))
@@ -170,10 +175,6 @@ def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> 
 def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
     """Add ``cfg.source`` to ``cfg.experiment_name`` as a new shard (see the module docstring);
     ``overrides`` (the user's, e.g. ``experiment=...``) also configure the composed grid."""
-    from cdm.jobs.context import load_data, split_data
-    from cdm.jobs.run import run_job
-    from cdm.lifecycle.forget_samples import experiment_lock, retrain_routers, stale_adapters
-
     started = time.perf_counter()
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
@@ -263,8 +264,6 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 def compose_all(cfg: DictConfig, store: ArtifactStore, name: str, overrides: list[str]) -> dict:
     """A grid from every shard, the new one included: classifier with a router, else average."""
     from hydra import compose
-
-    from cdm.jobs.sample import run_sampling
 
     experiment = cfg.experiment_name
     method = "classifier" if store.has_router(experiment, "router") else "average"

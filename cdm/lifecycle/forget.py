@@ -8,16 +8,10 @@ import shutil
 from omegaconf import DictConfig
 
 from cdm.core.logging import get_logger
-from cdm.lifecycle.forget_samples import (
-    ForgetError,
-    commit,
-    experiment_lock,
-    finish,
-    forget,
-    plan_forget,
-    read_request,
-)
+from cdm.lifecycle.downstream import finish
+from cdm.lifecycle.forget_samples import forget, plan_forget, read_request
 from cdm.lifecycle.forget_source import commit_source, forget_source, plan_forget_source
+from cdm.lifecycle.journal import ForgetError, commit, experiment_lock
 from cdm.store import ArtifactStore
 from cdm.store.records import read_forget_journal, write_forget_journal
 

@@ -31,12 +31,9 @@ al. 2021). A request names sample ids. For every shard holding some of them:
 
 from __future__ import annotations
 
-import contextlib
-import math
-import os
 import shutil
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,40 +43,38 @@ from omegaconf import DictConfig, OmegaConf
 from cdm.core.hashing import hash_ids
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
-from cdm.data.sharding import Manifest, indices_of, without_ids
+from cdm.core.runtime import configure_runtime
+from cdm.data.sharding import Manifest, without_ids
+from cdm.jobs.context import load_data, split_data
+from cdm.jobs.train import fit_job
+from cdm.lifecycle.downstream import (
+    certificate_header,
+    finish,
+    job_config,
+    paragon_cost,
+    schedule_cost,
+    shard_adapters,
+    slice_sizes,
+)
+from cdm.lifecycle.journal import (
+    ForgetError,
+    abbreviate,
+    commit,
+    stored_manifests,
+)
 from cdm.store import (
-    CARD_FILENAME,
     ArtifactStore,
     atomic_write_json,
-    make_card,
     read_card,
     sha256_file,
 )
-from cdm.store.cards import utc_now
 from cdm.store.layout import last_checkpoint
 from cdm.store.records import (
-    add_forgotten_ids,
     forgotten_ids,
-    save_certificate,
     write_forget_journal,
 )
-from cdm.store.staleness import stale_reason
 
 log = get_logger(__name__)
-
-_SAMPLE_PARENT_KINDS = ("adapter", "router", "knn_centroids")
-
-
-class ForgetError(ValueError):
-    """A forget request that cannot be carried out; the message says how to fix it."""
-
-
-def _few(items: Sequence[str], k: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in list(items)[:k])
-    return shown + (f", ... ({len(items)} in all)" if len(items) > k else "")
-
-
-# ------------------------------------------------------------------------------ the request
 
 
 def read_request(ids: Iterable[str] | None = None, ids_file: str | Path | None = None) -> list[str]:
@@ -140,17 +135,6 @@ class ForgetPlan:
         return min(self.private_old.slices_of(self.ids).values())
 
 
-def stored_manifests(store: ArtifactStore, experiment: str) -> dict[str, Manifest]:
-    """Every manifest of the experiment, hash-checked; a clear error if it has none."""
-    names = store.list_manifests(experiment)
-    if not names:
-        raise ForgetError(
-            f"experiment {experiment!r} has no manifests under {store.experiment_dir(experiment)}: "
-            "check experiment=... and paths.artifacts=..., or train it first (cdm-train stage=backbone)"
-        )
-    return {n: Manifest.from_json(store.load_manifest(experiment, n)) for n in names}
-
-
 def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> ForgetPlan:
     """Validate ``ids`` against the experiment's manifests; raises ``ForgetError`` naming the fix.
 
@@ -165,14 +149,14 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
     again = [i for i in ids if i in forgotten]
     if again:
         raise ForgetError(
-            f"ids already forgotten from experiment {experiment!r}: {_few(again)} (see "
+            f"ids already forgotten from experiment {experiment!r}: {abbreviate(again)} (see "
             f"{store.certificate_dir(experiment)}); drop them from the request"
         )
     safe = set(manifests["safe"].ids) if "safe" in manifests else set()
     in_safe = [i for i in ids if i in safe]
     if in_safe:
         raise ForgetError(
-            f"{len(in_safe)} ids are in the safe split of {experiment!r}: {_few(in_safe)}. The safe "
+            f"{len(in_safe)} ids are in the safe split of {experiment!r}: {abbreviate(in_safe)}. The safe "
             "split is public by definition (it trains the shared backbone, paper Sec. 3) and is "
             "never forgotten; remove them from the request, or build an experiment whose safe "
             "split excludes them (sharding.safe_fraction / safe_classes, new experiment_name)"
@@ -184,7 +168,7 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
         example = next(iter(owner), "<dataset>/000123")
         raise ForgetError(
             f"{len(unknown)} ids are in no shard manifest of experiment {experiment!r}: "
-            f"{_few(unknown)}. Sample ids look like {example!r}; list them in "
+            f"{abbreviate(unknown)}. Sample ids look like {example!r}; list them in "
             f"{store.experiment_dir(experiment) / 'manifests'} (test-split ids were never trained on)"
         )
     if "private" not in manifests:
@@ -222,43 +206,6 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
     )
 
 
-# ------------------------------------------------------------------------------ costs
-
-
-def schedule_cost(
-    slice_sizes: Sequence[int], epochs_per_slice: int, batch_size: int, start_slice: int = 0
-) -> dict[str, int]:
-    """Samples fed and optimizer steps of a SISA schedule run from slice ``start_slice`` on
-    (slice s trains ``epochs_per_slice`` epochs on slices 0..s)."""
-    samples = steps = 0
-    for s in range(start_slice, len(slice_sizes)):
-        active = sum(slice_sizes[: s + 1])
-        samples += epochs_per_slice * active
-        steps += epochs_per_slice * math.ceil(active / batch_size)
-    return {"samples_fed": samples, "optimizer_steps": steps}
-
-
-def _sizes(m: Manifest) -> list[int]:
-    return [b - a for a, b in m.slices]
-
-
-# ------------------------------------------------------------------------------ retraining
-
-
-def job_config(
-    card_config: dict, store: ArtifactStore, experiment: str, **overrides: Any
-) -> DictConfig:
-    """The config a stored artifact was trained with, pointed at this store (to retrain it alike)."""
-    cfg = OmegaConf.create(card_config)
-    cfg.paths.artifacts = str(store.root)
-    cfg.experiment_name = experiment
-    cfg.resume, cfg.retrain = True, False
-    cfg.kill_at_step = None
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, force_add=True)
-    return cfg
-
-
 def checkpoint_saw_only(
     store: ArtifactStore, path: Path, dataset, manifest: Manifest, n_slices: int
 ) -> str | None:
@@ -284,10 +231,6 @@ def retrain_shard(
 ) -> dict:
     """Retrain one shard without the ids into the store's pending area (``forget/pending``; the
     live adapter is not touched)."""
-    from cdm.core.runtime import configure_runtime
-    from cdm.jobs.context import load_data, split_data
-    from cdm.jobs.train import fit_job
-
     experiment, job = plan.experiment, shard.job
     if not store.has_adapter(experiment, job):
         return {"artifact": f"adapter {job}", "action": "manifest only: no adapter trained yet"}
@@ -357,356 +300,17 @@ def retrain_shard(
         "new_checkpoints": sorted(p.name for p in ckpt_dir.glob("*.ckpt")),
         "wall_time_s": round(time.perf_counter() - started, 3),
         "cost": schedule_cost(
-            _sizes(manifest),
+            slice_sizes(manifest),
             int(o.epochs_per_slice),
             int(o.batch_size),
             shard.first_slice if start["kind"] == "slice_checkpoint" else 0,
         ),
         "cost_from_scratch": schedule_cost(
-            _sizes(manifest), int(o.epochs_per_slice), int(o.batch_size)
+            slice_sizes(manifest), int(o.epochs_per_slice), int(o.batch_size)
         ),
         "seed": int(job_cfg.seed),
         "optim": OmegaConf.to_container(o, resolve=True),
     }
-
-
-# ------------------------------------------------------------------------------ commit
-
-
-@contextlib.contextmanager
-def experiment_lock(store: ArtifactStore, experiment: str) -> Iterator[None]:
-    """One forget request at a time per experiment (a lock file naming the holder's pid)."""
-    path = store.forget_lock_path(experiment)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            break
-        except FileExistsError:
-            pid = path.read_text().strip()
-            alive = pid.isdigit() and _alive(int(pid))
-            if alive:
-                raise ForgetError(
-                    f"another cdm-forget (pid {pid}) is running on {experiment!r}"
-                ) from None
-            path.unlink(missing_ok=True)
-    else:
-        raise ForgetError(f"cannot take the forget lock {path}")
-    os.write(fd, str(os.getpid()).encode())
-    os.close(fd)
-    try:
-        yield
-    finally:
-        path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
-
-
-def _ckpt_index(name: str) -> int | None:
-    return int(name[6:8]) if name.startswith("slice-") and name.endswith(".ckpt") else None
-
-
-def _drop_checkpoints(directory: Path, from_slice: int, keep: Iterable[str] = ()) -> list[str]:
-    """Delete ``last.ckpt`` and ``slice-SS.ckpt`` for SS >= ``from_slice`` (except ``keep``)."""
-    removed = []
-    keep = set(keep)
-    for path in sorted(directory.glob("*.ckpt")) if directory.is_dir() else []:
-        idx = _ckpt_index(path.name)
-        if path.name not in keep and (
-            path.name == "last.ckpt" or (idx is not None and idx >= from_slice)
-        ):
-            path.unlink()
-            removed.append(str(path))
-    return removed
-
-
-def _quarantine(store: ArtifactStore, experiment: str, journal: dict) -> list[dict]:
-    """Move samples, evaluations and reference statistics drawn from what saw the ids aside."""
-    tag = journal["tag"]
-    affected = {("adapter", s["job"]) for s in journal["shards"]} | {("adapter", "paragon")}
-    knn = {s["job"] for s in journal["shards"]}
-    moved: list[dict] = []
-
-    def move(src: Path, rel: str, why: str) -> None:
-        dst = store.quarantine_dir(experiment, tag) / rel
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(src, dst)
-        moved.append({"artifact": rel, "moved_to": str(dst), "reason": why})
-
-    gone: set[str] = set()
-    for card_path in sorted(store.samples_root(experiment).glob(f"*/{CARD_FILENAME}")):
-        card = read_card(card_path)
-        hit = [
-            p
-            for p in card.get("parents", [])
-            if p.get("kind") in _SAMPLE_PARENT_KINDS
-            and (
-                (p["kind"], p.get("name")) in affected
-                or p["kind"] == "router"
-                or (p["kind"] == "knn_centroids" and str(p.get("name", "")).split("/")[-1] in knn)
-            )
-        ]
-        if hit:
-            gone.add(card_path.parent.name)
-            parents = ", ".join(f"{p['kind']} {p.get('name')}" for p in hit)
-            move(card_path.parent, f"samples/{card_path.parent.name}", f"drawn from {parents}")
-    for card_path in sorted(store.evals_root(experiment).glob(f"*/{CARD_FILENAME}")):
-        if card_path.parent.name in gone:
-            move(
-                card_path.parent, f"evals/{card_path.parent.name}", "evaluates quarantined samples"
-            )
-    old_hashes = set(journal["old_manifest_hashes"])
-    for card_path in sorted(store.stats_root().glob(f"*/*/{CARD_FILENAME}")):
-        if read_card(card_path).get("ids_hash") in old_hashes:
-            rel = card_path.parent.relative_to(store.root).as_posix()
-            move(card_path.parent, rel, "features of a manifest that held the ids")
-    return moved
-
-
-def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
-    """Make a checked retrain live (idempotent: a crash here is rolled forward on the next run).
-
-    Order: manifests, forgotten ids, adapters (one atomic swap each), checkpoints, then what
-    else saw the ids. From the first step on, every artifact trained on an old manifest is
-    refused by the store, so no intermediate state serves a model that saw the ids.
-    """
-    done = journal.setdefault("done", {})
-    for path in sorted(store.pending_manifests_dir(experiment).glob("*.json")):
-        store.save_manifest(experiment, Manifest.from_json(_read_json(path)).to_json())
-    add_forgotten_ids(store, experiment, journal["ids"], journal["tag"])
-    for shard in journal["shards"]:
-        job = shard["job"]
-        staged = store.pending_adapter_dir(experiment, job)
-        if staged.is_dir():
-            # after a crash inside the swap, the staged path may hold the OLD adapter: never put
-            # back anything but the checked retrain
-            if read_card(staged).get("weights_sha256") == shard.get("new_weights_sha256"):
-                store.install_adapter(experiment, job, staged)
-            else:
-                shutil.rmtree(staged)
-        ckpts = store.checkpoint_dir(experiment, job)
-        staged_ckpts = store.pending_checkpoint_dir(experiment, job)
-        replaced = done.setdefault("checkpoints_replaced", [])
-        if staged_ckpts.is_dir():
-            ckpts.mkdir(parents=True, exist_ok=True)
-            for path in sorted(staged_ckpts.glob("*.ckpt")):
-                if (ckpts / path.name).exists():
-                    replaced.append(str(ckpts / path.name))
-                os.replace(path, ckpts / path.name)
-        deleted = done.setdefault("checkpoints_deleted", [])
-        deleted += _drop_checkpoints(ckpts, shard["first_slice"], shard.get("new_checkpoints", ()))
-        write_forget_journal(store, experiment, journal)
-    return set_aside(store, experiment, journal)
-
-
-def set_aside(store: ArtifactStore, experiment: str, journal: dict) -> dict:
-    """The last commit step of every request: the paragon's checkpoints from the first private
-    slice that changed are dropped, and what was drawn from the changed models is quarantined."""
-    done = journal.setdefault("done", {})
-    deleted = done.setdefault("checkpoints_deleted", [])
-    deleted += _drop_checkpoints(
-        store.checkpoint_dir(experiment, "paragon"), journal["private_first_slice"]
-    )
-    done["quarantined"] = done.get("quarantined", []) + _quarantine(store, experiment, journal)
-    return journal
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-# ------------------------------------------------------------------------------ after the commit
-
-
-def retrain_routers(
-    cfg: DictConfig, store: ArtifactStore, experiment: str, retrain: bool
-) -> list[dict]:
-    """Retrain (or leave stale and refused) every router trained on the old shard manifests."""
-    from cdm.jobs.router import run_router_job
-
-    records = []
-    exp_dir = store.experiment_dir(experiment)
-    for card_path in sorted(exp_dir.glob("*/card.json")):
-        card = read_card(card_path)
-        if card.get("kind") != "router" or not stale_reason(store, experiment, card):
-            continue
-        name = card_path.parent.name
-        record = {"artifact": f"router {name}", "old_weights_sha256": card.get("weights_sha256")}
-        if not retrain:
-            store.clear_checkpoints(experiment, name)
-            record.update(
-                action="stale: refused on load until retrained",
-                rebuild=f"cdm-train experiment={experiment} stage=router router.name={name} retrain=true",
-            )
-        else:
-            router_cfg = job_config(card["config"], store, experiment, retrain=True)
-            OmegaConf.update(router_cfg, "router.name", name, force_add=True)
-            new = run_router_job(router_cfg)
-            record.update(
-                action="retrained",
-                new_weights_sha256=new["weights_sha256"],
-                shard_manifests=new["shard_manifests"],
-            )
-        records.append(record)
-    return records
-
-
-def recompute_centroids(
-    cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
-) -> list[dict]:
-    """Recompute the k-NN centroids of every shard that lost ids (each embedder); where that
-    fails, delete them (then they are missing, and ``cdm-train stage=knn`` remakes them)."""
-    from cdm.jobs.context import load_data
-    from cdm.jobs.knn import embed, knn_embedder
-    from cdm.models.knn_router import kmeans
-    from cdm.store.knn import save_centroids
-
-    records = []
-    for shard in journal["shards"]:
-        job = shard["job"]
-        base = cfg
-        if store.has_adapter(experiment, job):
-            base = job_config(store.read_adapter_card(experiment, job)["config"], store, experiment)
-        for card_path in sorted(store.knn_dir(experiment).glob(f"*/{job}/{CARD_FILENAME}")):
-            card = read_card(card_path)
-            name = card_path.parent.parent.name
-            record = {
-                "artifact": f"knn centroids {name}/{job}",
-                "old_weights_sha256": card.get("weights_sha256"),
-            }
-            try:
-                knn_cfg = job_config(OmegaConf.to_container(base, resolve=True), store, experiment)
-                knn_cfg.knn = card["config"]
-                dataset = load_data(knn_cfg)
-                manifest = Manifest.from_json(store.load_manifest(experiment, job))
-                started = time.perf_counter()
-                embedder, parents = knn_embedder(knn_cfg, store, dataset)
-                points = embed(embedder, dataset, indices_of(dataset, manifest))
-                k, seed = int(card["config"]["k"]), int(knn_cfg.seed) + int(shard["index"])
-                new = make_card(
-                    name=job,
-                    experiment=experiment,
-                    embedder=name,
-                    manifest_hash=manifest.hash,
-                    n_samples=len(manifest.ids),
-                    config=card["config"],
-                    parents=parents,
-                    wall_time_s=round(time.perf_counter() - started, 3),
-                )
-                new = save_centroids(
-                    store, experiment, name, job, kmeans(points, k, seed=seed), new
-                )
-                record.update(
-                    action="recomputed",
-                    new_weights_sha256=new["weights_sha256"],
-                    manifest_hash=manifest.hash,
-                )
-            except Exception as err:  # never leave centroids of the old shard in use
-                shutil.rmtree(card_path.parent)
-                record.update(
-                    action=f"deleted ({type(err).__name__}: {err})",
-                    rebuild=f"cdm-train experiment={experiment} stage=knn knn={name}",
-                )
-            records.append(record)
-    return records
-
-
-def stale_adapters(store: ArtifactStore, experiment: str) -> list[dict]:
-    """Adapters whose card no longer matches their manifest (e.g. the paragon): refused on load."""
-    records = []
-    for card_path in sorted(store.experiment_dir(experiment).glob("*/card.json")):
-        card = read_card(card_path)
-        if card.get("kind") == "router" or "adapter_kind" not in card:
-            continue
-        reason = stale_reason(store, experiment, card)
-        if reason:
-            job = card_path.parent.name
-            records.append(
-                {
-                    "artifact": f"adapter {job}",
-                    "action": "stale: refused on load until retrained",
-                    "reason": reason,
-                    "weights_sha256": card.get("weights_sha256"),
-                    "rebuild": f"cdm-train experiment={experiment} stage={job} retrain=true",
-                }
-            )
-    return records
-
-
-def not_covered(
-    store: ArtifactStore, experiment: str, ids: Sequence[str], dataset_name: str | None
-) -> list[dict]:
-    """What else in the store saw the ids but is outside this experiment's forgetting."""
-    out = []
-    wanted = set(ids)
-    for other in store.list_experiments():
-        if other == experiment or "private" not in store.list_manifests(other):
-            continue
-        held = wanted & set(store.load_manifest(other, "private").get("ids", []))
-        if held:
-            out.append(
-                {
-                    "artifact": f"experiment {other}",
-                    "n_ids": len(held),
-                    "fix": f"cdm-forget experiment={other} forget.ids_file=<the same ids>",
-                }
-            )
-    return out
-
-
-def stale_feature_nets(store: ArtifactStore) -> list[dict]:
-    """Domain feature nets trained on a forgotten id (they train on a dataset's whole train split,
-    private data included): refused on load until retrained without the forgotten ids."""
-    from cdm.store.feature_nets import feature_net_stale_reason, list_feature_nets, train_hint
-
-    records = []
-    for card in list_feature_nets(store):
-        reason = feature_net_stale_reason(store, card)
-        if reason:
-            hint = train_hint(
-                str(card.get("dataset")), int(card.get("resolution", 0)), int(card.get("seed", 0))
-            )
-            records.append(
-                {
-                    "artifact": f"feature_net {card.get('name')}",
-                    "action": "stale: refused on load until retrained (FD_<dataset>, knn=feature_net)",
-                    "reason": reason,
-                    "weights_sha256": card.get("weights_sha256"),
-                    "rebuild": f"{hint} retrain=true",
-                }
-            )
-    return records
-
-
-def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict) -> dict:
-    """Routers, centroids, stale list and the certificate; then the pending area is removed."""
-    cert = dict(journal["certificate"])
-    cert["routers"] = retrain_routers(cfg, store, experiment, bool(journal["retrain_router"]))
-    cert["knn_centroids"] = recompute_centroids(cfg, store, experiment, journal)
-    cert["stale"] = stale_adapters(store, experiment) + stale_feature_nets(store)
-    cert["checkpoints_replaced"] = journal.get("done", {}).get("checkpoints_replaced", [])
-    cert["checkpoints_deleted"] = journal.get("done", {}).get("checkpoints_deleted", [])
-    cert["quarantined"] = journal.get("done", {}).get("quarantined", [])
-    if journal.get("kind") == "source":
-        cert["deleted"] = journal.get("done", {}).get("deleted", [])
-    cert["not_covered"] = not_covered(store, experiment, journal["ids"], cert.get("dataset"))
-    cert["finished"] = utc_now()
-    cert["wall_time_s"] = round(time.time() - journal["started_unix"], 3)
-    path = save_certificate(store, experiment, journal["tag"], cert)
-    cert["path"] = str(path)
-    shutil.rmtree(store.forget_pending_dir(experiment), ignore_errors=True)
-    log.info("forget: certificate %s", path)
-    return cert
 
 
 def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
@@ -749,56 +353,6 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
 
 def _write_staged_manifest(store: ArtifactStore, experiment: str, manifest: Manifest) -> None:
     atomic_write_json(store.pending_manifest_path(experiment, manifest.name), manifest.to_json())
-
-
-def paragon_cost(
-    store: ArtifactStore, experiment: str, private_new: Manifest, optim: dict | None
-) -> dict[str, Any]:
-    """What retraining the monolithic paragon on the data left would cost: its SISA schedule
-    (the paragon card's optimizer settings, else ``optim``) and its last training's wall time."""
-    cost: dict[str, Any] = {}
-    if store.has_adapter(experiment, "paragon"):
-        paragon = store.read_adapter_card(experiment, "paragon")
-        optim = paragon.get("config", {}).get("optim") or optim
-        cost["paragon_wall_time_s_when_trained"] = paragon.get("wall_time_s")
-    if optim:
-        cost["paragon_from_scratch"] = schedule_cost(
-            _sizes(private_new), int(optim["epochs_per_slice"]), int(optim["batch_size"])
-        )
-    return cost
-
-
-def shard_adapters(
-    store: ArtifactStore, experiment: str, exclude: Iterable[str] = ()
-) -> list[dict]:
-    """``{artifact, weights_sha256, manifest_hash}`` of every trained shard adapter but ``exclude``:
-    what a request leaves untouched (its certificate lists them to show it)."""
-    records = []
-    for name in store.list_manifests(experiment):
-        if (
-            ShardId.is_shard(name)
-            and name not in set(exclude)
-            and store.has_adapter(experiment, name)
-        ):
-            card = store.read_adapter_card(experiment, name)
-            records.append(
-                {"artifact": f"adapter {name}", "weights_sha256": card.get("weights_sha256"),
-                 "manifest_hash": card.get("manifest_hash")}
-            )  # fmt: skip
-    return records
-
-
-def certificate_header(tag: str, experiment: str, dataset: str | None, method: str) -> dict:
-    """The fields every forget certificate starts with."""
-    return {
-        "kind": "forget_certificate",
-        "name": tag,
-        "experiment": experiment,
-        "dataset": dataset,
-        "created": utc_now(),
-        "code_version": make_card()["code_version"],
-        "method": method,
-    }
 
 
 def draft_certificate(

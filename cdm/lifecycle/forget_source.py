@@ -30,6 +30,8 @@ from omegaconf import DictConfig
 from cdm.core.hashing import hash_ids
 from cdm.core.names import ShardId
 from cdm.data.sharding import Manifest
+from cdm.lifecycle.downstream import certificate_header, finish, paragon_cost, shard_adapters
+from cdm.lifecycle.journal import ForgetError, set_aside, stored_manifests
 from cdm.store import CARD_FILENAME, ArtifactStore
 from cdm.store.cards import utc_now
 from cdm.store.records import add_forgotten_ids, read_sources, save_sources, write_forget_journal
@@ -60,8 +62,6 @@ class SourcePlan:
 
 def resolve_shard(store: ArtifactStore, experiment: str, source: Any) -> str:
     """The shard manifest a user's ``forget.source`` names: 3, ``shard-03`` or a source name."""
-    from cdm.lifecycle.forget_samples import ForgetError, stored_manifests
-
     shards = {n: m for n, m in stored_manifests(store, experiment).items() if ShardId.is_shard(n)}
     text = str(source).strip()
     if text.isdigit():
@@ -89,8 +89,6 @@ def resolve_shard(store: ArtifactStore, experiment: str, source: Any) -> str:
 
 def plan_forget_source(store: ArtifactStore, experiment: str, source: Any) -> SourcePlan:
     """Validate a whole-source request; ``ForgetError`` names the fix (e.g. the last shard)."""
-    from cdm.lifecycle.forget_samples import ForgetError, stored_manifests
-
     job = resolve_shard(store, experiment, source)
     manifests = stored_manifests(store, experiment)
     shards = sorted(n for n in manifests if ShardId.is_shard(n))
@@ -112,8 +110,6 @@ def plan_forget_source(store: ArtifactStore, experiment: str, source: Any) -> So
 
 def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> dict:
     """Journal, commit and finish a whole-source request (see the module docstring)."""
-    from cdm.lifecycle.forget_samples import finish
-
     experiment, job = plan.experiment, plan.job
     tag = f"{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}-{plan.request_hash[:12]}"
     ids = list(plan.shard.ids)
@@ -143,8 +139,6 @@ def forget_source(cfg: DictConfig, store: ArtifactStore, plan: SourcePlan) -> di
 
 def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     """Remove the shard (idempotent: a crash here is rolled forward on the next run)."""
-    from cdm.lifecycle.forget_samples import set_aside
-
     job, tag = journal["job"], journal["tag"]
     done = journal.setdefault("done", {})
     sources = read_sources(store, experiment)
@@ -188,8 +182,6 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
 
 def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -> dict:
     """The certificate's request, the artifacts to delete (with hashes) and the cost (before commit)."""
-    from cdm.lifecycle.forget_samples import certificate_header, paragon_cost, shard_adapters
-
     experiment, job = plan.experiment, plan.job
     removed: dict[str, Any] = {
         "manifest": job,

@@ -21,6 +21,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.names import ShardId
+from cdm.jobs.pipeline import shard_indices
+from cdm.jobs.sample import run_sampling
 from cdm.store import ArtifactStore, validate_name
 
 POLICY_EXAMPLE = '{"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]}}'
@@ -65,8 +67,6 @@ def load_policy(path: str | Path) -> dict[str, list[str]]:
 
 def shard_labels(store: ArtifactStore, experiment: str) -> dict[int, list[str]]:
     """``{k: names shard k answers to}``: ``shard-KK`` plus its manifest's source, if any."""
-    from cdm.jobs.pipeline import shard_indices
-
     labels = {}
     for k in shard_indices(store, experiment):
         name = ShardId(k).name
@@ -172,8 +172,6 @@ def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) ->
 
     Returns the samples card. Refusals raise ``AccessDenied``; every request is audited.
     """
-    from cdm.jobs.sample import run_sampling
-
     store = ArtifactStore(cfg.paths.artifacts)
     requested = None if sources is None else list(sources)
     record: dict[str, Any] = {

@@ -33,8 +33,15 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.hashing import sha256_bytes
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
+from cdm.eval.features import to_uint8
+from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
+from cdm.jobs.context import load_data
+from cdm.jobs.evaluate import build_feature_space, load_samples, reference_features, run_evaluation
+from cdm.jobs.pipeline import shard_indices
+from cdm.jobs.sample import run_sampling
 from cdm.paper.table1 import (
     METHOD_TITLES,
     _current_adapter,
@@ -85,10 +92,6 @@ def check_spec(cfg: DictConfig) -> tuple[list[str], str, str]:
 
 def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample k = 1..n shards per method, evaluate, write the figure."""
-    from cdm.jobs.evaluate import run_evaluation
-    from cdm.jobs.pipeline import shard_indices
-    from cdm.jobs.sample import run_sampling
-
     started = time.perf_counter()
     spec = cfg.fig2
     methods, statistic, space = check_spec(cfg)
@@ -173,11 +176,6 @@ def own_reference_values(
     what a perfect model would score at this k, up to sample size (the estimate depends on the
     reference's size and classes, so it moves with k too). None without a test split or classes.
     """
-    from cdm.core.hashing import sha256_bytes
-    from cdm.eval.features import to_uint8
-    from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
-    from cdm.jobs.context import load_data
-    from cdm.jobs.evaluate import build_feature_space, load_samples, reference_features
 
     def distance(mine: np.ndarray, ref: np.ndarray) -> float:
         if statistic == "FD":

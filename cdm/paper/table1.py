@@ -19,6 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import console_logging, get_logger
 from cdm.core.names import ShardId
+from cdm.jobs.evaluate import run_evaluation
+from cdm.jobs.run import run_job
+from cdm.jobs.sample import run_sampling
 from cdm.store import ArtifactStore, make_card
 from cdm.store.artifact import save_artifact
 from cdm.store.layout import GRID_FILE, WEIGHTS_PLOT_FILE
@@ -53,8 +56,6 @@ def _train(
     experiment: str, overrides: list[str], stages: list[tuple[str, int]], n_jobs: int
 ) -> None:
     """Train the jobs ``[(stage, shard index)]`` that the store lacks (each job checks itself)."""
-    from cdm.jobs.run import run_job
-
     configs = [
         experiment_config(experiment, overrides, [f"stage={stage}", f"shard.index={index}"])
         for stage, index in stages
@@ -79,8 +80,6 @@ def _current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
 
 
 def _run_resolved(config: dict) -> None:
-    from cdm.jobs.run import run_job
-
     console_logging()  # a loky worker: Hydra configured logging in the parent only
     run_job(OmegaConf.create(config))
 
@@ -103,9 +102,6 @@ def plan(table: DictConfig) -> list[dict[str, Any]]:
 
 def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample, evaluate, and write the table (see module docstring)."""
-    from cdm.jobs.evaluate import run_evaluation
-    from cdm.jobs.sample import run_sampling
-
     started = time.perf_counter()
     table = cfg.table1
     store = ArtifactStore(cfg.paths.artifacts)

@@ -38,6 +38,7 @@ from typing import Any
 from cdm.core.hashing import sha256_bytes
 from cdm.core.names import ShardId
 from cdm.store.cards import CARD_FILENAME
+from cdm.store.feature_nets import feature_net_stale_reason, list_feature_nets
 from cdm.store.layout import StatsKey, validate_name
 from cdm.store.records import forgotten_ids, list_certificates, read_sources
 from cdm.store.staleness import stale_reason
@@ -259,8 +260,6 @@ def _walk_cards(top: Path) -> Iterable[Path]:
 def _scan(store: _CachedStore, experiments: Sequence[str]) -> list[_Node]:
     """Every artifact card of ``experiments`` plus the shared ones (backbones, feature nets,
     reference statistics, tables)."""
-    from cdm.store.feature_nets import list_feature_nets
-
     nodes: list[_Node] = []
     for path in _walk_cards(store.backbones_root()):
         read = _read(path)
@@ -672,8 +671,6 @@ class _Ledger:
             if reason:
                 return STALE, reason
         if node.kind == "feature_net":  # trained on a dataset's train split: forgetting any of it
-            from cdm.store.feature_nets import feature_net_stale_reason
-
             reason = feature_net_stale_reason(store, card)
             if reason:
                 return STALE, reason

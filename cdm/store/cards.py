@@ -10,6 +10,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import cdm
+
 CARD_FILENAME = "card.json"
 
 
@@ -38,8 +40,6 @@ def _git(args: list[str], cwd: Path) -> str | None:
 
 def _package_version() -> str | None:
     """``cdm.__version__`` if set, else the installed distribution's version, else None."""
-    import cdm
-
     version = getattr(cdm, "__version__", None)
     if version:
         return str(version)
@@ -59,8 +59,6 @@ def code_version() -> str:
     The commit is only used if the package's own files are tracked by that repo (so a non-editable
     install inside some unrelated checkout does not report that checkout's commit). Never raises.
     """
-    import cdm
-
     package_dir = Path(cdm.__file__).resolve().parent
     if _git(["ls-files", "--error-unmatch", "__init__.py"], package_dir) is not None:
         commit = _git(["rev-parse", "HEAD"], package_dir)
