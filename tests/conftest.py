@@ -44,7 +44,7 @@ def run_inprocess(*overrides: str, artifacts: Path, config: str = "train"):
     """Compose ``conf/<config>.yaml`` with overrides and run it in this process (fast path)."""
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
     from cdm.jobs.run import run_job
     from cdm.jobs.sample import run_sampling
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -116,3 +117,14 @@ def test_no_import_cycle_between_modules():
     assert not cycles, (
         f"import cycles in cdm (break them by moving the shared code down):\n{report}"
     )
+
+
+def test_no_private_name_is_imported_across_modules():
+    """A leading underscore means "this module's own": another module that needs it gets a public name."""
+    offenders = []
+    for path in sorted((REPO / "cdm").rglob("*.py")):
+        text = path.read_text()
+        for block in re.finditer(r"^\s*from cdm[\w.]* import (\([^)]*\)|[^\n]*)", text, re.M):
+            names = [n.split(" as ")[0].strip() for n in block.group(1).strip("()").split(",")]
+            offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.startswith("_")]
+    assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from hydra.utils import get_object
 from omegaconf import OmegaConf
 
-from cdm.cli.config import config_dir, register_resolvers
+from cdm.jobs.config import config_dir, register_resolvers
 from cdm.jobs.context import build_loggers, load_data, split_data
 
 register_resolvers()

@@ -12,7 +12,6 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cdm.cli.config import config_dir
 from cdm.data.datasets import (
     FASHION_DEFAULT_ROOT,
     ArrayDataset,
@@ -20,6 +19,7 @@ from cdm.data.datasets import (
     dataset_from_config,
     load_cifar10,
 )
+from cdm.jobs.config import config_dir
 
 DATA_CONF = Path(config_dir()) / "data"
 

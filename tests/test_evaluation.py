@@ -19,7 +19,7 @@ SAMPLE = [*TINY, "num_samples=40", "batch_size=20", "steps=4", "progress=false"]
 def compose_cfg(config: str, overrides: list[str], root):
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -190,7 +190,7 @@ def test_table1_format_is_the_papers_layout():
 def test_table1_end_to_end_trains_only_what_is_missing(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
     from cdm.paper.table1 import run_table1
 
     register_resolvers()

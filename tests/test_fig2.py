@@ -18,7 +18,7 @@ def fig2(root, *overrides: str) -> dict:
     """Run the sweep in this process as ``cdm-fig2`` would (fig2.* keys are not job overrides)."""
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
     from cdm.paper.fig2 import run_fig2
 
     register_resolvers()

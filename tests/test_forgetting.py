@@ -73,7 +73,7 @@ def forget(root: Path, *overrides: str) -> dict:
     """Run cdm-forget's library entry point in this process."""
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -381,7 +381,7 @@ def test_forgotten_weights_differ_from_the_original(root):
 def test_forget_config_composes_for_every_experiment(experiment):
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir
+    from cdm.jobs.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose("forget", overrides=[f"experiment={experiment}", "forget.ids=[a/b/1]"])

@@ -25,7 +25,7 @@ TINY = ["experiment=digits_4split", "debug=tiny"]
 def compose_config(*overrides: str, config: str = "train"):
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

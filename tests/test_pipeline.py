@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
 
-from cdm.cli.config import register_resolvers
+from cdm.jobs.config import register_resolvers
 from cdm.jobs.pipeline import CDMPipeline, CDMPipelineOutput, instantiate_option, sample_config
 
 TINY = ["experiment=digits_2split", "debug=tiny"]

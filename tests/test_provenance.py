@@ -41,7 +41,7 @@ def compose(config: str, root: Path, *overrides: str):
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
@@ -295,7 +295,7 @@ def test_provenance_config_composes():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from cdm.cli.config import config_dir
+    from cdm.jobs.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = hydra_compose("provenance", overrides=["provenance.source=shard-03"])

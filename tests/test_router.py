@@ -304,7 +304,7 @@ def compose_router_cfg(artifacts: Path, router: str = "small", *overrides: str, 
     """conf/train.yaml with stage=router router=<router> (conf/stage/router.yaml pulls the group)."""
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):

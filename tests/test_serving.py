@@ -46,7 +46,7 @@ def request(store_root: Path, policy: Path, user: str, sources=None, *overrides:
     """Compose ``conf/serve.yaml`` for ``user`` and serve the request in this process."""
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     args = [*SAMPLE, f"serve.user={user}", f"serve.policy={policy}", *overrides]

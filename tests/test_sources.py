@@ -12,8 +12,8 @@ import pytest
 
 from cdm.lifecycle.add_source import AddSourceError, run_add_source
 from cdm.lifecycle.forget import ForgetError, run_forget
-from cdm.store.records import forgotten_ids, read_forget_journal, read_sources
 from cdm.store import ArtifactStore, StaleArtifactError, sha256_file
+from cdm.store.records import forgotten_ids, read_forget_journal, read_sources
 from tests.conftest import run_inprocess
 
 EXP = "digits_4split"
@@ -43,7 +43,7 @@ def root(trained, tmp_path) -> Path:
 def compose_and_run(config: str, root: Path, *overrides: str):
     from hydra import compose, initialize_config_dir
 
-    from cdm.cli.config import config_dir, register_resolvers
+    from cdm.jobs.config import config_dir, register_resolvers
 
     register_resolvers()
     every = [*TINY, *overrides, f"paths.artifacts={root}"]
@@ -222,7 +222,7 @@ def test_adding_a_source_touches_no_existing_adapter(root, tmp_path):
 
 
 def test_adding_a_source_that_fails_leaves_nothing(root, tmp_path, monkeypatch):
-    import cdm.training
+    import cdm.lifecycle.add_source
 
     store = ArtifactStore(root)
     private = store.load_manifest(EXP, "private")
@@ -230,7 +230,7 @@ def test_adding_a_source_that_fails_leaves_nothing(root, tmp_path, monkeypatch):
     def crash(*args, **kwargs):
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(cdm.jobs.run, "run_job", crash)
+    monkeypatch.setattr(cdm.lifecycle.add_source, "run_job", crash)
     with pytest.raises(RuntimeError, match="out of memory"):
         compose_and_run("add_source", root, "source.name=b6", f"source.path={new_source(tmp_path / 'b.npz')}")  # fmt: skip
     assert read_sources(store, EXP)["added"] == []

@@ -12,7 +12,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cdm.cli.config import config_dir, register_resolvers
+from cdm.jobs.config import config_dir, register_resolvers
 
 register_resolvers()
 

@@ -13,7 +13,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from cdm.cli.config import config_dir, register_resolvers
+from cdm.jobs.config import config_dir, register_resolvers
 
 register_resolvers()
 

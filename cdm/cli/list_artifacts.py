@@ -12,7 +12,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # conf/list.yaml needs no resolver: the training stack is never imported
-from cdm.cli.config import config_dir
+from cdm.jobs.config import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="list")

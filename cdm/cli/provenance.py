@@ -15,7 +15,7 @@ import hydra
 from omegaconf import DictConfig
 
 # conf/provenance.yaml needs no resolver, so cdm.training (slow to import) is never loaded
-from cdm.cli.config import config_dir
+from cdm.jobs.config import config_dir
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="provenance")

@@ -11,7 +11,7 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.cli.config import config_dir, register_resolvers
+from cdm.jobs.config import config_dir, register_resolvers
 
 register_resolvers()
 

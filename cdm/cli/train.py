@@ -12,7 +12,7 @@ from __future__ import annotations
 import hydra
 from omegaconf import DictConfig
 
-from cdm.cli.config import config_dir, register_resolvers
+from cdm.jobs.config import config_dir, register_resolvers
 
 register_resolvers()
 

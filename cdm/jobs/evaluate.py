@@ -23,8 +23,10 @@ from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.eval.features import FeatureSpace, as_uint8_tensor, to_uint8
 from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
+from cdm.eval.inception import InceptionFeatures
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
 from cdm.jobs.context import device_description, identity_of, load_data
+from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 from cdm.store import ArtifactStore, StatsKey, make_card
 from cdm.store.samples import read_samples_file
 from cdm.store.stats import load_reference_features, save_evaluation, save_reference_features
@@ -60,12 +62,8 @@ def build_feature_space(cfg: DictConfig, store: ArtifactStore, name: str, datase
     if name == "pixels":
         return PixelFeatures(int(cfg.data.channels), int(cfg.data.resolution))
     if name == "inception":
-        from cdm.eval.inception import InceptionFeatures
-
         return InceptionFeatures(progress=bool(cfg.progress))
     if name == "domain":
-        from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
-
         return load_domain_features(
             store, dataset.name, dataset.resolution, int(cfg.seed),
             train_ids_hash=feature_net_train_split(store, dataset)[1],

@@ -19,6 +19,16 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids
 from cdm.core.logging import get_logger
+from cdm.core.runtime import configure_runtime
+from cdm.data.sharding import held_out
+from cdm.jobs.context import (
+    build_trainer,
+    check_reuse,
+    device_description,
+    fit_resumable,
+    identity_of,
+    load_data,
+)
 from cdm.models.feature_net import (
     DomainFeatures,
     FeatureNet,
@@ -38,6 +48,8 @@ from cdm.store.feature_nets import (
     train_hint,
 )
 from cdm.store.records import all_forgotten_ids
+from cdm.training.callbacks import SliceCheckpoint
+from cdm.training.feature_net import FeatureNetDataModule, FeatureNetTraining, FeatureNetWriter
 
 log = get_logger(__name__)
 
@@ -52,8 +64,6 @@ __all__ = [
 
 def split_hashes(dataset, split: str = "train") -> tuple[list[int], str]:
     """(dataset indices, ``hash_ids`` of ids + content hashes) of a dataset's ``split``."""
-    from cdm.data.sharding import held_out
-
     indices = held_out(dataset, split=split)
     ids = [dataset.ids[i] for i in indices]
     return indices, hash_ids(ids, [dataset.content_hashes[i] for i in indices])
@@ -89,22 +99,6 @@ def _check_existing(card: dict, key: str, train_hash: str, channels: int, hint: 
 def run_feature_net_job(cfg: DictConfig) -> dict:
     """Train the dataset's feature net unless the store has it (or ``retrain=true``); its card."""
     import pytorch_lightning as pl
-
-    from cdm.core.runtime import configure_runtime
-    from cdm.jobs.context import (
-        build_trainer,
-        check_reuse,
-        device_description,
-        fit_resumable,
-        identity_of,
-        load_data,
-    )
-    from cdm.training.callbacks import SliceCheckpoint
-    from cdm.training.feature_net import (
-        FeatureNetDataModule,
-        FeatureNetTraining,
-        FeatureNetWriter,
-    )
 
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     if cfg.get("feature_net") is None:

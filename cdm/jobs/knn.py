@@ -12,6 +12,7 @@ from cdm.core.names import ShardId
 from cdm.core.runtime import configure_runtime
 from cdm.data.sharding import indices_of
 from cdm.jobs.context import check_reuse, identity_of, load_data, record_manifests, split_data
+from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 from cdm.models.knn_router import build_embedder, embedder_needs_feature_net, kmeans
 from cdm.store import CARD_FILENAME, ArtifactStore, make_card, read_card
 from cdm.store.knn import save_centroids
@@ -34,8 +35,6 @@ def knn_embedder(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[torch.
     spec = OmegaConf.to_container(cfg.knn.embedder, resolve=True)
     if not embedder_needs_feature_net(spec):
         return build_embedder(spec), []
-    from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
-
     space = load_domain_features(
         store, dataset.name, dataset.resolution, int(cfg.seed),
         train_ids_hash=feature_net_train_split(store, dataset)[1],

@@ -23,10 +23,10 @@ from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import UnsupportedInterpolationType
 
 from cdm.core import composition as C
 from cdm.core.names import ShardId, job_name
+from cdm.jobs.config import register_resolvers
 from cdm.jobs.context import check_backbone_config, load_data
 from cdm.jobs.knn import knn_embedder
 from cdm.jobs.router import load_router_model
@@ -106,19 +106,14 @@ class CDMPipeline(DiffusionPipeline):
         ``composition`` and ``sampler`` are option names of their config groups; ``overrides``
         are further Hydra overrides of the ``sample`` config (e.g. ``["device=cuda"]``).
         """
+        register_resolvers()
         cfg = sample_config([
             f"experiment={experiment}", f"paths.artifacts={store_root}",
             f"composition={composition}", f"sampler={sampler}", f"router_name={router_name}",
             *([] if shards is None else [f"shards=[{','.join(str(int(k)) for k in shards)}]"]),
             *overrides,
         ])  # fmt: skip
-        try:
-            return cls.from_config(cfg)
-        except UnsupportedInterpolationType as e:
-            raise RuntimeError(
-                f"cdm's config resolvers are not registered ({e.msg}): call "
-                "cdm.cli.config.register_resolvers() before CDMPipeline.from_store"
-            ) from e
+        return cls.from_config(cfg)
 
     @classmethod
     def from_config(cls, cfg: DictConfig, store: ArtifactStore | None = None) -> CDMPipeline:

@@ -44,11 +44,11 @@ from cdm.jobs.pipeline import shard_indices
 from cdm.jobs.sample import run_sampling
 from cdm.paper.table1 import (
     METHOD_TITLES,
-    _current_adapter,
-    _train,
+    current_adapter,
     experiment_config,
     forwarded_overrides,
     save_table,
+    train_missing,
 )
 from cdm.store import ArtifactStore, make_card
 
@@ -108,12 +108,12 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         )
     store = ArtifactStore(cfg.paths.artifacts)
     log.info("fig2: %s (%s shards): train what is missing", experiment, n)
-    _train(experiment, overrides, [("backbone", 0)], 1)
-    missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, stored, k)]
-    _train(experiment, overrides, [("shard", k) for k in missing], int(spec.n_jobs))
+    train_missing(experiment, overrides, [("backbone", 0)], 1)
+    missing = [k for k in range(n) if cfg.retrain or not current_adapter(store, stored, k)]
+    train_missing(experiment, overrides, [("shard", k) for k in missing], int(spec.n_jobs))
     if any(m in ROUTED for m in methods):
-        _train(experiment, overrides, [("router", 0)], 1)
-    _train(experiment, overrides, [("feature_net", 0)], 1)
+        train_missing(experiment, overrides, [("router", 0)], 1)
+    train_missing(experiment, overrides, [("feature_net", 0)], 1)
     order = shard_indices(store, stored)  # shard k of the sweep is order[k]
     names = sample_names(str(spec.name), n, methods)
     draws: dict[str, tuple[int, str]] = {}

@@ -52,7 +52,7 @@ def experiment_config(experiment: str, overrides: list[str], extra: list[str]) -
     return compose(config_name="eval", overrides=[f"experiment={experiment}", *overrides, *extra])
 
 
-def _train(
+def train_missing(
     experiment: str, overrides: list[str], stages: list[tuple[str, int]], n_jobs: int
 ) -> None:
     """Train the jobs ``[(stage, shard index)]`` that the store lacks (each job checks itself)."""
@@ -71,7 +71,7 @@ def _train(
             run_job(c)
 
 
-def _current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
+def current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
     """Shard k's adapter is stored and not stale (its manifest unchanged since it was trained)."""
     job = ShardId(k).name
     if not store.has_adapter(experiment, job):
@@ -119,18 +119,18 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         mine = [c for c in cells if c["experiment"] == experiment]
         n = mine[-1]["n"]
         log.info("table1: %s (%s shard(s)): train what is missing", experiment, n)
-        _train(experiment, overrides, [("backbone", 0)], 1)
-        missing = [k for k in range(n) if cfg.retrain or not _current_adapter(store, experiment, k)]
+        train_missing(experiment, overrides, [("backbone", 0)], 1)
+        missing = [k for k in range(n) if cfg.retrain or not current_adapter(store, experiment, k)]
         if len(missing) < n:
             log.info(
                 "%s of %s shards of %s are in the store already", n - len(missing), n, experiment
             )
-        _train(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
+        train_missing(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
         if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
-            _train(experiment, overrides, [("router", 0)], 1)
+            train_missing(experiment, overrides, [("router", 0)], 1)
         if any(c["method"] == "paragon" for c in mine):
-            _train(experiment, overrides, [("paragon", 0)], 1)
-        _train(
+            train_missing(experiment, overrides, [("paragon", 0)], 1)
+        train_missing(
             experiment, overrides, [("feature_net", 0)], 1
         )  # shared by the dataset's experiments
         for c in mine:

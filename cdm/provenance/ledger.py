@@ -27,21 +27,28 @@ them. The store layout is read through ``ArtifactStore``; the folders it has no 
 
 from __future__ import annotations
 
-import bisect
-import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cdm.core.hashing import sha256_bytes
-from cdm.core.names import ShardId
-from cdm.store.cards import CARD_FILENAME
-from cdm.store.feature_nets import feature_net_stale_reason, list_feature_nets
+from cdm.provenance.graph import (
+    DELETED,
+    KINDS,
+    SCOPED,
+    CachedStore,
+    Node,
+    ProvenanceError,
+    hashable,
+    id_needle,
+    scan_nodes,
+    shard_index,
+    short_hash,
+    slice_of,
+)
+from cdm.store.feature_nets import feature_net_stale_reason
 from cdm.store.layout import StatsKey, validate_name
-from cdm.store.records import forgotten_ids, list_certificates, read_sources
-from cdm.store.staleness import stale_reason
+from cdm.store.records import forgotten_ids
 from cdm.store.store import ArtifactStore
 
 __all__ = [
@@ -56,297 +63,6 @@ __all__ = [
 ]
 
 SERVED, STALE, QUARANTINED = "served", "stale", "quarantined"
-_DELETED = "deleted"  # replaced or removed by cdm-forget: links only, never listed
-# the order derivations flow in (parents before children) and artifacts are listed in
-KINDS = ("backbone", "feature_net", "adapter", "router", "knn_centroids", "ref_stats", "samples",
-         "evaluation", "table")  # fmt: skip
-_SCOPED = frozenset({"adapter", "router", "knn_centroids", "samples", "evaluation"})
-_SKIP_DIRS = frozenset({"manifests", "checkpoints", "logs", "certificates", "sources"})
-_BY_FOLDER = {"shards": "adapter", "knn": "knn_centroids", "samples": "samples",
-              "evals": "evaluation", "stats": "ref_stats"}  # fmt: skip
-_BY_CARD_KIND = {"router": "router", "knn_centroids": "knn_centroids", "samples": "samples",
-                 "evaluation": "evaluation", "ref_stats": "ref_stats", "backbone": "backbone"}  # fmt: skip
-
-
-class ProvenanceError(ValueError):
-    """A query that cannot be answered (unknown id or source, no query); the message says why."""
-
-
-def _short(h: Any, n: int = 12) -> str:
-    return str(h)[:n] if h else "-"
-
-
-def _hashable(value: Any) -> str | None:
-    """A card hash as a string (a sharded save records a dict of file hashes)."""
-    if value is None or isinstance(value, str):
-        return value
-    return json.dumps(value, sort_keys=True)
-
-
-# ------------------------------------------------------------------------------ store reading
-
-
-class _CachedStore(ArtifactStore):
-    """The caller's store, reading each manifest, sources record and certificate once per query.
-
-    ``stale_reason`` is the store's own (``cdm.store.staleness``) over these memoised reads.
-    """
-
-    def __init__(self, store: ArtifactStore | str | Path) -> None:
-        super().__init__(store.root if isinstance(store, ArtifactStore) else store)
-        self._raw: dict[tuple[str, str], bytes | None] = {}
-        self._parsed: dict[tuple[str, str], dict[str, Any]] = {}
-        self._sources: dict[str, dict[str, Any]] = {}
-        self._certs: dict[str, list[tuple[Path, bytes]]] = {}
-        self._cert_json: dict[Path, dict[str, Any]] = {}
-
-    def manifest_bytes(self, experiment: str, name: str) -> bytes | None:
-        """The manifest file's bytes (None when it does not exist)."""
-        key = (experiment, name)
-        if key not in self._raw:
-            path = self.manifest_path(experiment, name)
-            self._raw[key] = path.read_bytes() if path.is_file() else None
-        return self._raw[key]
-
-    def load_manifest(self, experiment: str, name: str) -> dict[str, Any]:
-        key = (experiment, name)
-        if key not in self._parsed:
-            data = self.manifest_bytes(experiment, name)
-            if data is None:
-                return super().load_manifest(experiment, name)  # raises MissingArtifactError
-            try:
-                self._parsed[key] = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                return super().load_manifest(experiment, name)  # raises CorruptArtifactError
-        return self._parsed[key]
-
-    def manifest_hash(self, experiment: str, name: str) -> str | None:
-        """The current hash of a manifest, None when it does not exist."""
-        if self.manifest_bytes(experiment, name) is None:
-            return None
-        return self.load_manifest(experiment, name).get("hash")
-
-    def read_sources(self, experiment: str) -> dict[str, Any]:
-        if experiment not in self._sources:
-            self._sources[experiment] = read_sources(self, experiment)
-        return self._sources[experiment]
-
-    def stale_reason(self, experiment: str, card: dict[str, Any]) -> str | None:
-        """``cdm.store.staleness.stale_reason`` over the memoised manifests and sources."""
-        return stale_reason(
-            self,
-            experiment,
-            card,
-            manifest_hash=lambda name: self.manifest_hash(experiment, name),
-            sources=self.read_sources(experiment),
-        )
-
-    def certificates(self, experiment: str) -> list[tuple[Path, bytes]]:
-        """``(path, bytes)`` of the experiment's forget certificates, oldest first."""
-        if experiment not in self._certs:
-            self._certs[experiment] = [
-                (p, p.read_bytes()) for p in list_certificates(self, experiment)
-            ]
-        return self._certs[experiment]
-
-    def certificate(self, path: Path, data: bytes) -> dict[str, Any]:
-        if path not in self._cert_json:
-            try:
-                self._cert_json[path] = json.loads(data)
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                self._cert_json[path] = {}
-        return self._cert_json[path]
-
-
-def _needle(sample_id: str) -> bytes:
-    """How ``atomic_write_json`` writes the id inside a JSON file (for a fast first filter)."""
-    return json.dumps(sample_id).encode()
-
-
-def _slice_of(manifest: dict[str, Any], position: int) -> int | None:
-    stops = [int(b) for _, b in manifest.get("slices") or []]
-    return bisect.bisect_right(stops, position) if stops else None
-
-
-def _shard_index(name: str | None) -> int | None:
-    return ShardId.parse(name).index if ShardId.is_shard(name) else None
-
-
-# ------------------------------------------------------------------------------ nodes
-
-
-@dataclass
-class _Node:
-    """One artifact (or one that cdm-forget replaced: ``ghost``) and what it was made from."""
-
-    kind: str
-    experiment: str | None
-    name: str
-    path: Path | None
-    hash: str | None
-    card: dict[str, Any]
-    quarantined: str | None = None  # the forget request's tag
-    ghost: str | None = None  # "replaced by cdm-forget <tag>"
-    trained_on: list[tuple[str | None, str, str]] = field(default_factory=list)
-
-
-def _classify(card: dict[str, Any], folder: str) -> str | None:
-    if card.get("kind") == "table":
-        return "table"
-    if "adapter_kind" in card:
-        return "adapter"
-    return _BY_CARD_KIND.get(str(card.get("kind"))) or _BY_FOLDER.get(folder)
-
-
-def _node(kind: str, experiment: str | None, directory: Path, card: dict, raw: bytes) -> _Node:
-    """A node for a card read from ``directory``."""
-    name = directory.name
-    if kind == "knn_centroids":
-        name = f"{directory.parent.name}/{directory.name}"  # <embedder>/shard-KK as parents name it
-    elif kind == "ref_stats":
-        name = str(card.get("name") or directory.name)
-    elif kind == "adapter":
-        name = str(card.get("job") or name)
-    elif kind in ("feature_net", "backbone"):
-        name = str(card.get("name") or name)
-    if kind == "backbone":
-        digest = card.get("backbone_hash")
-    elif kind == "samples":
-        digest = (card.get("files") or {}).get("samples.npz")
-    elif kind in ("evaluation", "table"):
-        digest = sha256_bytes(raw)
-    else:
-        digest = card.get("weights_sha256")
-    node = _Node(kind, experiment, name, directory, _hashable(digest), card)
-    if card.get("manifest_name") and card.get("manifest_hash"):
-        node.trained_on.append((experiment, str(card["manifest_name"]), card["manifest_hash"]))
-    for m in card.get("shard_manifests") or []:
-        if isinstance(m, dict) and m.get("name") and m.get("hash"):
-            node.trained_on.append((experiment, str(m["name"]), m["hash"]))
-    if kind == "knn_centroids" and card.get("manifest_hash"):
-        node.trained_on.append((experiment, directory.name, card["manifest_hash"]))
-    if kind == "backbone":  # shared by the experiments with this safe split
-        node.trained_on = [(None, n, h) for _, n, h in node.trained_on]
-    return node
-
-
-def _read(path: Path) -> tuple[dict[str, Any], bytes] | None:
-    try:
-        raw = path.read_bytes()
-        card = json.loads(raw)
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return (card, raw) if isinstance(card, dict) else None
-
-
-def _walk_cards(top: Path) -> Iterable[Path]:
-    """Every ``card.json`` under ``top``, not descending into artifacts, temp dirs, or (at the top
-    of an experiment) its bookkeeping folders and ``forget/pending`` (a retrain being staged)."""
-    if not top.is_dir():
-        return
-    for dirpath, dirnames, filenames in os.walk(top):
-        here = Path(dirpath)
-        if CARD_FILENAME in filenames and here != top:
-            dirnames[:] = []
-            yield here / CARD_FILENAME
-            continue
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        if here == top:
-            dirnames[:] = [d for d in dirnames if d not in _SKIP_DIRS]
-        elif here.parent == top and here.name == "forget":
-            dirnames[:] = [d for d in dirnames if d == "quarantine"]
-
-
-def _scan(store: _CachedStore, experiments: Sequence[str]) -> list[_Node]:
-    """Every artifact card of ``experiments`` plus the shared ones (backbones, feature nets,
-    reference statistics, tables)."""
-    nodes: list[_Node] = []
-    for path in _walk_cards(store.backbones_root()):
-        read = _read(path)
-        if read:
-            nodes.append(_node("backbone", None, path.parent, *read))
-    for entry in list_feature_nets(store):
-        if "error" not in entry:
-            node = _node("feature_net", None, Path(entry["path"]), entry, b"")
-            nodes.append(node)
-    for path in _walk_cards(store.stats_root()):
-        read = _read(path)
-        if read:
-            nodes.append(_node("ref_stats", None, path.parent, *read))
-    for path in _walk_cards(store.tables_root()):
-        read = _read(path)
-        if read and read[0].get("kind") == "table":
-            nodes.append(_node("table", None, path.parent, *read))
-    for exp in experiments:
-        exp_dir = store.experiment_dir(exp)
-        quarantine = store.quarantine_root(exp)
-        for path in _walk_cards(exp_dir):
-            rel = path.parent.relative_to(exp_dir).parts
-            tag = None
-            if rel[0] == "forget":  # forget/quarantine/<tag>/<what>/...
-                if len(rel) < 4 or not path.is_relative_to(quarantine):
-                    continue
-                tag, rel = rel[2], rel[3:]
-            read = _read(path)
-            if read is None:
-                continue
-            kind = _classify(read[0], rel[0])
-            if kind is None or kind == "table":
-                continue
-            node = _node(kind, None if kind == "ref_stats" else exp, path.parent, *read)
-            node.quarantined = tag
-            nodes.append(node)
-        nodes += _ghosts(store, exp)
-    return nodes
-
-
-def _ghosts(store: _CachedStore, experiment: str) -> list[_Node]:
-    """Artifacts cdm-forget replaced or deleted, rebuilt from its certificates (hash + data)."""
-    out = []
-    for path, data in store.certificates(experiment):
-        cert = store.certificate(path, data)
-        tag = str(cert.get("name") or path.stem)
-        note = f"replaced by cdm-forget {tag}"
-        manifests = cert.get("manifests") or {}
-        old = {n: m.get("old_hash") for n, m in manifests.items() if isinstance(m, dict)}
-        for r in cert.get("retrained") or []:
-            job = str(r.get("artifact", "")).removeprefix("adapter ")
-            if r.get("old_weights_sha256") and r.get("old_manifest_hash"):
-                node = _Node("adapter", experiment, job, None, _hashable(r["old_weights_sha256"]),
-                             {}, ghost=note)  # fmt: skip
-                node.trained_on = [(experiment, job, r["old_manifest_hash"])]
-                out.append(node)
-        removed = cert.get("removed") or {}
-        if removed.get("adapter_weights_sha256") and removed.get("manifest"):
-            job = str(removed["manifest"])
-            node = _Node("adapter", experiment, job, None,
-                         _hashable(removed["adapter_weights_sha256"]), {},
-                         ghost=f"deleted by cdm-forget {tag}")  # fmt: skip
-            node.trained_on = [(experiment, job, removed.get("manifest_hash") or old.get(job))]
-            out.append(node)
-        shards = [(experiment, n, h) for n, h in old.items() if n.startswith("shard-") and h]
-        shards += [
-            (experiment, str(u.get("artifact", "")).removeprefix("adapter "), u["manifest_hash"])
-            for u in cert.get("unchanged") or []
-            if u.get("manifest_hash")
-        ]
-        for r in cert.get("routers") or []:
-            if r.get("old_weights_sha256") and r.get("action") == "retrained":
-                name = str(r.get("artifact", "")).removeprefix("router ")
-                node = _Node("router", experiment, name, None, _hashable(r["old_weights_sha256"]),
-                             {}, ghost=note)  # fmt: skip
-                node.trained_on = list(shards)
-                out.append(node)
-        for r in cert.get("knn_centroids") or []:
-            name = str(r.get("artifact", "")).removeprefix("knn centroids ")
-            job = name.rsplit("/", 1)[-1]
-            if r.get("old_weights_sha256") and old.get(job):
-                node = _Node("knn_centroids", experiment, name, None,
-                             _hashable(r["old_weights_sha256"]), {}, ghost=note)  # fmt: skip
-                node.trained_on = [(experiment, job, old[job])]
-                out.append(node)
-    return out
-
 
 # ------------------------------------------------------------------------------ seeds
 
@@ -360,7 +76,7 @@ class _Seeds:
 
     def add_chain(
         self,
-        store: _CachedStore,
+        store: CachedStore,
         experiment: str,
         name: str,
         digest: str | None,
@@ -430,9 +146,9 @@ def _experiments(store: ArtifactStore, experiment: str | None) -> list[str]:
 
 
 def _locate(
-    store: _CachedStore, sample_id: str, experiments: Sequence[str]
+    store: CachedStore, sample_id: str, experiments: Sequence[str]
 ) -> tuple[list[dict[str, Any]], _Seeds]:
-    needle = _needle(sample_id)
+    needle = id_needle(sample_id)
     locations: list[dict[str, Any]] = []
     seeds = _Seeds()
     for exp in experiments:
@@ -449,8 +165,8 @@ def _locate(
             hashes = manifest.get("content_hashes") or []
             meta = manifest.get("meta") or {}
             locations.append(
-                {"experiment": exp, "manifest": name, "shard": _shard_index(name),
-                 "slice": _slice_of(manifest, pos), "content_hash": hashes[pos] if pos < len(hashes) else None,
+                {"experiment": exp, "manifest": name, "shard": shard_index(name),
+                 "slice": slice_of(manifest, pos), "content_hash": hashes[pos] if pos < len(hashes) else None,
                  "source": meta.get("source"), "manifest_hash": manifest.get("hash"),
                  "forgotten": False, "certificate": None}
             )  # fmt: skip
@@ -490,7 +206,7 @@ def _locate(
 
 
 def _forgotten_with_a_source(
-    store: _CachedStore, experiment: str, sample_id: str, seeds: _Seeds
+    store: CachedStore, experiment: str, sample_id: str, seeds: _Seeds
 ) -> dict[str, Any]:
     """A forgotten id no sample request lists: it left with a whole source. Which one is known
     only when a single source was removed (the store keeps no id list of a removed source)."""
@@ -508,7 +224,7 @@ def _forgotten_with_a_source(
     r = removed[0]
     path = store.certificate_path(experiment, str(r.get("certificate")))
     entry["note"] = f"inferred: {r['job']} is the only source removed from {experiment}"
-    entry.update(manifest=r["job"], shard=_shard_index(r["job"]), source=r.get("source"),
+    entry.update(manifest=r["job"], shard=shard_index(r["job"]), source=r.get("source"),
                  manifest_hash=r.get("manifest_hash"),
                  certificate=str(path) if path.is_file() else r.get("certificate"))  # fmt: skip
     seeds.add_chain(store, experiment, r["job"], r.get("manifest_hash"))
@@ -520,13 +236,13 @@ def _forgotten_with_a_source(
 
 
 def _source_seeds(
-    store: _CachedStore, source: str, experiments: Sequence[str]
+    store: CachedStore, source: str, experiments: Sequence[str]
 ) -> tuple[list[dict[str, Any]], _Seeds]:
     """The shard manifests named ``source`` or whose ``meta["source"]`` is ``source`` (current or
     removed as a whole source), seeded as in ``dependents``."""
     locations: list[dict[str, Any]] = []
     seeds = _Seeds()
-    needle = _needle(source)
+    needle = id_needle(source)
     for exp in experiments:
         picked = []
         for name in store.list_manifests(exp):
@@ -549,17 +265,17 @@ def _source_seeds(
 class _Ledger:
     """The derivation walk and the status of each artifact over one scan of the store."""
 
-    def __init__(self, store: _CachedStore, nodes: list[_Node], seeds: _Seeds) -> None:
+    def __init__(self, store: CachedStore, nodes: list[Node], seeds: _Seeds) -> None:
         self.store = store
         self.nodes = nodes
         self.seeds = seeds
-        self.index: dict[tuple[str, str], list[_Node]] = {}
-        self.by_name: dict[tuple[str, str], list[_Node]] = {}
+        self.index: dict[tuple[str, str], list[Node]] = {}
+        self.by_name: dict[tuple[str, str], list[Node]] = {}
         for node in nodes:
             if node.hash:
                 self.index.setdefault((node.kind, node.hash), []).append(node)
             self.by_name.setdefault((node.kind, node.name), []).append(node)
-        self.evals: dict[tuple[str | None, str], list[_Node]] = {}
+        self.evals: dict[tuple[str | None, str], list[Node]] = {}
         for node in nodes:
             if node.kind == "evaluation":
                 self.evals.setdefault((node.experiment, node.name), []).append(node)
@@ -568,13 +284,13 @@ class _Ledger:
 
     # ---- links
 
-    def parents(self, node: _Node) -> list[tuple[dict[str, Any], list[_Node]]]:
+    def parents(self, node: Node) -> list[tuple[dict[str, Any], list[Node]]]:
         """Each recorded parent of ``node`` and the nodes it resolves to (by kind and hash)."""
         out = []
         for p in node.card.get("parents") or []:
             if not isinstance(p, dict) or not p.get("kind"):
                 continue
-            kind, digest = str(p["kind"]), _hashable(p.get("hash"))
+            kind, digest = str(p["kind"]), hashable(p.get("hash"))
             if digest:
                 candidates = self.index.get((kind, digest), [])
             else:  # a parent recorded by name only
@@ -582,7 +298,7 @@ class _Ledger:
             found = [
                 n
                 for n in candidates
-                if (kind not in _SCOPED or n.experiment == node.experiment)
+                if (kind not in SCOPED or n.experiment == node.experiment)
                 and (not p.get("name") or n.name == p["name"])
             ]
             out.append((p, found))
@@ -598,7 +314,7 @@ class _Ledger:
         return out
 
     @staticmethod
-    def _cells(table: _Node) -> list[dict[str, Any]]:
+    def _cells(table: Node) -> list[dict[str, Any]]:
         card = table.card
         cells = [c for c in card.get("cells") or [] if isinstance(c, dict)]
         cells += [
@@ -623,16 +339,16 @@ class _Ledger:
                     self.via[id(node)] = via
                     changed = True
 
-    def _links(self, node: _Node) -> list[str]:
+    def _links(self, node: Node) -> list[str]:
         seeds, via = self.seeds, []
         for exp, name, digest in node.trained_on:
             if seeds.match(exp, name, digest):
-                via.append(f"manifest {name} ({_short(digest)})")
+                via.append(f"manifest {name} ({short_hash(digest)})")
         card = node.card
         if node.kind == "ref_stats":
             name = seeds.has_hash(card.get("ids_hash"))
             if name:
-                via.append(f"reference set = manifest {name} ({_short(card.get('ids_hash'))})")
+                via.append(f"reference set = manifest {name} ({short_hash(card.get('ids_hash'))})")
             key = StatsKey.parse(node.name)
             if key and key.reference == "train" and key.dataset in seeds.train_datasets:
                 via.append(f"reference set = the train split of {key.dataset}")
@@ -646,12 +362,12 @@ class _Ledger:
             if hit:
                 via.append(label + (f" ({hit[0].ghost})" if hit[0].ghost else ""))
             elif p.get("manifest_hash") and seeds.has_hash(p["manifest_hash"], node.experiment):
-                via.append(f"{label}, trained on manifest {_short(p['manifest_hash'])}")
+                via.append(f"{label}, trained on manifest {short_hash(p['manifest_hash'])}")
         return list(dict.fromkeys(via))
 
     # ---- status
 
-    def status(self, node: _Node) -> tuple[str, str | None]:
+    def status(self, node: Node) -> tuple[str, str | None]:
         """``(status, reason)`` of a node (memoised; parents first)."""
         key = id(node)
         if key not in self._status:
@@ -659,9 +375,9 @@ class _Ledger:
             self._status[key] = self._compute_status(node)
         return self._status[key]
 
-    def _compute_status(self, node: _Node) -> tuple[str, str | None]:
+    def _compute_status(self, node: Node) -> tuple[str, str | None]:
         if node.ghost:
-            return _DELETED, node.ghost
+            return DELETED, node.ghost
         if node.quarantined:
             return QUARANTINED, f"set aside by cdm-forget {node.quarantined}"
         exp, card = node.experiment, node.card
@@ -687,14 +403,14 @@ class _Ledger:
             for exp2, name, digest in sorted(self.seeds.versions):
                 now = store.manifest_hash(exp2, name)
                 if digest == card.get("ids_hash") and now != digest:
-                    was = f"manifest {name} was {_short(digest)} when computed"
-                    return STALE, f"{was}, is {_short(now) if now else 'gone'} now"
+                    was = f"manifest {name} was {short_hash(digest)} when computed"
+                    return STALE, f"{was}, is {short_hash(now) if now else 'gone'} now"
         for p, found in self.parents(node):
             label = f"{p['kind']} {p.get('name', '?')}"
             if not found:
                 return (
                     STALE,
-                    f"its parent {label} ({_short(p.get('hash'))}) is no longer in the store",
+                    f"its parent {label} ({short_hash(p.get('hash'))}) is no longer in the store",
                 )
             statuses = [self.status(n) for n in found]
             if not any(s == SERVED for s, _ in statuses):
@@ -704,7 +420,7 @@ class _Ledger:
 
     # ---- output
 
-    def entry(self, node: _Node) -> dict[str, Any]:
+    def entry(self, node: Node) -> dict[str, Any]:
         status, reason = self.status(node)
         out: dict[str, Any] = {
             "kind": node.kind,
@@ -733,7 +449,7 @@ class _Ledger:
         """Derived artifacts cdm-forget replaced or deleted (known from its certificates)."""
         return [
             {"kind": n.kind, "experiment": n.experiment, "name": n.name, "hash": n.hash,
-             "status": _DELETED, "reason": n.ghost, "via": "; ".join(self.via[id(n)])}
+             "status": DELETED, "reason": n.ghost, "via": "; ".join(self.via[id(n)])}
             for n in self.nodes
             if n.ghost and id(n) in self.via
             and (experiments is None or n.experiment in experiments)
@@ -761,8 +477,8 @@ class _Ledger:
 # ------------------------------------------------------------------------------ public API
 
 
-def _as_store(store: ArtifactStore | str | Path) -> _CachedStore:
-    return store if isinstance(store, _CachedStore) else _CachedStore(store)
+def _as_store(store: ArtifactStore | str | Path) -> CachedStore:
+    return store if isinstance(store, CachedStore) else CachedStore(store)
 
 
 def locate(
@@ -794,12 +510,12 @@ def dependents(
             raise ProvenanceError(
                 f"experiment {experiment!r} has no manifest {name!r} (it has: {have})"
             )
-    ledger = _Ledger(cached, _scan(cached, experiments), seeds)
+    ledger = _Ledger(cached, scan_nodes(cached, experiments), seeds)
     ledger.derive()
     return ledger.derived()
 
 
-def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seeds) -> dict | None:
+def _seed_manifest(store: CachedStore, experiment: str, name: str, seeds: _Seeds) -> dict | None:
     """Seed the versions of manifest ``name`` (current, or removed as a whole source) and of the
     private manifest that holds a shard's samples; a location entry, None if there is no such
     manifest."""
@@ -817,7 +533,7 @@ def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seed
         dataset = _train_split_dataset(meta)
         if dataset:
             seeds.train_datasets.add(dataset)
-        return {"experiment": experiment, "manifest": name, "shard": _shard_index(name),
+        return {"experiment": experiment, "manifest": name, "shard": shard_index(name),
                 "source": meta.get("source"), "manifest_hash": manifest.get("hash"),
                 "n_samples": len(manifest.get("ids") or []), "forgotten": False,
                 "certificate": None}  # fmt: skip
@@ -831,7 +547,7 @@ def _seed_manifest(store: _CachedStore, experiment: str, name: str, seeds: _Seed
         cert = store.certificate(path, path.read_bytes())
         old = ((cert.get("manifests") or {}).get("private") or {}).get("old_hash")
         seeds.add_chain(store, experiment, "private", old)
-    return {"experiment": experiment, "manifest": name, "shard": _shard_index(name),
+    return {"experiment": experiment, "manifest": name, "shard": shard_index(name),
             "source": r.get("source"), "manifest_hash": r.get("manifest_hash"),
             "n_samples": r.get("n_samples"), "forgotten": True,
             "certificate": str(path) if path.is_file() else r.get("certificate")}  # fmt: skip
@@ -868,7 +584,7 @@ def what_depends_on(
         locations, seeds = _source_seeds(cached, str(source), experiments)
         if not locations:
             raise ProvenanceError(_unknown_source(cached, str(source), experiments))
-    ledger = _Ledger(cached, _scan(cached, experiments), seeds)
+    ledger = _Ledger(cached, scan_nodes(cached, experiments), seeds)
     ledger.derive()
     scope = None if experiment is None else [experiment]
     artifacts = ledger.derived(scope)
@@ -884,7 +600,7 @@ def what_depends_on(
     }
 
 
-def _unknown_id(store: _CachedStore, sample_id: str, experiments: Sequence[str]) -> str:
+def _unknown_id(store: CachedStore, sample_id: str, experiments: Sequence[str]) -> str:
     if not experiments:
         return f"the store {store.root} has no experiments: nothing can depend on {sample_id!r}"
     where = store.manifests_pattern()
@@ -904,7 +620,7 @@ def _unknown_id(store: _CachedStore, sample_id: str, experiments: Sequence[str])
     )
 
 
-def _unknown_source(store: _CachedStore, source: str, experiments: Sequence[str]) -> str:
+def _unknown_source(store: CachedStore, source: str, experiments: Sequence[str]) -> str:
     have = []
     for exp in experiments:
         for name in store.list_manifests(exp):
@@ -935,7 +651,7 @@ def format_report(result: dict[str, Any]) -> str:
         if loc.get("source"):
             parts.append(f"source {loc['source']}")
         if loc.get("content_hash"):
-            parts.append(f"content {_short(loc['content_hash'])}")
+            parts.append(f"content {short_hash(loc['content_hash'])}")
         if loc.get("forgotten"):
             parts.append(f"FORGOTTEN ({Path(str(loc['certificate'])).name if loc.get('certificate') else 'certificate unknown'})")  # fmt: skip
         if loc.get("note"):
@@ -955,7 +671,7 @@ def format_report(result: dict[str, Any]) -> str:
             lines.append("  ".join([*cells, row[3]]).rstrip())
     for d in result.get("deleted") or []:
         lines.append(
-            f"gone: {d['kind']} {d['experiment']}/{d['name']} ({_short(d['hash'])}), {d['reason']}"
+            f"gone: {d['kind']} {d['experiment']}/{d['name']} ({short_hash(d['hash'])}), {d['reason']}"
         )
     for u in result.get("unresolved") or []:
         lines.append(

@@ -9,8 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 
+from cdm.core.hashing import hash_ids
 from cdm.core.identity import refusal
 from cdm.core.logging import get_logger
+from cdm.models.backbone import backbone_hash
+from cdm.store import ArtifactStore
 
 log = get_logger(__name__)
 
@@ -108,9 +111,6 @@ class ArtifactWriter(pl.Callback):
         self.target_dir = target_dir
 
     def on_train_end(self, trainer: pl.Trainer, pl_module) -> None:
-        from cdm.models.backbone import backbone_hash
-        from cdm.store import ArtifactStore
-
         checked = checked_fed_hash(trainer, pl_module, self.expected_hash, self.job)
         if checked is None:  # not rank zero
             return
@@ -153,8 +153,6 @@ def checked_fed_hash(
 ) -> tuple[str, int] | None:
     """(hash, count) of the ids the job was fed, on rank zero (None elsewhere); raises unless
     the hash equals ``expected_hash``. A collective call: every rank must make it."""
-    from cdm.core.hashing import hash_ids
-
     fed = pl_module.fed_indices().tolist()
     if not trainer.is_global_zero:
         return None

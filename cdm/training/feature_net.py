@@ -19,6 +19,8 @@ from torchmetrics import MeanMetric, SumMetric
 
 from cdm.data.datamodule import ManifestDataModule
 from cdm.models.feature_net import FeatureNet
+from cdm.store import ArtifactStore
+from cdm.store.feature_nets import save_feature_net
 from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
 from cdm.training.tracked import TrackedModule
 
@@ -138,9 +140,6 @@ class FeatureNetWriter(pl.Callback):
         self.card = dict(card)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: FeatureNetTraining) -> None:
-        from cdm.store import ArtifactStore
-        from cdm.store.feature_nets import save_feature_net
-
         checked = checked_fed_hash(
             trainer, pl_module, self.expected_hash, f"feature net {self.key}"
         )

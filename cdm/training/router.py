@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.core.diffusion import q_sample, sample_noise_and_timesteps, step_generator
+from cdm.store import ArtifactStore
 from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
 from cdm.training.tracked import TrackedModule
 
@@ -323,8 +324,6 @@ class RouterWriter(pl.Callback):
         self.router_config = router_config
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: RouterTraining) -> None:
-        from cdm.store import ArtifactStore
-
         checked = checked_fed_hash(trainer, pl_module, self.expected_hash, f"router {self.name}")
         if checked is None:  # not rank zero
             return

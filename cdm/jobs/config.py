@@ -1,4 +1,5 @@
-"""Where the shipped Hydra configs live, and the resolvers they use."""
+"""Where the shipped Hydra configs live, and the resolvers they use (torch-free: the CLIs import it
+before anything heavy; the pipeline calls `register_resolvers` itself)."""
 
 from __future__ import annotations
 
@@ -6,14 +7,15 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.identity import job_identity
+from cdm.core.names import job_name
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 
 def register_resolvers() -> None:
     """``${job_name:stage,index}`` -> ``backbone`` | ``paragon`` | ``shard-03``;
     ``${identity:backbone}`` -> 8 hex of that job's identity (``identity_hash``)."""
-    from cdm.core.names import job_name
-
     if not OmegaConf.has_resolver("job_name"):
         OmegaConf.register_new_resolver("job_name", lambda stage, index: job_name(stage, index))
     if not OmegaConf.has_resolver("identity"):
@@ -27,8 +29,6 @@ def identity_hash(stage: str, *, _root_: DictConfig) -> str:
     ``backbone.id`` is left out (it is the backbone job's output name and carries this hash), so
     the config is copied without it before being resolved.
     """
-    from cdm.core.identity import job_identity
-
     copy = OmegaConf.create(OmegaConf.to_container(_root_, resolve=False))
     if OmegaConf.select(copy, "backbone") is not None:
         copy.backbone.id = None
