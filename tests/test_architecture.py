@@ -128,3 +128,14 @@ def test_no_private_name_is_imported_across_modules():
             names = [n.split(" as ")[0].strip() for n in block.group(1).strip("()").split(",")]
             offenders += [f"{path.relative_to(REPO)}: {n}" for n in names if n.startswith("_")]
     assert not offenders, "private names imported across modules:\n" + "\n".join(offenders)
+
+
+def test_weights_load_only_as_safetensors_or_weights_only():
+    """Every ``torch.load`` in cdm passes ``weights_only=True``: a checkpoint never runs code."""
+    unsafe = []
+    for path in sorted((REPO / "cdm").rglob("*.py")):
+        code = "\n".join(line.split("#")[0] for line in path.read_text().splitlines())
+        for call in re.finditer(r"torch\.load\(([^()]*(\([^()]*\))?)*\)", code):
+            if "weights_only=True" not in call.group(0):
+                unsafe.append(f"{path.relative_to(REPO)}: {call.group(0)}")
+    assert not unsafe, "torch.load without weights_only=True:\n" + "\n".join(unsafe)

@@ -34,6 +34,7 @@ from cdm.models.backbone import (
     UNET_CLASSES,
 )
 from cdm.store import ArtifactStore, StoreError
+from cdm.store.io import load_checkpoint
 from cdm.store.layout import last_checkpoint
 from cdm.store.records import forgotten_ids as stored_forgotten_ids
 from cdm.store.records import read_forget_journal, read_sources
@@ -245,10 +246,30 @@ def check_reuse(identity: JobIdentity, card: dict, what: str, fix: str = REUSE_F
         raise StoreError(refusal(what, stored, identity.sections, fix))
 
 
+def reuse_stored(
+    card: dict,
+    identity: JobIdentity,
+    what: str,
+    location: Path | str,
+    *,
+    stale: str | None,
+    fix: str = REUSE_FIX,
+) -> dict | None:
+    """The stored artifact's ``card`` when this job may reuse it, or None when it must train again
+    because it is stale (trained on data the experiment no longer holds, e.g. after cdm-forget).
+    A card made under another identity is refused (``check_reuse``)."""
+    check_reuse(identity, card, f"{what} at {location}", fix)
+    if stale is None:
+        log.info("%s already trained at %s; pass retrain=true to train it again", what, location)
+        return card
+    log.info("%s is stale (%s, e.g. after cdm-forget): training it again", what, stale)
+    return None
+
+
 def check_resume(identity: JobIdentity, checkpoint: Path, what: str) -> None:
     """Refuse to resume from a checkpoint that a job with another identity wrote (before any
     process is started for the trainer: the message stays one line)."""
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    state = load_checkpoint(checkpoint)  # weights_only=True
     for entry in (state.get("callbacks") or {}).values():
         if isinstance(entry, dict) and "signature" in entry and entry["signature"] != identity.hash:
             raise StoreError(

@@ -14,20 +14,23 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids
+from cdm.core.identity import JobIdentity
 from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
+from cdm.data.datasets import SampleDataset
 from cdm.data.sharding import held_out
 from cdm.jobs.context import (
     build_trainer,
-    check_reuse,
     device_description,
     fit_resumable,
     identity_of,
     load_data,
+    reuse_stored,
 )
 from cdm.models.feature_net import (
     DomainFeatures,
@@ -81,7 +84,7 @@ def feature_net_train_split(store: ArtifactStore, dataset) -> tuple[list[int], s
     return keep, digest, excluded
 
 
-def _check_existing(card: dict, key: str, train_hash: str, channels: int, hint: str) -> None:
+def check_existing(card: dict, key: str, train_hash: str, channels: int, hint: str) -> None:
     """Refuse to reuse a stored net trained on other data or another channel count."""
     if card.get("train_ids_hash") != train_hash:
         raise StoreError(
@@ -98,8 +101,6 @@ def _check_existing(card: dict, key: str, train_hash: str, channels: int, hint: 
 
 def run_feature_net_job(cfg: DictConfig) -> dict:
     """Train the dataset's feature net unless the store has it (or ``retrain=true``); its card."""
-    import pytorch_lightning as pl
-
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     if cfg.get("feature_net") is None:
         raise ValueError(
@@ -128,17 +129,39 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
     identity = identity_of(cfg, "feature_net")
     if has_feature_net(store, key) and not retrain:
         card = read_feature_net_card(store, key, hint)
-        check_reuse(identity, card, f"feature net {key}", f"{hint} retrain=true replaces it")
         stale = feature_net_stale_reason(store, card)
-        if stale is None:
-            _check_existing(card, key, train_hash, channels, hint)
-            log.info("feature net %s already trained at %s; pass retrain=true to train it again", key, artifact)  # fmt: skip
-            return card
-        log.info("feature net %s is stale (%s): training it again without them", key, stale)
+        fix = f"{hint} retrain=true replaces it"
+        kept = reuse_stored(card, identity, f"feature net {key}", artifact, stale=stale, fix=fix)
+        if kept is not None:
+            check_existing(kept, key, train_hash, channels, hint)
+            return kept
         retrain = True
     if retrain:
         clear_feature_net_checkpoints(store, key)
 
+    train, test = (train_idx, train_hash, excluded), (test_idx, test_hash)
+    fit_feature_net(cfg, fcfg, store, dataset, key, identity, train, test)
+    card = read_feature_net_card(store, key, hint)
+    # a finished net keeps no checkpoint: nothing else trained on private data lingers on disk
+    clear_feature_net_checkpoints(store, key)
+    return card
+
+
+def fit_feature_net(
+    cfg: DictConfig,
+    fcfg: dict[str, Any],
+    store: ArtifactStore,
+    dataset: SampleDataset,
+    key: str,
+    identity: JobIdentity,
+    train: tuple[list[int], str, int],
+    test: tuple[list[int], str | None],
+) -> None:
+    """Fit the feature net ``key`` on the ``train`` indices (resuming from its last checkpoint),
+    validating on ``test``; its writer stores the weights and card."""
+    train_idx, train_hash, excluded = train
+    test_idx, test_hash = test
+    seed, resolution, channels = int(cfg.seed), int(dataset.resolution), int(dataset.channels)
     n_classes = len(dataset.class_names)
     labels = dataset.labels[train_idx]
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
@@ -210,10 +233,6 @@ def run_feature_net_job(cfg: DictConfig) -> dict:
         trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"feature net {key}",
         identity=identity,
     )  # fmt: skip
-    card = read_feature_net_card(store, key, hint)
-    # a finished net keeps no checkpoint: nothing else trained on private data lingers on disk
-    clear_feature_net_checkpoints(store, key)
-    return card
 
 
 def load_feature_net_model(

@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids
+from cdm.core.identity import JobIdentity
 from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.data.datasets import SampleDataset
@@ -25,13 +26,13 @@ from cdm.data.sharding import Split, held_out, indices_of
 from cdm.jobs.context import (
     build_trainer,
     check_backbone_config,
-    check_reuse,
     device_description,
     fit_resumable,
     identity_of,
     load_backbone_for_shards,
     load_data,
     record_manifests,
+    reuse_stored,
     split_data,
 )
 from cdm.models.backbone import backbone_hash, build_scheduler
@@ -147,38 +148,41 @@ def run_router_job(cfg: DictConfig) -> dict:
     retrain = bool(cfg.retrain)
     identity = identity_of(cfg, "router")
     if store.has_router(experiment, name) and not retrain:
-        check_reuse(identity, read_card(artifact), f"router {name} at {artifact}")
-        stale = stale_reason(store, experiment, read_card(artifact))
-        if stale is None:
-            log.info(
-                "router %s already trained at %s; pass retrain=true to train it again",
-                name,
-                artifact,
-            )
-            return read_card(artifact)
-        log.info("router %s is stale (%s, e.g. after cdm-forget): training it again", name, stale)
+        card = read_card(artifact)
+        stale = stale_reason(store, experiment, card)
+        kept = reuse_stored(card, identity, f"router {name}", artifact, stale=stale)
+        if kept is not None:
+            return kept
         retrain = True
     if retrain:
         store.clear_checkpoints(experiment, name)
+    fit_router(cfg, rcfg, store, dataset, split, identity)
+    return read_card(artifact)
 
+
+def fit_router(
+    cfg: DictConfig,
+    rcfg: dict[str, Any],
+    store: ArtifactStore,
+    dataset: SampleDataset,
+    split: Split,
+    identity: JobIdentity,
+) -> None:
+    """Fit the router ``rcfg`` on noised samples of every shard of ``split`` (resuming from its
+    last checkpoint); its writer stores the weights and card."""
+    experiment, name = cfg.experiment_name, str(rcfg.get("name") or "router")
     unet, bcard = load_backbone_for_shards(cfg, store, split)
     alphas_cumprod = backbone_alphas_cumprod(cfg, bcard)
     data = router_data(
         dataset, split, seed=int(cfg.seed), val_fraction=float(rcfg.get("val_fraction", 0.1))
     )
     n_shards = len(split.shards)
-    router_config = router_model_config(
-        rcfg, n_shards=n_shards, channels=cfg.data.channels, resolution=cfg.data.resolution
-    )
+    shapes = dict(n_shards=n_shards, channels=cfg.data.channels, resolution=cfg.data.resolution)
+    router_config = router_model_config(rcfg, **shapes)
     router_config["num_train_timesteps"] = int(alphas_cumprod.shape[0])
     torch.manual_seed(int(cfg.seed))
-    router = build_router(
-        rcfg,
-        n_shards=n_shards,
-        channels=cfg.data.channels,
-        resolution=cfg.data.resolution,
-        backbone=unet,  # given to router classes that take one (BackboneHeadRouter)
-    )
+    # the backbone is given to router classes that take one (BackboneHeadRouter)
+    router = build_router(rcfg, **shapes, backbone=unet)
     module = RouterTraining(
         router,
         alphas_cumprod,
@@ -190,42 +194,16 @@ def run_router_job(cfg: DictConfig) -> dict:
         seed=int(cfg.seed),
     )
     sampling = str(rcfg.get("sampling", "balanced"))
-    sizes = [len(g) for g in data.train_groups]
-    config = OmegaConf.to_container(cfg, resolve=True)
-    card = make_card(
-        kind="router",
-        name=name,
-        experiment=experiment,
-        arch=router_config["model"]["_target_"],
-        parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}],
-        backbone_hash=bcard["backbone_hash"],
-        safe_manifest_hash=split.safe.hash,
-        shard_manifests=data.shard_manifests,
-        n_shards=n_shards,
-        sampling=sampling,
-        train_log_prior=train_log_prior(sizes, sampling),
-        shard_log_prior=[math.log(len(m) / len(split.private)) for m in split.shards],
-        validation=data.validation,
-        bands=list(module.band_names),
-        config=config,
-        signature=identity.hash,
-        identity=identity.sections,
-        device=device_description(),
-    )
-    train_ids = [dataset.ids[i] for g in data.train_groups for i in g]
+    card = router_card(cfg, name, split, data, bcard, router_config, sampling, module, identity)
     train_hash = hash_ids(
-        train_ids, [dataset.content_hashes[i] for g in data.train_groups for i in g]
+        [dataset.ids[i] for g in data.train_groups for i in g],
+        [dataset.content_hashes[i] for g in data.train_groups for i in g],
     )
-
     epochs = int(rcfg["epochs"])
     datamodule = RouterDataModule(
-        dataset,
-        data.train_groups,
-        data.val_items,
-        batch_size=int(rcfg["batch_size"]),
-        sampling=sampling,
-        seed=int(cfg.seed),
-    )
+        dataset, data.train_groups, data.val_items, batch_size=int(rcfg["batch_size"]),
+        sampling=sampling, seed=int(cfg.seed),
+    )  # fmt: skip
     ckpt_dir = store.checkpoint_dir(experiment, name)
     callbacks: list[pl.Callback] = [
         SliceCheckpoint(ckpt_dir, epochs, identity.hash, identity.sections),
@@ -238,7 +216,42 @@ def run_router_job(cfg: DictConfig) -> dict:
         trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=f"router {name}",
         identity=identity,
     )  # fmt: skip
-    return read_card(artifact)
+
+
+def router_card(
+    cfg: DictConfig,
+    name: str,
+    split: Split,
+    data: RouterData,
+    bcard: dict,
+    router_config: dict,
+    sampling: str,
+    module: RouterTraining,
+    identity: JobIdentity,
+) -> dict:
+    """The router's card: its backbone, the shards (in output order) and their priors (Prop. 3.1:
+    the posterior is corrected from the training prior to lambda at sampling time)."""
+    sizes = [len(g) for g in data.train_groups]
+    return make_card(
+        kind="router",
+        name=name,
+        experiment=cfg.experiment_name,
+        arch=router_config["model"]["_target_"],
+        parents=[{"kind": "backbone", "name": cfg.backbone.id, "hash": bcard["backbone_hash"]}],
+        backbone_hash=bcard["backbone_hash"],
+        safe_manifest_hash=split.safe.hash,
+        shard_manifests=data.shard_manifests,
+        n_shards=len(split.shards),
+        sampling=sampling,
+        train_log_prior=train_log_prior(sizes, sampling),
+        shard_log_prior=[math.log(len(m) / len(split.private)) for m in split.shards],
+        validation=data.validation,
+        bands=list(module.band_names),
+        config=OmegaConf.to_container(cfg, resolve=True),
+        signature=identity.hash,
+        identity=identity.sections,
+        device=device_description(),
+    )
 
 
 def load_router_model(

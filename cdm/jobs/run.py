@@ -13,16 +13,16 @@ from cdm.core.logging import get_logger
 from cdm.core.names import job_name
 from cdm.core.runtime import configure_runtime
 from cdm.jobs.context import (
-    REUSE_FIX,
-    check_reuse,
     identity_of,
     load_data,
     record_manifests,
+    reuse_stored,
     select_manifest,
     split_data,
 )
 from cdm.jobs.train import fit_job
 from cdm.store import ArtifactStore, read_card, stale_reason
+from cdm.store.cards import CARD_FILENAME
 
 log = get_logger(__name__)
 
@@ -58,18 +58,14 @@ def run_training_job(cfg: DictConfig) -> dict:
     )
     ckpt_job = f"backbone-{cfg.backbone.id}" if is_backbone else job
     retrain = bool(cfg.retrain)
-    if (artifact / "card.json").exists() and not retrain:
-        fix = (
-            "pass retrain=true to replace it, or set another backbone.id=..."
-            if is_backbone
-            else REUSE_FIX
-        )
-        check_reuse(identity_of(cfg), read_card(artifact), f"{job} at {artifact}", fix)
-        stale = None if is_backbone else stale_reason(store, experiment, read_card(artifact))
-        if stale is None:
-            log.info("%s already trained at %s; pass retrain=true to train it again", job, artifact)
-            return read_card(artifact)
-        log.info("%s is stale (%s, e.g. after cdm-forget): training it again", job, stale)
+    if (artifact / CARD_FILENAME).exists() and not retrain:
+        card = read_card(artifact)
+        fix = "pass retrain=true to replace it, or set another backbone.id=..."
+        stale = None if is_backbone else stale_reason(store, experiment, card)
+        kept = reuse_stored(card, identity_of(cfg), job, artifact, stale=stale,
+                            **({"fix": fix} if is_backbone else {}))  # fmt: skip
+        if kept is not None:
+            return kept
         retrain = True
     if retrain:
         store.clear_checkpoints(experiment, ckpt_job)
