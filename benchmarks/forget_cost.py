@@ -60,9 +60,9 @@ import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from cdm.jobs.config import config_dir, register_resolvers  # noqa: E402
 from cdm.core.runtime import machine_info  # noqa: E402
-from cdm.data.sharding import Manifest  # noqa: E402
+from cdm.data.manifest import Manifest  # noqa: E402
+from cdm.jobs.config import config_dir, register_resolvers  # noqa: E402
 from cdm.jobs.run import run_job  # noqa: E402
 from cdm.lifecycle.downstream import retrain_routers, schedule_cost  # noqa: E402
 from cdm.lifecycle.forget import run_forget  # noqa: E402

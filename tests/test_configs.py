@@ -212,7 +212,7 @@ def test_experiment_composes_under_every_stage_with_importable_targets(experimen
 def test_experiment_instantiates_under_debug_tiny(experiment, tmp_path):
     from hydra.utils import instantiate
 
-    from cdm.data.datasets import FASHION_DEFAULT_ROOT
+    from cdm.data.loaders import FASHION_DEFAULT_ROOT
     from cdm.models.backbone import build_scheduler, build_unet
     from cdm.training.jobs import BackbonePretraining
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from cdm.data.datamodule import ManifestDataModule, active_slices
-from cdm.data.datasets import load_digits_dataset
-from cdm.data.sharding import make_split, slice_indices
+from cdm.data.loaders import load_digits_dataset
+from cdm.data.manifest import slice_indices
+from cdm.data.sharding import make_split
 
 
 @pytest.fixture(scope="module")

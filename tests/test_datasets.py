@@ -12,13 +12,8 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from cdm.data.datasets import (
-    FASHION_DEFAULT_ROOT,
-    ArrayDataset,
-    build_dataset,
-    dataset_from_config,
-    load_cifar10,
-)
+from cdm.data.datasets import ArrayDataset, build_dataset, dataset_from_config
+from cdm.data.loaders import FASHION_DEFAULT_ROOT, load_cifar10
 from cdm.jobs.config import config_dir
 
 DATA_CONF = Path(config_dir()) / "data"

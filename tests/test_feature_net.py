@@ -39,7 +39,7 @@ TINY = ["experiment=digits_4split", "debug=tiny", "stage=feature_net", "feature_
 
 
 def digits():
-    from cdm.data.datasets import load_digits_dataset
+    from cdm.data.loaders import load_digits_dataset
 
     return load_digits_dataset(resolution=8, channels=1)
 

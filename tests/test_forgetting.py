@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm.data.sharding import Manifest
+from cdm.data.manifest import Manifest
 from cdm.lifecycle.downstream import schedule_cost
 from cdm.lifecycle.forget import ForgetError, run_forget
 from cdm.store import ArtifactStore, StaleArtifactError, StoreError, load_checkpoint, sha256_file
@@ -118,7 +118,7 @@ def backbone_hash(root: Path) -> str:
 
 
 def test_forgetting_a_later_slice_equals_training_from_scratch(root, reference, tmp_path):
-    from cdm.data.datasets import load_digits_dataset
+    from cdm.data.loaders import load_digits_dataset
 
     store = ArtifactStore(root)
     old0, old1, old_private = (

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from cdm.data.datasets import load_digits_dataset
-from cdm.data.sharding import held_out
+from cdm.data.loaders import load_digits_dataset
+from cdm.data.manifest import held_out
 from cdm.eval.denoising_loss import heldout_denoising_loss
 from cdm.models.backbone import UNET_CLASSES, build_scheduler
 from cdm.store import ArtifactStore

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from cdm.data.sharding import Manifest
+from cdm.data.manifest import Manifest
 from cdm.lifecycle.forget import run_forget
 from cdm.provenance import ProvenanceError, dependents, locate, what_depends_on
 from cdm.store import ArtifactStore, atomic_write_json, make_card

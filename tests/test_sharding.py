@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from cdm.core.hashing import hash_ids
-from cdm.data.datasets import ArrayDataset, load_digits_dataset, load_npz
-from cdm.data.sharding import Manifest, held_out, indices_of, make_split, slice_indices
+from cdm.data.datasets import ArrayDataset
+from cdm.data.loaders import load_digits_dataset, load_npz
+from cdm.data.manifest import Manifest, held_out, indices_of, slice_indices
+from cdm.data.sharding import make_split
 
 SAFE = {"safe_fraction": 0.1, "safe_classes": [9]}
 

@@ -161,7 +161,7 @@ def test_crash_while_removing_a_source_is_rolled_forward(root, monkeypatch):
 
 def new_source(path: Path, classes: tuple[int, ...] = (2, 3), n: int = 40) -> Path:
     """A .npz of digits test images (never in any shard) of ``classes``."""
-    from cdm.data.datasets import load_digits_dataset
+    from cdm.data.loaders import load_digits_dataset
 
     data = load_digits_dataset(resolution=8, channels=1)
     idx = [i for i, s in enumerate(data.splits) if s == "test" and int(data.labels[i]) in classes]

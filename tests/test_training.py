@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from cdm.core.hashing import hash_ids
-from cdm.data.datasets import load_digits_dataset
+from cdm.data.loaders import load_digits_dataset
 from cdm.store import ArtifactStore, read_card
 
 TINY = ["experiment=digits_4split", "debug=tiny"]

@@ -6,17 +6,10 @@ from cdm.data.datasets import (
     SampleDataset,
     build_dataset,
     dataset_from_config,
-    load_digits_dataset,
 )
-from cdm.data.sharding import (
-    STRATEGIES,
-    Manifest,
-    Split,
-    held_out,
-    indices_of,
-    make_split,
-    slice_indices,
-)
+from cdm.data.loaders import load_digits_dataset
+from cdm.data.manifest import Manifest, Split, held_out, indices_of, slice_indices
+from cdm.data.sharding import STRATEGIES, make_split
 
 __all__ = [
     "STRATEGIES",

@@ -21,15 +21,10 @@ from cdm.core.identity import (
 )
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
-from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config, load_npz
-from cdm.data.sharding import (
-    Manifest,
-    Split,
-    make_split,
-    with_shards,
-    without_ids,
-    without_shards,
-)
+from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config
+from cdm.data.loaders import load_npz
+from cdm.data.manifest import Manifest, Split, with_shards, without_ids, without_shards
+from cdm.data.sharding import make_split
 from cdm.models.backbone import (
     UNET_CLASSES,
 )

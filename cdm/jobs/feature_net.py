@@ -23,7 +23,7 @@ from cdm.core.identity import JobIdentity
 from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.data.datasets import SampleDataset
-from cdm.data.sharding import held_out
+from cdm.data.manifest import held_out
 from cdm.jobs.context import (
     build_trainer,
     device_description,

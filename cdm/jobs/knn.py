@@ -10,7 +10,7 @@ from tqdm.auto import tqdm
 
 from cdm.core.names import ShardId
 from cdm.core.runtime import configure_runtime
-from cdm.data.sharding import indices_of
+from cdm.data.manifest import indices_of
 from cdm.jobs.context import check_reuse, identity_of, load_data, record_manifests, split_data
 from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 from cdm.models.knn_router import build_embedder, embedder_needs_feature_net, kmeans

@@ -22,7 +22,7 @@ from cdm.core.identity import JobIdentity
 from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.data.datasets import SampleDataset
-from cdm.data.sharding import Split, held_out, indices_of
+from cdm.data.manifest import Split, held_out, indices_of
 from cdm.jobs.context import (
     build_trainer,
     check_backbone_config,

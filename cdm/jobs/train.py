@@ -11,12 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from cdm.core.names import job_name
 from cdm.data.datamodule import ManifestDataModule
 from cdm.data.datasets import SampleDataset
-from cdm.data.sharding import (
-    Manifest,
-    Split,
-    indices_of,
-    slice_indices,
-)
+from cdm.data.manifest import Manifest, Split, indices_of, slice_indices
 from cdm.jobs.context import (
     build_trainer,
     device_description,

@@ -34,7 +34,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
-from cdm.data.datasets import load_image_folder, load_npz
+from cdm.data.loaders import load_image_folder, load_npz
 from cdm.data.sharding import new_shard
 from cdm.jobs.context import load_data, split_data
 from cdm.jobs.knn import run_knn_job

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
-from cdm.data.sharding import Manifest, indices_of
+from cdm.data.manifest import Manifest, indices_of
 from cdm.jobs.context import load_data
 from cdm.jobs.knn import embed, knn_embedder
 from cdm.jobs.router import run_router_job

@@ -44,7 +44,7 @@ from cdm.core.hashing import hash_ids
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
 from cdm.core.runtime import configure_runtime
-from cdm.data.sharding import Manifest, without_ids
+from cdm.data.manifest import Manifest, without_ids
 from cdm.jobs.context import load_data, split_data
 from cdm.jobs.train import fit_job
 from cdm.lifecycle.downstream import (

@@ -29,7 +29,7 @@ from omegaconf import DictConfig
 
 from cdm.core.hashing import hash_ids
 from cdm.core.names import ShardId
-from cdm.data.sharding import Manifest
+from cdm.data.manifest import Manifest
 from cdm.lifecycle.downstream import certificate_header, finish, paragon_cost, shard_adapters
 from cdm.lifecycle.journal import ForgetError, set_aside, stored_manifests
 from cdm.store import CARD_FILENAME, ArtifactStore

@@ -10,7 +10,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from cdm.core.logging import get_logger
-from cdm.data.sharding import Manifest
+from cdm.data.manifest import Manifest
 from cdm.store import (
     CARD_FILENAME,
     ArtifactStore,
