@@ -148,7 +148,10 @@ def test_samples_are_redrawn_only_when_stale(store_root):
         *SAMPLE, "composition=average", "name=cache", artifacts=store_root, config="sample"
     )
     assert again["created"] == first["created"] and written(again) == stamp
-    other = run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", artifacts=store_root, config="sample")  # fmt: skip
+    with pytest.raises(ValueError, match="steps: 4 -> 3.*overwrite=true"):  # never silently
+        run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", artifacts=store_root, config="sample")  # fmt: skip
+    assert written(again) == stamp
+    other = run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", "overwrite=true", artifacts=store_root, config="sample")  # fmt: skip
     assert written(other) != stamp and other["signature"] != first["signature"]
     stamp = written(other)
     forced = run_inprocess(*SAMPLE, "composition=average", "name=cache", "steps=3", "resample=true", artifacts=store_root, config="sample")  # fmt: skip

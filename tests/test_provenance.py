@@ -114,7 +114,9 @@ def test_a_sample_of_shard_1_lists_exactly_what_it_fed(trained):
     assert via[("samples", "paragon")] == "adapter paragon"
     assert via[("adapter", "shard-01")] == f"manifest shard-01 ({shard1.hash[:12]})"
     assert via[("samples", "routed0")] == "router router"
-    assert via[("evaluation", "only0")] == f"ref_stats {stats_key(trained)}"
+    assert (
+        via[("evaluation", "only0")] == f"ref_stats pixels/{stats_key(trained)}"
+    )  # its feature space
     by_kind = {(a["kind"], a["name"]): a for a in result["artifacts"]}
     card = store.read_adapter_card(EXP, "shard-01")
     assert by_kind[("adapter", "shard-01")]["hash"] == card["weights_sha256"]
@@ -303,3 +305,35 @@ def test_provenance_config_composes():
     assert cfg.provenance.json is None and cfg.experiment_name is None
     assert cfg.paths.artifacts
     assert (REPO / "cdm" / "conf" / "provenance.yaml").is_file()
+
+
+def test_rows_say_what_tells_them_apart_and_replaced_samples_are_not_called_gone(trained, tmp_path):
+    """Issue 11 item 15: one reference set has statistics per feature space (each row names its
+    space), and an evaluation whose samples were redrawn under the same name says so."""
+    from cdm.provenance import format_report
+
+    root = Path(shutil.copytree(trained, tmp_path / "artifacts"))
+    key = stats_key(root)
+    other = root / "stats" / "other_space" / key
+    shutil.copytree(root / "stats" / "pixels" / key, other)
+    card = json.loads((other / "card.json").read_text())
+    (other / "card.json").write_text(json.dumps({**card, "feature_space": "other_space"}))
+    samples = ArtifactStore(root).samples_dir(EXP, "both") / "card.json"
+    card = json.loads(samples.read_text())  # a newer run drew "both" again with other settings
+    card["files"]["samples.npz"] = "f" * 64
+    samples.write_text(json.dumps(card))
+
+    sid = manifest(root, "shard-01").slice_ids(0)[0]
+    result = what_depends_on(ArtifactStore(root), sample_id=sid)
+    stats = [a for a in result["artifacts"] if a["kind"] == "ref_stats"]
+    assert sorted(a["feature_space"] for a in stats) == ["other_space", "pixels"]
+    report = format_report(result)
+    rows = [line for line in report.splitlines() if line.startswith("ref_stats")]
+    assert len(rows) == 2 and len({r.split()[1] for r in rows}) == 2, report
+    assert f"pixels/{key}" in report and f"other_space/{key}" in report
+
+    evaluation = next(a for a in result["artifacts"] if a["kind"] == "evaluation" and a["name"] == "both")  # fmt: skip
+    assert evaluation["status"] == "stale"
+    assert "replaced by a newer run (ffffffffffff" in evaluation["reason"], evaluation["reason"]
+    assert "no longer in the store" not in evaluation["reason"]
+    assert f"stale: evaluation {EXP}/both: its parent samples both" in report

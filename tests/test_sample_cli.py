@@ -162,3 +162,81 @@ def test_knn_router_on_the_domain_feature_net(store_root, train):
     np.testing.assert_allclose(trace.sum(-1), 1.0, rtol=1e-5)
     again = train(*SAMPLE, "composition=knn", "knn=feature_net", "name=knn-fn", artifacts=store_root, config="sample")  # fmt: skip
     assert again["created"] == card["created"]
+
+
+def test_other_settings_never_replace_stored_samples_silently(store_root, train):
+    """Issue 11 item 2: a run with other settings under a stored name is refused (one line naming
+    name=... and overwrite=true) and leaves the stored set alone; overwrite=true replaces it, and
+    cdm-list then shows the old set's evaluation as stale, not current."""
+    from hydra import compose, initialize_config_dir
+
+    from cdm.jobs.config import config_dir
+    from cdm.jobs.evaluate import run_evaluation
+    from cdm.store.listing import format_table
+
+    first = train(*SAMPLE, "composition=average", "name=kept", artifacts=store_root, config="sample")  # fmt: skip
+    stored = (ArtifactStore(store_root).samples_dir("digits_2split", "kept") / "samples.npz").read_bytes()  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose(config_name="eval", overrides=[
+            *SAMPLE, "evaluate.samples=[kept]", "evaluate.feature_spaces=[pixels]",
+            "evaluate.kid_subset_size=6", f"paths.artifacts={store_root}"])  # fmt: skip
+    run_evaluation(cfg)
+
+    def status(artifact: str) -> str:
+        entries = ArtifactStore(store_root).list_artifacts("digits_2split")
+        (entry,) = [e for e in entries if e["artifact"] == artifact and e["name"] == "kept"]
+        return entry["status"]
+
+    assert status("samples") == status("evaluation") == "current"
+    other = [*SAMPLE, "composition=average", "name=kept", "shards=[1]", "num_samples=4"]
+    with pytest.raises(ValueError, match=r"name=\.\.\..*overwrite=true") as refused:
+        train(*other, artifacts=store_root, config="sample")
+    message = str(refused.value)
+    assert (
+        "\n" not in message
+        and "shards: null -> [1]" in message
+        and "num_samples: 6 -> 4" in message
+    )
+    directory = ArtifactStore(store_root).samples_dir("digits_2split", "kept")
+    assert (directory / "samples.npz").read_bytes() == stored
+    # the same settings again: reused as before (no refusal, nothing redrawn)
+    again = train(*SAMPLE, "composition=average", "name=kept", artifacts=store_root, config="sample")  # fmt: skip
+    assert again["files"] == first["files"]
+    replaced = train(*other, "overwrite=true", artifacts=store_root, config="sample")
+    assert replaced["shards"] == [1] and (directory / "samples.npz").read_bytes() != stored
+    assert status("samples") == "current"
+    assert status("evaluation") == "stale (samples kept was redrawn since)"
+    assert "stale (samples kept was redrawn since)" in format_table(
+        ArtifactStore(store_root).list_artifacts("digits_2split")
+    )
+
+
+def test_cdm_list_shows_quarantined_and_stale_artifacts(store_root, train, tmp_path):
+    """cdm-list's STATUS: what a forget request set aside is quarantined; an adapter trained on
+    a manifest that changed since, and samples drawn from a retrained adapter, are stale."""
+    import json
+    import shutil
+
+    from cdm.store.listing import artifact_status
+
+    root = tmp_path / "store"
+    shutil.copytree(store_root, root)
+    card = train(*SAMPLE, "composition=average", "name=moved", artifacts=root, config="sample")
+    store = ArtifactStore(root)
+    quarantine = store.quarantine_dir("digits_2split", "req-1") / "samples" / "moved"
+    quarantine.parent.mkdir(parents=True)
+    shutil.move(card["path"], quarantine)
+    train(*SAMPLE, "composition=average", "name=drawn", artifacts=root, config="sample")
+    manifest = store.manifest_path("digits_2split", "shard-00")
+    record = json.loads(manifest.read_text())
+    record["hash"] = "f" * 64  # as after cdm-forget rewrote the manifest
+    manifest.write_text(json.dumps(record))
+    adapter_card = store.adapter_dir("digits_2split", "shard-01") / "card.json"
+    adapter = json.loads(adapter_card.read_text())
+    adapter["weights_sha256"] = "0" * 64  # as after shard-01 was retrained
+    adapter_card.write_text(json.dumps(adapter))
+    entries = {(e["artifact"], e.get("job") or e.get("name")): e for e in store.list_artifacts()}
+    assert entries[("samples", "moved")]["status"] == "quarantined (req-1)"
+    assert entries[("adapter", "shard-00")]["status"].startswith("stale (manifest shard-00 was")
+    assert entries[("samples", "drawn")]["status"] == "stale (adapter shard-01 was retrained since)"
+    assert artifact_status(store, {"artifact": "backbone"}) == "current"

@@ -6,27 +6,21 @@ cdm-add-source experiment=digits_4split source.name=batch5 source.path=new_batch
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="add_source")
+@cdm_main("cdm-add-source", "add_source")
 def main(cfg: DictConfig) -> None:
-    from cdm.lifecycle.add_source import AddSourceError, run_add_source
-    from cdm.lifecycle.journal import ForgetError
+    from cdm.lifecycle.add_source import run_add_source
 
-    try:
-        record = run_add_source(cfg, list(HydraConfig.get().overrides.task))
-    except (AddSourceError, ForgetError) as err:
-        print(f"cdm-add-source: {err}", file=sys.stderr)
-        sys.exit(2)
+    # an AddSourceError or ForgetError ends in one line and exit 2 (cdm.cli.errors)
+    record = run_add_source(cfg, list(HydraConfig.get().overrides.task))
     for r in record["routers"]:
         print(f"[cdm] router: {r['artifact']} {r['action']}")
     for r in record["stale"]:

@@ -7,16 +7,16 @@ cdm-fig2 fig2.experiment=digits_4split num_samples=200 paths.artifacts=/data/cdm
 
 from __future__ import annotations
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="fig2")
+@cdm_main("cdm-fig2", "fig2")
 def main(cfg: DictConfig) -> None:
     from cdm.paper.fig2 import run_fig2
 

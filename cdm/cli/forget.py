@@ -8,25 +8,19 @@ cdm-forget experiment=digits_4split          # finish a request that was interru
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="forget")
+@cdm_main("cdm-forget", "forget")
 def main(cfg: DictConfig) -> None:
-    from cdm.lifecycle.forget import ForgetError, run_forget
+    from cdm.lifecycle.forget import run_forget
 
-    try:
-        cert = run_forget(cfg)
-    except ForgetError as err:
-        print(f"cdm-forget: {err}", file=sys.stderr)
-        sys.exit(2)
+    cert = run_forget(cfg)  # a ForgetError ends in one line and exit 2 (cdm.cli.errors)
     retrained = [r["artifact"] for r in cert["retrained"] if r.get("action") == "retrained"]
     retrained += [r["artifact"] for r in cert.get("routers", []) if r.get("action") == "retrained"]
     if "source" in cert["request"]:

@@ -7,15 +7,14 @@ from __future__ import annotations
 
 import json
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 # conf/list.yaml needs no resolver: the training stack is never imported
-from cdm.jobs.config import config_dir
+from cdm.cli.errors import cdm_main
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="list")
+@cdm_main("cdm-list", "list")
 def main(cfg: DictConfig) -> None:
     from cdm.store import ArtifactStore, format_table
 

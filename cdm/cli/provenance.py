@@ -8,35 +8,30 @@ cdm-provenance provenance.sample=digits/001290 provenance.json=ledger.json
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 # conf/provenance.yaml needs no resolver, so cdm.training (slow to import) is never loaded
-from cdm.jobs.config import config_dir
+from cdm.cli.errors import cdm_main
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="provenance")
+@cdm_main("cdm-provenance", "provenance")
 def main(cfg: DictConfig) -> None:
-    from cdm.provenance import ProvenanceError, format_report, what_depends_on
-    from cdm.store import ArtifactStore, StoreError
+    from cdm.provenance import format_report, what_depends_on
+    from cdm.store import ArtifactStore
 
     p = cfg.provenance
     sample = None if p.sample is None else str(p.sample)
     source = None if p.source is None else str(p.source)
     experiment = cfg.get("experiment_name")
-    try:
-        result = what_depends_on(
-            ArtifactStore(cfg.paths.artifacts),
-            sample_id=sample,
-            source=source,
-            experiment=None if experiment is None else str(experiment),
-        )
-    except (ProvenanceError, StoreError) as err:
-        print(f"cdm-provenance: {err}", file=sys.stderr)
-        sys.exit(2)
+    # a ProvenanceError or StoreError ends in one line and exit 2 (cdm.cli.errors)
+    result = what_depends_on(
+        ArtifactStore(cfg.paths.artifacts),
+        sample_id=sample,
+        source=source,
+        experiment=None if experiment is None else str(experiment),
+    )
     print(format_report(result))
     if p.json:
         path = Path(str(p.json)).expanduser()

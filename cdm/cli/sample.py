@@ -6,18 +6,20 @@ cdm-sample experiment=digits_4split composition=average shards='[0,1]'
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="sample")
+@cdm_main("cdm-sample", "sample")
 def main(cfg: DictConfig) -> None:
+    from cdm.cli.checks import check_store
     from cdm.jobs.sample import run_sampling
 
+    check_store(cfg)  # shards=... exist, before any model is loaded
     card = run_sampling(cfg)
     print(f"[cdm] samples written to {card['path']}")
 

@@ -6,30 +6,24 @@ cdm-serve experiment=digits_4split serve.user=alice serve.policy=policy.yaml ser
 
 from __future__ import annotations
 
-import sys
-
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="serve")
+@cdm_main("cdm-serve", "serve")
 def main(cfg: DictConfig) -> None:
-    from cdm.lifecycle.serving import AccessDenied, PolicyError, serve
+    from cdm.lifecycle.serving import serve
 
     sources = cfg.serve.sources
     if sources is not None:
         sources = OmegaConf.to_container(sources) if OmegaConf.is_list(sources) else [sources]
-    try:
-        card = serve(cfg, str(cfg.serve.user), sources)
-    except (
-        AccessDenied,
-        PolicyError,
-    ) as exc:  # a refusal is an answer, not a crash (it is audited)
-        sys.exit(f"[cdm] {exc}")
+    # a refusal (AccessDenied, PolicyError) is an answer, not a crash: it is audited, then ends
+    # in one line and exit 2 (cdm.cli.errors)
+    card = serve(cfg, str(cfg.serve.user), sources)
     print(
         f"[cdm] samples for {cfg.serve.user!r} (shards {card['shards']}) written to {card['path']}"
     )

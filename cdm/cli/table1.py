@@ -6,16 +6,16 @@ cdm-table1 table1.datasets='[fashion]' paths.artifacts=/data/cdm
 
 from __future__ import annotations
 
-import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="table1")
+@cdm_main("cdm-table1", "table1")
 def main(cfg: DictConfig) -> None:
     from cdm.paper.table1 import run_table1
 

@@ -9,15 +9,15 @@ cdm-train experiment=digits_4split stage=router router=backbone_head
 
 from __future__ import annotations
 
-import hydra
 from omegaconf import DictConfig
 
-from cdm.jobs.config import config_dir, register_resolvers
+from cdm.cli.errors import cdm_main
+from cdm.jobs.config import register_resolvers
 
 register_resolvers()
 
 
-@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+@cdm_main("cdm-train", "train")
 def main(cfg: DictConfig) -> None:
     from cdm.jobs.run import run_job
     from cdm.store import format_table

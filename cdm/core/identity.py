@@ -40,6 +40,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "resume": INERT,
     "retrain": INERT,
     "resample": INERT,
+    "overwrite": INERT,
     "kill_at_step": INERT,
     "progress": INERT,
     "name": INERT,  # the samples artifact's name

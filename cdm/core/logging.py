@@ -11,6 +11,7 @@ import logging
 import multiprocessing
 import os
 import sys
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,6 +19,23 @@ import torch.distributed as dist
 
 CONSOLE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging
 _RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # as Lightning reads them
+
+# Lightning's rank-zero info lines, printed for every trainer: "GPU available: ...", "TPU
+# available: ...", the litlogger tip, "`Trainer.fit` stopped: ...". Its warnings still show.
+LIBRARY_CHATTER = (
+    "pytorch_lightning.utilities.rank_zero",
+    "lightning.pytorch.utilities.rank_zero",
+    "lightning_fabric.utilities.rank_zero",
+    "lightning.fabric.utilities.rank_zero",
+)
+# (message regex, why it is not worth a line): third-party warnings cdm cannot act on
+IGNORED_WARNINGS = (
+    # Lightning's _pytree uses torch's deprecated LeafSpec; fixed upstream, nothing to do here
+    (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # cdm logs the epoch's mean loss every epoch and the step loss every log_every_n_steps
+    # global steps (TrackedModule), so a short epoch loses nothing
+    (r"The number of training batches \(\d+\) is smaller than the logging interval", Warning),
+)
 
 
 def process_rank() -> int:
@@ -60,6 +78,15 @@ class RankedLogger(logging.LoggerAdapter):
 def get_logger(name: str, rank_zero_only: bool = True) -> RankedLogger:
     """The module logger ``name`` (pass ``__name__``), rank zero only by default."""
     return RankedLogger(name, rank_zero_only=rank_zero_only)
+
+
+def quiet_libraries() -> None:
+    """Silence the library chatter above (``LIBRARY_CHATTER``, ``IGNORED_WARNINGS``) in this
+    process: called wherever a trainer is built, so DDP ranks and loky workers are quiet too."""
+    for name in LIBRARY_CHATTER:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message, category in IGNORED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
 
 
 def console_logging(level: int = logging.INFO) -> None:

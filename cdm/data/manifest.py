@@ -230,7 +230,7 @@ def with_shards(split: Split, added: Sequence[Manifest]) -> Split:
 
 def without_shards(split: Split, names: Iterable[str]) -> Split:
     """``split`` without the shards ``names`` (forgotten sources). Their ids must also be
-    forgotten (``without_ids``) to leave ``private``; ``cdm-forget forget.shard`` does both."""
+    forgotten (``without_ids``) to leave ``private``; ``cdm-forget forget.source`` does both."""
     drop = set(names)
     unknown = drop - {m.name for m in split.shards}
     if unknown:

@@ -35,6 +35,7 @@ def heldout_denoising_loss(
     if len(indices) == 0:
         raise ValueError("no held-out samples to evaluate")
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
     total, count = 0.0, 0
     for r in range(repeats):
@@ -47,6 +48,8 @@ def heldout_denoising_loss(
                 x0, int(alphas_cumprod.shape[0]), generator
             )
             x_t = q_sample(x0, noise, timesteps, alphas_cumprod)
+            x_t, timesteps, noise = x_t.to(device), timesteps.to(device), noise.to(device)
+            labels = None if labels is None else labels.to(device)
             losses = per_sample_epsilon_loss(predict_epsilon(model, x_t, timesteps, labels), noise)
             total += float(losses.sum())
             count += len(losses)

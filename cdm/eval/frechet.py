@@ -22,6 +22,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import linalg
 
+from cdm.core.logging import get_logger
+
+log = get_logger(__name__)
+
 
 @dataclass(frozen=True, eq=False)  # eq=False: numpy arrays have no single truth value
 class FeatureStats:
@@ -89,7 +93,8 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
 
     ``||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2})``, computed exactly as clean-fid's
     ``frechet_distance``: ``sqrtm`` of the product; if that is not finite, ``eps`` is added to both
-    diagonals; an imaginary part above 1e-3 on the diagonal is an error, a smaller one is dropped.
+    diagonals (also when scipy reports the product singular, which constant pixels give);
+    an imaginary part above 1e-3 on the diagonal is an error, a smaller one is dropped.
     """
     mu1, mu2, s1, s2 = a.mu, b.mu, a.sigma, b.sigma
     if mu1.shape != mu2.shape or s1.shape != s2.shape:
@@ -98,13 +103,11 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
             "both statistics must come from the same feature space"
         )
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(s1 @ s2)
-    if not np.isfinite(covmean).all():
-        warnings.warn(
-            f"frechet_distance: singular covariance product; adding {eps} to the diagonals",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+    covmean = _sqrtm_or_none(s1 @ s2)
+    if (
+        covmean is None
+    ):  # singular (e.g. constant pixels): the eps offset of clean-fid / pytorch-fid
+        log.debug("frechet_distance: singular covariance product; adding %s to the diagonals", eps)
         offset = np.eye(s1.shape[0]) * eps
         covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
@@ -114,6 +117,18 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
             )
         covmean = covmean.real
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def _sqrtm_or_none(matrix: np.ndarray) -> np.ndarray | None:
+    """``scipy.linalg.sqrtm(matrix)``, or None when scipy finds it singular or the root is not
+    finite (then the caller retries with an offset instead of printing scipy's warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", linalg.LinAlgWarning)
+        try:
+            root = linalg.sqrtm(matrix)
+        except linalg.LinAlgWarning:
+            return None
+    return root if np.isfinite(root).all() else None
 
 
 def _mmd2_unbiased_poly(x: np.ndarray, y: np.ndarray) -> float:

@@ -15,11 +15,25 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
 
 def register_resolvers() -> None:
     """``${job_name:stage,index}`` -> ``backbone`` | ``paragon`` | ``shard-03``;
-    ``${identity:backbone}`` -> 8 hex of that job's identity (``identity_hash``)."""
+    ``${identity:backbone}`` -> 8 hex of that job's identity (``identity_hash``);
+    ``${slurm_gpus:accelerator,devices}`` -> GPUs per SLURM node (``slurm_gpus``)."""
     if not OmegaConf.has_resolver("job_name"):
         OmegaConf.register_new_resolver("job_name", lambda stage, index: job_name(stage, index))
     if not OmegaConf.has_resolver("identity"):
         OmegaConf.register_new_resolver("identity", identity_hash)
+    if not OmegaConf.has_resolver("slurm_gpus"):
+        OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus)
+
+
+def slurm_gpus(accelerator: str, devices: int | str) -> int:
+    """GPUs a SLURM node must grant a trainer: ``devices`` for a GPU accelerator, else 0."""
+    if str(accelerator) not in ("gpu", "cuda", "auto"):
+        return 0
+    if not str(devices).isdigit():
+        raise ValueError(
+            f"trainer.devices={devices!r} under SLURM: give a device count (e.g. trainer.devices=4)"
+        )
+    return int(devices)
 
 
 def identity_hash(stage: str, *, _root_: DictConfig) -> str:

@@ -19,7 +19,7 @@ from cdm.core.identity import (
     job_identity,
     refusal,
 )
-from cdm.core.logging import get_logger
+from cdm.core.logging import get_logger, quiet_libraries
 from cdm.core.names import ShardId
 from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config
 from cdm.data.loaders import load_npz
@@ -69,7 +69,7 @@ def experiment_store(cfg: DictConfig) -> ArtifactStore | None:
 def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
     """The safe split and the shards, deterministic in ``cfg.seed``; then the experiment's
     changes since: shards of added sources (``cdm-add-source``), minus forgotten sources
-    (``cdm-forget forget.shard``), minus forgotten ids (``cdm-forget``: each loses them from its
+    (``cdm-forget forget.source``), minus forgotten ids (``cdm-forget``: each loses them from its
     slice, the rest is unchanged)."""
     s = cfg.sharding
     split = make_split(
@@ -181,6 +181,7 @@ def build_trainer(
     if cfg.get("kill_at_step") is not None:
         callbacks.append(KillAtStep(int(cfg.kill_at_step)))
     loggers = build_loggers(cfg, log_dir)
+    quiet_libraries()
     return instantiate(
         cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=loggers or False,
         **trainer_kwargs,

@@ -33,7 +33,15 @@ from cdm.jobs.router import load_router_model
 from cdm.models.backbone import UNET_CLASSES, build_scheduler, null_label, predict_epsilon
 from cdm.models.composed import ComposedDenoiser, draw
 from cdm.models.knn_router import KNNRouter
-from cdm.models.multi_adapter import GraphedDense, MultiShardUNet, merge_adapters, read_peft_adapter
+from cdm.models.multi_adapter import (
+    GraphedDense,
+    MultiShardFull,
+    MultiShardUNet,
+    merge_adapters,
+    merge_full,
+    read_full_model,
+    read_peft_adapter,
+)
 from cdm.store import ArtifactStore, StoreError
 from cdm.store.knn import load_centroids
 
@@ -47,6 +55,14 @@ class CDMPipelineOutput(BaseOutput):
 
     images: list | np.ndarray | torch.Tensor
     weights: torch.Tensor
+
+
+@dataclass
+class StoredAdapter:
+    """A checked shard (or paragon) in the store: its folder and ``adapter_kind`` (lora | full)."""
+
+    directory: Path
+    kind: str
 
 
 @dataclass
@@ -128,14 +144,14 @@ class CDMPipeline(DiffusionPipeline):
         shards = [] if composition.paragon else allowed_shards(cfg, available)
         manifests = {k: store.load_manifest(experiment, job_name("shard", k)) for k in available}
         jobs = ["paragon"] if composition.paragon else [job_name("shard", k) for k in shards]
-        dirs, parents = checked_adapters(store, experiment, jobs, cfg.backbone.id, backbone_card)
+        stored, parents = checked_adapters(store, experiment, jobs, cfg.backbone.id, backbone_card)
         routed = RouterParts(None, None, [])
         if composition.router is not None:
             routed = load_composition_router(
                 composition.router, cfg, store, shards, manifests, unet, backbone_card, device
             )
-        prior, adapters = mixture(cfg, composition, shards, manifests, dirs)
-        model = MultiShardUNet(unet, adapters).to(device)
+        prior, model = mixture(cfg, composition, shards, manifests, unet, stored)
+        model = model.to(device)
         label_prior, label_pool = conditioning(cfg, composition, available, shards, manifests)
         dense = None
         if cfg.get("cuda_graph"):
@@ -276,20 +292,21 @@ def sampling_device(cfg: DictConfig, composition: C.Composition) -> torch.device
 
 def checked_adapters(
     store: ArtifactStore, experiment: str, jobs: list[str], backbone: str, backbone_card: dict
-) -> tuple[list[Path], list[dict]]:
-    """(adapter dirs, card parents: the backbone, then each adapter), each verified in the store."""
+) -> tuple[list[StoredAdapter], list[dict]]:
+    """(adapters, card parents: the backbone, then each adapter), each verified in the store;
+    only these jobs' weights are read."""
     parents = [{"kind": "backbone", "name": backbone, "hash": backbone_card["backbone_hash"]}]
-    dirs = []
+    stored = []
     for job in jobs:
         directory, card = store.checked_adapter(
             experiment, job, backbone_hash=backbone_card["backbone_hash"]
         )
-        dirs.append(directory)
+        stored.append(StoredAdapter(directory, store.adapter_kind(card)))
         parents.append(
             {"kind": "adapter", "name": job, "hash": card["weights_sha256"],
              "manifest_hash": card["manifest_hash"]}
         )  # fmt: skip
-    return dirs, parents
+    return stored, parents
 
 
 def mixture(
@@ -297,19 +314,35 @@ def mixture(
     composition: C.Composition,
     shards: list[int],
     manifests: dict[int, dict],
-    dirs: list[Path],
-) -> tuple[torch.Tensor, list]:
-    """(lambda, adapters): the mixture prior (eq. 3) and the adapters the model composes."""
-    adapters = [read_peft_adapter(d) for d in dirs]
+    unet: torch.nn.Module,
+    stored: list[StoredAdapter],
+) -> tuple[torch.Tensor, torch.nn.Module]:
+    """(lambda, model): the mixture prior (eq. 3) and the model that composes the shards: the
+    backbone with every LoRA adapter (``MultiShardUNet``), or the full fine-tuned copies
+    (``MultiShardFull``); weight_merge gives one model of the lambda-weighted weights."""
+    kinds = sorted({a.kind for a in stored})
+    if len(kinds) > 1:
+        raise StoreError(
+            f"the composed shards mix adapter kinds {kinds}: retrain them with one kind "
+            f"(cdm-train stage=shard adapter=<lora|full> retrain=true for each shard)"
+        )
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     if composition.paragon:  # the monolithic model: one adapter trained on all private data
         prior = torch.ones(1)
     else:
         prior = C.priors_from_sizes(sizes) if cfg.prior == "sizes" else torch.ones(len(shards))
-    if composition.merged:  # one model whose LoRA delta is the lambda-weighted sum of the shards'
-        adapters = [merge_adapters(adapters, C.normalize_priors(prior).tolist())]
+    merge = C.normalize_priors(prior).tolist() if composition.merged else None
+    if composition.merged:
         prior = torch.ones(1)
-    return prior, adapters
+    if kinds == ["full"]:
+        models = [read_full_model(a.directory, unet) for a in stored]
+        if merge is not None:  # one model whose weights are the lambda-weighted shards' weights
+            models = [merge_full(models, merge)]
+        return prior, MultiShardFull(models)
+    adapters = [read_peft_adapter(a.directory) for a in stored]
+    if merge is not None:  # one model whose LoRA delta is the lambda-weighted sum of the shards'
+        adapters = [merge_adapters(adapters, merge)]
+    return prior, MultiShardUNet(unet, adapters)
 
 
 def conditioning(

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.identity import JobIdentity, job_identity, refusal
 from cdm.core.logging import get_logger
 from cdm.core.runtime import configure_runtime
 from cdm.eval.grids import grid_png
@@ -16,6 +17,7 @@ from cdm.jobs.context import device_description, identity_of
 from cdm.jobs.pipeline import CDMPipeline, cycle_labels, to_uint8
 from cdm.store import ArtifactStore, StoreError, make_card, read_card
 from cdm.store.samples import save_samples
+from cdm.store.staleness import changed_parent
 
 log = get_logger(__name__)
 
@@ -62,31 +64,52 @@ def weights_plot_png(trace: torch.Tensor, shard_names: list[str], title: str) ->
 
 
 def run_sampling(cfg: DictConfig) -> dict:
-    """Compose the allowed shards with ``cfg.composition``, sample, and store the result."""
+    """Compose the allowed shards with ``cfg.composition``, sample, and store the result.
+
+    Samples already stored under ``cfg.name`` with these settings and parents are reused
+    (``resample=true`` redraws); samples stored there with other settings are never replaced
+    silently: that needs ``overwrite=true`` (or another ``name=...``).
+    """
     configure_runtime(int(cfg.seed), int(cfg.threads), bool(cfg.deterministic))
     started = time.perf_counter()
     store = ArtifactStore(cfg.paths.artifacts)
-    experiment = cfg.experiment_name
-    signature = sampling_signature(cfg)
-    previous = None if cfg.resample else current_samples(store, experiment, str(cfg.name), signature)  # fmt: skip
-    if previous is not None:
-        log.info(
-            "samples %r are up to date at %s; resample=true redraws", cfg.name, previous["path"]
-        )
-        return previous
-    pipe = CDMPipeline.from_config(cfg, store)
+    experiment, name = cfg.experiment_name, str(cfg.name)
+    identity = identity_of(cfg, "sample")
+    stored = stored_samples_card(store, experiment, name)
+    if stored is not None and not cfg.resample and current_samples(store, experiment, stored, identity.hash):  # fmt: skip
+        log.info("samples %r are up to date at %s; resample=true redraws", name, stored["path"])
+        return stored
+    pipe = CDMPipeline.from_config(cfg, store)  # a bad request (shards, router) fails here
+    check_overwrite(stored, identity, cfg)  # before anything is drawn
     pipe.set_progress_bar_config(disable=not cfg.progress, desc="sampling (steps)")
     images, trace, labels = draw_samples(pipe, cfg)
     pairs = pipe.denoiser.evaluated_pairs / (int(cfg.num_samples) * int(cfg.steps))
     card = make_card(
-        kind="samples", name=cfg.name, experiment=experiment, composition=cfg.composition.name,
-        shards=pipe.shards, parents=pipe.parents, prior=pipe.prior.tolist(), signature=signature,
+        kind="samples", name=name, experiment=experiment, composition=cfg.composition.name,
+        shards=pipe.shards, parents=pipe.parents, prior=pipe.prior.tolist(),
+        signature=identity.hash, identity=identity.sections,
         metrics={"evaluated_pairs_per_sample_step": pairs},
         config=OmegaConf.to_container(cfg, resolve=True), device=device_description(),
         wall_time_s=round(time.perf_counter() - started, 3),
     )  # fmt: skip
     files = sample_files(cfg, pipe, images, trace, labels)
-    return save_samples(store, experiment, cfg.name, files, card)
+    return save_samples(store, experiment, name, files, card)
+
+
+def check_overwrite(stored: dict | None, identity: JobIdentity, cfg: DictConfig) -> None:
+    """Refuse to replace samples drawn with other settings unless ``overwrite=true``."""
+    if stored is None or stored.get("signature") == identity.hash:
+        return
+    what = f"samples {cfg.name!r} of experiment {cfg.experiment_name!r}"
+    if not cfg.get("overwrite", False):
+        sections = stored.get("identity")  # older cards: recomputed from their config
+        if sections is None and isinstance(stored.get("config"), dict):
+            sections = job_identity(stored["config"], "sample").sections
+        raise StoreError(
+            refusal(what, sections, identity.sections,
+                    "choose another name=... or pass overwrite=true to replace them")
+        )  # fmt: skip
+    log.warning("overwrite=true: replacing %s, drawn with other settings", what)
 
 
 def draw_samples(
@@ -123,8 +146,9 @@ def sample_files(
     names = pipe.adapter_names
     plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
     title = f"{cfg.experiment_name}: {cfg.composition.name}, {cfg.sampler.name} {cfg.steps} steps"
+    layout = " (column k = class k)" if labels is not None else ""
     return {
-        "grid.png": grid_png(images),
+        "grid.png": grid_png(images, labels=labels, title=title + layout),
         "samples.npz": _npz(
             images=to_uint8(images).numpy(),
             labels=np.array([] if labels is None else labels.numpy()),
@@ -144,43 +168,17 @@ def sampling_signature(cfg: DictConfig) -> str:
     return identity_of(cfg, "sample").hash
 
 
-def current_samples(
-    store: ArtifactStore, experiment: str, name: str, signature: str
-) -> dict | None:
-    """The stored samples ``name`` if drawn with these settings from the artifacts stored now.
-
-    Every parent (backbone, adapters, router, centroids) must still have the hash the samples
-    were drawn with; a retrained or forgotten parent makes the samples stale.
-    """
+def stored_samples_card(store: ArtifactStore, experiment: str, name: str) -> dict | None:
+    """The card of the samples stored under ``name`` (None: there are none)."""
     directory = store.samples_dir(experiment, name)
-    if not (directory / "card.json").exists():
-        return None
-    card = read_card(directory)
-    if card.get("signature") != signature:
-        return None
-    for parent in card.get("parents", []):
-        if current_parent_hash(store, experiment, parent) != parent["hash"]:
-            return None
-    return card
+    return read_card(directory) if (directory / "card.json").exists() else None
 
 
-def current_parent_hash(store: ArtifactStore, experiment: str, parent: dict) -> str | None:
-    """The hash the store holds now for a parent entry of a card (None when it is gone)."""
-    try:
-        if parent["kind"] == "backbone":
-            return read_card(store.backbone_dir(parent["name"])).get("backbone_hash")
-        if parent["kind"] == "adapter":
-            return read_card(store.adapter_dir(experiment, parent["name"])).get("weights_sha256")
-        if parent["kind"] == "router":
-            return read_card(store.router_dir(experiment, parent["name"])).get("weights_sha256")
-        if parent["kind"] == "feature_net":
-            return read_card(store.feature_net_dir(parent["name"])).get("weights_sha256")
-        if parent["kind"] == "knn_centroids":
-            embedder, job = parent["name"].split("/")
-            return read_card(store.centroids_dir(experiment, embedder, job)).get("weights_sha256")
-    except StoreError:
-        return None
-    return None
+def current_samples(store: ArtifactStore, experiment: str, card: dict, signature: str) -> bool:
+    """Whether stored samples (``card``) were drawn with these settings from the artifacts
+    stored now: a retrained or forgotten parent (backbone, adapters, router, centroids) makes
+    them stale (``cdm.store.staleness.changed_parent``)."""
+    return card.get("signature") == signature and changed_parent(store, experiment, card) is None
 
 
 def _npz(**arrays: np.ndarray) -> bytes:

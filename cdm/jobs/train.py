@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.logging import get_logger
 from cdm.core.names import job_name
 from cdm.data.datamodule import ManifestDataModule
 from cdm.data.datasets import SampleDataset
 from cdm.data.manifest import Manifest, Split, indices_of, slice_indices
+from cdm.eval.denoising_loss import heldout_denoising_loss
 from cdm.jobs.context import (
     build_trainer,
     device_description,
@@ -25,8 +28,10 @@ from cdm.models.backbone import (
     load_pretrained_unet,
 )
 from cdm.store import ArtifactStore, make_card
-from cdm.training.callbacks import ArtifactWriter, SliceCheckpoint
+from cdm.training.callbacks import ArtifactWriter, Convergence, SliceCheckpoint
 from cdm.training.jobs import BackbonePretraining, ShardTraining
+
+log = get_logger(__name__)
 
 
 def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: ArtifactStore):
@@ -89,6 +94,72 @@ def job_schedule(
     )
 
 
+def stage_optim(cfg: DictConfig) -> DictConfig:
+    """The optimisation settings of this stage: ``pretrain`` (backbone) or ``optim``."""
+    return cfg.pretrain if cfg.stage == "backbone" else cfg.optim
+
+
+def heldout_indices(
+    cfg: DictConfig, dataset: SampleDataset, split: Split, slices: list[list[int]], limit: int
+) -> list[int]:
+    """The held-out set of the stopping rule, never a job's training data: the config dataset's
+    ``test`` images (not an added source's); without a test split, for a shard or the paragon,
+    the public safe split (the backbone's data, which no shard trains on). Of the classes this
+    job trains on when the data is conditional; the first ``limit`` in dataset order."""
+    base = getattr(dataset, "base", dataset)  # added sources come after the config's dataset
+    rows = [i for i in range(len(base)) if base.splits[i] == "test"]
+    if not rows and cfg.stage != "backbone":
+        rows = sorted(indices_of(dataset, split.safe))
+    if cfg.data.conditional:
+        classes = {int(dataset.labels[i]) for s in slices for i in s}
+        rows = [i for i in rows if int(dataset.labels[i]) in classes]
+    return rows[:limit]
+
+
+def build_convergence(
+    cfg: DictConfig,
+    dataset: SampleDataset,
+    split: Split,
+    module,
+    slices: list[list[int]],
+    epochs_per_slice: int,
+) -> Convergence | None:
+    """The stage's stopping rule (``<pretrain|optim>.convergence``; null: the fixed schedule).
+
+    Slices join every ``epochs_per_slice`` epochs as before; from the epoch the last one joins,
+    the held-out denoising loss (``cdm.eval.denoising_loss``, fixed noise) decides when to stop
+    (without held-out images: at ``min_steps``).
+    """
+    spec = stage_optim(cfg).get("convergence")
+    if spec is None:
+        return None
+    held_out = heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples))
+    alphas_cumprod = module.alphas_cumprod.detach().cpu()
+
+    evaluate = functools.partial(  # picklable: ddp_spawn sends the callbacks to its processes
+        heldout_denoising_loss, dataset=dataset, indices=held_out, alphas_cumprod=alphas_cumprod,
+        conditional=bool(cfg.data.conditional), repeats=int(spec.repeats), seed=int(cfg.seed),
+        batch_size=int(spec.batch_size),
+    )  # fmt: skip
+    if not held_out:
+        log.warning(
+            "%s: dataset %r has no held-out images for the stopping rule (no 'test' split): "
+            "training stops at %s.convergence.min_steps=%s",
+            cfg.stage, dataset.name, "pretrain" if cfg.stage == "backbone" else "optim",
+            int(spec.min_steps),
+        )  # fmt: skip
+    return Convergence(
+        evaluate if held_out else None,
+        first_epoch=(len(slices) - 1) * epochs_per_slice,
+        min_steps=int(spec.min_steps),
+        max_steps=int(spec.max_steps),
+        patience=int(spec.patience),
+        check_every_steps=int(spec.check_every_steps),
+        min_improvement=float(spec.min_improvement),
+        heldout_samples=len(held_out),
+    )
+
+
 def import_pretrained_backbone(
     cfg: DictConfig, store: ArtifactStore, unet: torch.nn.Module, card: dict
 ) -> dict:
@@ -148,15 +219,23 @@ def fit_job(
         epochs_per_slice=epochs_per_slice,
         seed=int(cfg.seed),
     )
+    convergence = build_convergence(cfg, dataset, split, module, slices, epochs_per_slice)
     callbacks: list[pl.Callback] = [
-        SliceCheckpoint(ckpt_dir, epochs_per_slice, identity.hash, identity.sections),
+        *(
+            [] if convergence is None else [convergence]
+        ),  # before the checkpoint: its state is in it
+        SliceCheckpoint(
+            ckpt_dir, epochs_per_slice, identity.hash, identity.sections, n_slices=len(slices)
+        ),
         ArtifactWriter(
             *(str(store.root), experiment, job, cfg.stage, manifest.hash, card),
             OmegaConf.select(cfg, "adapter.kind"),  # None for the backbone (no adapter group)
             target_dir=None if target_dir is None else str(target_dir),
+            convergence=convergence,
         ),
     ]
-    trainer = build_trainer(cfg, callbacks, store.log_dir(experiment), datamodule.max_epochs)
+    max_epochs = datamodule.max_epochs if convergence is None else -1  # the rule stops it
+    trainer = build_trainer(cfg, callbacks, store.log_dir(experiment), max_epochs)
     fit_resumable(
         trainer, module, datamodule, ckpt_dir, resume=bool(cfg.resume), what=job, identity=identity
     )

@@ -158,6 +158,25 @@ def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | No
         store.save_manifest(experiment, private)
 
 
+def sibling_adapter(store: ArtifactStore, experiment: str, adapter: DictConfig) -> DictConfig:
+    """The adapter config of the new shard: ``adapter``, unless the experiment's shards were all
+    trained with another kind (e.g. ``adapter=full``); then theirs, so it composes with them."""
+    cards = [
+        store.read_adapter_card(experiment, name)
+        for name in store.list_manifests(experiment)
+        if ShardId.is_shard(name) and store.has_adapter(experiment, name)
+    ]
+    theirs = {store.adapter_kind(c): c["config"]["adapter"] for c in cards}
+    if len(theirs) != 1 or adapter.kind in theirs:
+        return adapter
+    ((kind, config),) = theirs.items()
+    log.info(
+        "add-source: the experiment's shards are adapter=%s: the new shard is trained as they were",
+        kind,
+    )
+    return OmegaConf.create(config)
+
+
 def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> list[dict]:
     """k-NN centroids of the new shard for every embedder the experiment already has."""
     cards = []
@@ -221,6 +240,7 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
                 change = entry["manifests"]["private"]  # a rerun: the private before the first try
             shard_cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
             shard_cfg.stage, shard_cfg.shard.index = "shard", int(entry["index"])
+            shard_cfg.adapter = sibling_adapter(store, experiment, shard_cfg.adapter)
             card = run_job(shard_cfg)
         except BaseException:
             if created:

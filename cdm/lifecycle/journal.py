@@ -52,6 +52,7 @@ def stored_manifests(store: ArtifactStore, experiment: str) -> dict[str, Manifes
 def experiment_lock(store: ArtifactStore, experiment: str) -> Iterator[None]:
     """One forget request at a time per experiment (a lock file naming the holder's pid)."""
     path = store.forget_lock_path(experiment)
+    created = not path.parent.exists()  # a refused request leaves no empty folder behind
     path.parent.mkdir(parents=True, exist_ok=True)
     for _ in range(2):
         try:
@@ -73,6 +74,8 @@ def experiment_lock(store: ArtifactStore, experiment: str) -> Iterator[None]:
         yield
     finally:
         path.unlink(missing_ok=True)
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()
 
 
 def _alive(pid: int) -> bool:

@@ -17,7 +17,7 @@ import torch
 from cdm.core import composition as C
 from cdm.core.sampling import Callback
 from cdm.core.sampling import sample as run_sampler
-from cdm.models.multi_adapter import MultiShardUNet
+from cdm.models.multi_adapter import MultiShardFull, MultiShardUNet
 
 
 @dataclass
@@ -31,7 +31,7 @@ class ComposedDenoiser:
     (exact when each label lives in one shard, as with by-class shards).
     """
 
-    model: MultiShardUNet
+    model: MultiShardUNet | MultiShardFull  # LoRA shards on one backbone | full copies
     composition: C.Composition
     prior: torch.Tensor
     allowed: torch.Tensor | None = None

@@ -8,10 +8,15 @@ output channels, cheap since r is small), each sample keeps its own r-slice, and
 product applies its own B. When the whole batch uses one shard, the layer runs exactly peft's
 ops (``lora_B(lora_A(x)) * scaling`` added to the base output), so a single shard reproduces the
 plain peft adapter bit for bit.
+
+Full fine-tuned shards (``adapter=full``: a whole copy of the backbone each) cannot share one
+forward; ``MultiShardFull`` gives them the same interface and runs one forward per shard present
+in the batch.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -21,6 +26,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from cdm.core.composition import merge_lora_weights
 from cdm.models.backbone import predict_epsilon
 
 PEFT_PREFIX = "base_model.model."
@@ -152,6 +158,16 @@ class GroupedLoRA(nn.Module):
         return result + delta
 
 
+def check_shard_index(x_t: torch.Tensor, shard_index: torch.Tensor, n_shards: int) -> None:
+    """Refuse a ``shard_index`` that is not one shard in [0, n_shards) per sample of ``x_t``."""
+    if shard_index.shape != (x_t.shape[0],):
+        raise ValueError(
+            f"shard_index must have shape ({x_t.shape[0]},), got {tuple(shard_index.shape)}"
+        )
+    if int(shard_index.min()) < 0 or int(shard_index.max()) >= n_shards:
+        raise ValueError(f"shard_index must lie in [0, {n_shards}), got {shard_index.tolist()}")
+
+
 def read_peft_adapter(directory: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """(state dict, adapter_config) of a standard peft LoRA folder (safetensors only)."""
     directory = Path(directory)
@@ -214,14 +230,7 @@ class MultiShardUNet(nn.Module):
         labels: torch.Tensor | None,
         shard_index: torch.Tensor,
     ) -> torch.Tensor:
-        if shard_index.shape != (x_t.shape[0],):
-            raise ValueError(
-                f"shard_index must have shape ({x_t.shape[0]},), got {tuple(shard_index.shape)}"
-            )
-        if int(shard_index.min()) < 0 or int(shard_index.max()) >= self.n_shards:
-            raise ValueError(
-                f"shard_index must lie in [0, {self.n_shards}), got {shard_index.tolist()}"
-            )
+        check_shard_index(x_t, shard_index, self.n_shards)
         sel = self.selection
         used = torch.unique(shard_index)
         sel.single = int(used[0]) if used.numel() == 1 else None
@@ -330,3 +339,62 @@ def merge_adapters(
         merged[f"{layer}.lora_A.weight"] = torch.cat(a_parts, dim=0)
         merged[f"{layer}.lora_B.weight"] = torch.cat(b_parts, dim=1)
     return merged, {"r": 1, "lora_alpha": 1}
+
+
+def read_full_model(directory: str | Path, like: nn.Module) -> nn.Module:
+    """A full fine-tuned shard (a diffusers ``save_pretrained`` folder) as a model of ``like``'s
+    class (the backbone's), in eval mode and frozen."""
+    model = type(like).from_pretrained(str(directory), local_files_only=True)
+    return model.requires_grad_(False).eval()
+
+
+class MultiShardFull(nn.Module):
+    """n full fine-tuned copies of the backbone behind ``MultiShardUNet``'s interface:
+    ``forward(x_t, t, labels, shard_index) -> eps`` takes each sample's epsilon from its own
+    shard's copy, one forward per shard present in the batch (no other copy is run)."""
+
+    def __init__(self, models: Sequence[nn.Module]) -> None:
+        super().__init__()
+        if not models:
+            raise ValueError("MultiShardFull needs at least one model")
+        self.shards = nn.ModuleList(m.requires_grad_(False).eval() for m in models)
+        self.n_shards = len(models)
+
+    def forward(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None,
+        shard_index: torch.Tensor,
+    ) -> torch.Tensor:
+        check_shard_index(x_t, shard_index, self.n_shards)
+        used = torch.unique(shard_index).tolist()
+        if len(used) == 1:  # the whole batch on one copy: exactly that model's forward
+            return predict_epsilon(self.shards[used[0]], x_t, timesteps, labels)
+        out: torch.Tensor | None = None
+        for k in used:
+            rows = torch.nonzero(shard_index == k).squeeze(1).to(x_t.device)
+            y = None if labels is None else labels[rows]
+            eps = predict_epsilon(self.shards[k], x_t[rows], timesteps[rows], y)
+            if out is None:
+                out = eps.new_empty((x_t.shape[0], *eps.shape[1:]))
+            out[rows] = eps
+        return out
+
+    def dense(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Every shard's epsilon for every sample, ``[n, B, C, H, W]`` (one forward per copy)."""
+        return torch.stack([predict_epsilon(m, x_t, timesteps, labels) for m in self.shards])
+
+
+def merge_full(models: Sequence[nn.Module], weights: Sequence[float]) -> nn.Module:
+    """One model whose weights are sum_i w_i theta_i: the weight-space merge of full fine-tuned
+    shards (Diffusion-Soup style; the copies share the backbone's architecture), through
+    ``cdm.core.composition.merge_lora_weights`` (float64 sums, other tensors must agree)."""
+    if len(models) != len(weights) or not models:
+        raise ValueError(f"{len(models)} models but {len(weights)} merge weights")
+    merged = merge_lora_weights([m.state_dict() for m in models], list(weights))
+    model = copy.deepcopy(models[0])
+    model.load_state_dict(merged)
+    return model

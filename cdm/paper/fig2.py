@@ -2,7 +2,8 @@
 FID, with respect to a single shard, as shards are added one by one; read right to left, the
 increase when shards are forgotten.
 
-``run_fig2`` takes one experiment with n shards (default ``digits_8split``), trains what the store
+``run_fig2`` takes one experiment with n shards (default ``<the data's name>_8split``: the
+config ``experiment/digits_8split``, or the config's own data in 8 shards), trains what the store
 lacks (backbone, the n shards, the router, the feature net; the helpers of ``cdm.paper.table1``), then
 for k = 1..n samples the composition of shards ``[0..k-1]`` with each composition method
 (``cdm-sample shards=[0,...,k-1] name=<name>-<method>-k<k>``), evaluates every samples artifact
@@ -45,6 +46,7 @@ from cdm.jobs.sample import run_sampling
 from cdm.paper.table1 import (
     METHOD_TITLES,
     current_adapter,
+    dataset_name,
     experiment_config,
     forwarded_overrides,
     save_table,
@@ -95,7 +97,11 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     spec = cfg.fig2
     methods, statistic, space = check_spec(cfg)
-    experiment = str(spec.experiment)
+    experiment = (
+        str(spec.experiment)
+        if spec.experiment is not None
+        else f"{dataset_name(cfg)}_{int(spec.shards)}split"
+    )
     overrides = [*forwarded_overrides(cfg), *overrides]
     base = experiment_config(experiment, overrides, [])
     n, stored = (
@@ -122,7 +128,8 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     for name, (k, composition) in draws.items():
         shards = ",".join(str(s) for s in order[:k])
         run_sampling(experiment_config(
-            experiment, overrides, [f"composition={composition}", f"shards=[{shards}]", f"name={name}"]
+            experiment, overrides, [f"composition={composition}", f"shards=[{shards}]", f"name={name}",
+                                  "overwrite=true"]
         ))  # fmt: skip
     unique = list(draws)
     ecfg = experiment_config(experiment, overrides, [f"evaluate.samples=[{','.join(unique)}]"])

@@ -1,7 +1,9 @@
 """The paper's Table 1: compartmentalized models vs the monolithic paragon, as the number of
 shards grows (1, 2, 4, 8) and for each composition method (classifier, naive average, random).
 
-``run_table1`` walks the experiments ``<dataset>_<n>split``, trains only what the store lacks
+``run_table1`` walks the experiments ``<dataset>_<n>split``: the config ``experiment/<name>``
+when one is on the search path (shipped, ``--config-dir`` or ``hydra.searchpath``), else the
+config's own data (``data=npz data.root=...``) with ``sharding.n_shards=n``. It trains only what the store lacks
 (backbone, shards, router, paragon: every job skips an existing artifact), draws samples only when
 the stored ones are stale, evaluates them, and writes the table as Markdown and CSV into
 ``<root>/tables/<name>/`` (and to W&B when the wandb logger is on).
@@ -11,14 +13,21 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import re
 import time
 from typing import Any
 
 from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from cdm.core.identity import ADAPTER_JOBS
 from cdm.core.logging import console_logging, get_logger
 from cdm.core.names import ShardId
+from cdm.data.datasets import dataset_from_config
+from cdm.jobs.context import identity_of
 from cdm.jobs.evaluate import run_evaluation
 from cdm.jobs.run import run_job
 from cdm.jobs.sample import run_sampling
@@ -26,6 +35,7 @@ from cdm.store import ArtifactStore, make_card
 from cdm.store.artifact import save_artifact
 from cdm.store.layout import GRID_FILE, WEIGHTS_PLOT_FILE
 from cdm.store.staleness import stale_reason
+from cdm.store.stats import KID_NOTE
 
 log = get_logger(__name__)
 
@@ -47,19 +57,69 @@ def forwarded_overrides(cfg: DictConfig) -> list[str]:
     return out
 
 
+def searchpath_overrides() -> list[str]:
+    """The running command's ``hydra.searchpath`` (a user's config directories) as an override for
+    the inner composes (``--config-dir`` is on the search path of every compose already)."""
+    if not HydraConfig.initialized():
+        return []
+    paths = list(HydraConfig.get().searchpath or [])
+    return [f"hydra.searchpath={json.dumps(paths)}"] if paths else []
+
+
+def has_experiment(name: str, searchpath: tuple[str, ...]) -> bool:
+    """Whether ``experiment/<name>`` is on the search path (``searchpath``: its overrides)."""
+    try:
+        compose(config_name="eval", overrides=[f"experiment={name}", *searchpath])
+    except MissingConfigException:
+        return False
+    return True
+
+
+def select_experiment(experiment: str) -> list[str]:
+    """Overrides that select one experiment of a sweep: ``experiment=<name>`` when that config
+    exists, else ``<dataset>_<n>split`` on the config's data: ``experiment_name=<name>
+    sharding.n_shards=<n>``."""
+    searchpath = searchpath_overrides()
+    if has_experiment(experiment, tuple(searchpath)):
+        return [f"experiment={experiment}", *searchpath]
+    match = re.fullmatch(r"(.+)_(\d+)split", experiment)
+    if match is None:
+        raise ValueError(
+            f"no experiment config {experiment!r} on the search path, and the name is not "
+            "<dataset>_<n>split: add experiment/<name>.yaml to a --config-dir, or name it "
+            "<dataset>_<n>split to shard the config's data into n"
+        )
+    return [f"experiment_name={experiment}", f"sharding.n_shards={match.group(2)}", *searchpath]
+
+
 def experiment_config(experiment: str, overrides: list[str], extra: list[str]) -> DictConfig:
-    """The composed ``eval`` config of one experiment with the user's and the job's overrides."""
-    return compose(config_name="eval", overrides=[f"experiment={experiment}", *overrides, *extra])
+    """The composed ``eval`` config of one experiment (``select_experiment``) with the user's and
+    the job's overrides."""
+    return compose(
+        config_name="eval", overrides=[*select_experiment(experiment), *overrides, *extra]
+    )
+
+
+def dataset_name(cfg: DictConfig) -> str:
+    """The name the loaded ``cfg.data`` gives itself (an ``.npz`` is named by its file stem)."""
+    return str(dataset_from_config(OmegaConf.to_container(cfg.data, resolve=True)).name)
+
+
+def stage_config(experiment: str, overrides: list[str], stage: str, index: int) -> DictConfig:
+    """The composed config of one training job; overrides of the ``adapter`` group (e.g.
+    ``adapter=full``) reach only the stages that train an adapter (shard, paragon)."""
+    if stage not in ADAPTER_JOBS:
+        overrides = [
+            o for o in overrides if not o.lstrip("+~").startswith(("adapter=", "adapter."))
+        ]
+    return experiment_config(experiment, overrides, [f"stage={stage}", f"shard.index={index}"])
 
 
 def train_missing(
     experiment: str, overrides: list[str], stages: list[tuple[str, int]], n_jobs: int
 ) -> None:
     """Train the jobs ``[(stage, shard index)]`` that the store lacks (each job checks itself)."""
-    configs = [
-        experiment_config(experiment, overrides, [f"stage={stage}", f"shard.index={index}"])
-        for stage, index in stages
-    ]
+    configs = [stage_config(experiment, overrides, stage, index) for stage, index in stages]
     if n_jobs > 1 and len(configs) > 1:
         from joblib import Parallel, delayed
 
@@ -71,12 +131,20 @@ def train_missing(
             run_job(c)
 
 
-def current_adapter(store: ArtifactStore, experiment: str, k: int) -> bool:
-    """Shard k's adapter is stored and not stale (its manifest unchanged since it was trained)."""
+def current_adapter(
+    store: ArtifactStore, experiment: str, k: int, config: DictConfig | None = None
+) -> bool:
+    """Shard k's adapter is stored and not stale (its manifest unchanged since it was trained)
+    and, given its job's ``config``, was made by that job (not e.g. LoRA when adapter=full: such a
+    shard is left to its job, which refuses it with the differing keys)."""
     job = ShardId(k).name
     if not store.has_adapter(experiment, job):
         return False
-    return stale_reason(store, experiment, store.read_adapter_card(experiment, job)) is None
+    card = store.read_adapter_card(experiment, job)
+    made_by = card.get("signature")  # None on cards of older stores: not checked
+    if config is not None and made_by is not None and made_by != identity_of(config).hash:
+        return False
+    return stale_reason(store, experiment, card) is None
 
 
 def _run_resolved(config: dict) -> None:
@@ -84,10 +152,10 @@ def _run_resolved(config: dict) -> None:
     run_job(OmegaConf.create(config))
 
 
-def plan(table: DictConfig) -> list[dict[str, Any]]:
+def plan(table: DictConfig, datasets: list[str]) -> list[dict[str, Any]]:
     """One entry per cell of the table: dataset, n shards, method, experiment and samples name."""
     cells = []
-    for dataset in table.datasets:
+    for dataset in datasets:
         if table.paragon:
             n0 = int(table.splits[0])
             cells.append({"dataset": dataset, "n": 0, "method": "paragon",
@@ -105,7 +173,8 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     started = time.perf_counter()
     table = cfg.table1
     store = ArtifactStore(cfg.paths.artifacts)
-    cells = plan(table)
+    datasets = [dataset_name(cfg)] if table.datasets is None else [str(d) for d in table.datasets]
+    cells = plan(table, datasets)
     overrides = [*forwarded_overrides(cfg), *overrides]
     experiments = list(dict.fromkeys(c["experiment"] for c in cells))  # in table order
     timings: dict[str, float] = {}
@@ -120,7 +189,12 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         n = mine[-1]["n"]
         log.info("table1: %s (%s shard(s)): train what is missing", experiment, n)
         train_missing(experiment, overrides, [("backbone", 0)], 1)
-        missing = [k for k in range(n) if cfg.retrain or not current_adapter(store, experiment, k)]
+        missing = [
+            k for k in range(n)
+            if cfg.retrain or not current_adapter(
+                store, experiment, k, stage_config(experiment, overrides, "shard", k)
+            )
+        ]  # fmt: skip
         if len(missing) < n:
             log.info(
                 "%s of %s shards of %s are in the store already", n - len(missing), n, experiment
@@ -136,7 +210,8 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         for c in mine:
             run_sampling(
                 experiment_config(
-                    experiment, overrides, [f"composition={c['method']}", f"name={c['samples']}"]
+                    experiment, overrides,  # the table's own sets: redrawn for its settings
+                    [f"composition={c['method']}", f"name={c['samples']}", "overwrite=true"],
                 )
             )
         ecfg = experiment_config(
@@ -146,15 +221,27 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
             c["metrics"] = card["metrics"]
             c["metric_name"] = card["metric_names"][space][statistic]
             c["value"] = card["metrics"][c["metric_name"]]
+        for c in mine:  # the models behind each cell: steps and held-out loss when they stopped
+            jobs = ["paragon"] if c["method"] == "paragon" else [ShardId(k).name for k in range(n)]
+            c["training"] = training_record(store, str(ecfg.experiment_name), jobs)
         timings[experiment] = round(time.perf_counter() - t0, 1)
     markdown, rows = format_table(cells, list(table.splits), list(table.compositions))
+    training_md, training_rows = format_training(cells)
+    markdown += "\n" + training_md
     metric = ", ".join(dict.fromkeys(c["metric_name"] for c in cells))
     card = make_card(
         kind="table", name=str(table.name), metric=metric, cells=cells,
         wall_time_s=round(time.perf_counter() - started, 1), experiment_wall_time_s=timings,
         config=OmegaConf.to_container(cfg, resolve=True),
     )  # fmt: skip
-    written = save_table(store, str(table.name), markdown, rows, card)
+    written = save_table(
+        store,
+        str(table.name),
+        markdown,
+        rows,
+        card,
+        files={"training.csv": csv_bytes(training_rows)},
+    )
     log_wandb(cfg, cells, rows, metric)
     print(markdown)
     log.info("table written to %s in %.0f s", written["path"], written["wall_time_s"])
@@ -185,11 +272,59 @@ def format_table(
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
     names = ", ".join(dict.fromkeys(c.get("metric_name", "?") for c in cells))
     title = f"{names} (lower is better; samples per cell: see each evaluation card)"
-    return title + "\n\n" + "\n".join(lines) + "\n", rows
+    note = f"\n{KID_NOTE}\n" if "KID" in names else ""
+    return title + "\n\n" + "\n".join(lines) + "\n" + note, rows
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None else f"{value:.3f}"
+def training_record(store: ArtifactStore, experiment: str, jobs: list[str]) -> list[dict]:
+    """Each job's optimizer steps, why it stopped and its final held-out denoising loss (its
+    card: ``cdm.training.callbacks.Convergence``; None on cards of older stores)."""
+    out = []
+    for job in jobs:
+        card = store.read_adapter_card(experiment, job)
+        rule = card.get("convergence") or {}
+        steps = card.get("optimizer_steps", (card.get("metrics") or {}).get("global_step"))
+        out.append({"experiment": experiment, "job": job, "optimizer_steps": steps,
+                    "stopped_by": rule.get("stopped_by"), "heldout_loss": rule.get("heldout_loss")})  # fmt: skip
+    return out
+
+
+def format_training(cells: list[dict]) -> tuple[str, list[list[str]]]:
+    """The trained models behind the table (Markdown, one line per cell's models) and one CSV row
+    per job: did every model get to converge, and how many steps did it take."""
+    rows = [["dataset", "experiment", "job", "optimizer_steps", "stopped_by", "heldout_loss"]]
+    lines = ["Training (optimizer steps; held-out denoising loss on the data's test split when "
+             "training stopped)", "", "| Dataset | Models | Steps | Held-out loss | Stopped by |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    seen = set()
+    for c in cells:
+        runs = c.get("training") or []
+        key = (c["dataset"], c["experiment"], tuple(r["job"] for r in runs))
+        if not runs or key in seen:
+            continue
+        seen.add(key)
+        for r in runs:
+            rows.append([c["dataset"], r["experiment"], r["job"], str(r["optimizer_steps"]),
+                         str(r["stopped_by"]), _fmt(r["heldout_loss"], 4)])  # fmt: skip
+        steps = sorted(int(r["optimizer_steps"] or 0) for r in runs)
+        losses = [r["heldout_loss"] for r in runs if r["heldout_loss"] is not None]
+        models = "paragon" if c["method"] == "paragon" else f"{c['n']} shard(s)"
+        span = str(steps[0]) if steps[0] == steps[-1] else f"{steps[0]}-{steps[-1]}"
+        loss = _fmt(sum(losses) / len(losses), 4) if losses else "-"
+        why = ", ".join(sorted({str(r["stopped_by"]) for r in runs}))
+        lines.append(f"| {c['dataset']} | {models} | {span} | {loss} | {why} |")
+    return "\n".join(lines) + "\n", rows
+
+
+def csv_bytes(rows: list[list[str]]) -> bytes:
+    """``rows`` as CSV text."""
+    buffer = io.StringIO()
+    csv.writer(buffer).writerows(rows)
+    return buffer.getvalue().encode("utf-8")
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
 
 
 def save_table(
@@ -199,12 +334,7 @@ def save_table(
     """Write ``<stem>.md``, ``<stem>.csv``, any extra ``files`` (e.g. a plot) and the card under
     ``<root>/tables/<name>/`` atomically."""
     final = store.table_dir(name)
-    buffer = io.StringIO()
-    csv.writer(buffer).writerows(rows)
-    tables = {
-        f"{stem}.md": markdown.encode("utf-8"),
-        f"{stem}.csv": buffer.getvalue().encode("utf-8"),
-    }
+    tables = {f"{stem}.md": markdown.encode("utf-8"), f"{stem}.csv": csv_bytes(rows)}
     return save_artifact(
         final, {**card, "path": str(final)}, weights=None, files={**tables, **(files or {})}
     )

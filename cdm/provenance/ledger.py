@@ -358,7 +358,7 @@ class _Ledger:
                 via.append(f"trained on the dataset's train split ({dataset})")
         for p, found in self.parents(node):
             hit = [n for n in found if id(n) in self.via]
-            label = f"{p['kind']} {p.get('name', '?')}"
+            label = parent_label(p)
             if hit:
                 via.append(label + (f" ({hit[0].ghost})" if hit[0].ghost else ""))
             elif p.get("manifest_hash") and seeds.has_hash(p["manifest_hash"], node.experiment):
@@ -406,17 +406,33 @@ class _Ledger:
                     was = f"manifest {name} was {short_hash(digest)} when computed"
                     return STALE, f"{was}, is {short_hash(now) if now else 'gone'} now"
         for p, found in self.parents(node):
-            label = f"{p['kind']} {p.get('name', '?')}"
+            label = parent_label(p)
             if not found:
-                return (
-                    STALE,
-                    f"its parent {label} ({short_hash(p.get('hash'))}) is no longer in the store",
-                )
+                return STALE, self.missing_parent(node, p)
             statuses = [self.status(n) for n in found]
             if not any(s == SERVED for s, _ in statuses):
                 state, why = statuses[0]
                 return STALE, f"its parent {label} is {state}" + (f" ({why})" if why else "")
         return SERVED, None
+
+    def missing_parent(self, node: Node, parent: dict[str, Any]) -> str:
+        """Why ``parent`` of ``node`` is not in the store: replaced by a newer run under the same
+        name (e.g. samples redrawn with other settings), or gone."""
+        kind, name = str(parent.get("kind")), str(parent.get("name", "?"))
+        label = f"{parent_label(parent)} ({short_hash(parent.get('hash'))})"
+        newer = [
+            n for n in self.by_name.get((kind, name), [])
+            if not n.ghost and (kind not in SCOPED or n.experiment == node.experiment)
+        ]  # fmt: skip
+        if newer:
+            now = newer[0]
+            created = now.card.get("created")
+            return (
+                f"its parent {label} was replaced by a newer run ({short_hash(now.hash)}"
+                + (f", {created}" if created else "")
+                + f"): redo this {node.kind} to use it"
+            )
+        return f"its parent {label} is no longer in the store"
 
     # ---- output
 
@@ -431,6 +447,10 @@ class _Ledger:
             "status": status,
             "via": "; ".join(self.via.get(id(node), [])),
         }
+        if node.kind == "ref_stats":  # one reference set has statistics in each feature space
+            out["feature_space"] = node.card.get("feature_space") or (
+                node.path.parent.name if node.path else None
+            )
         if reason:
             out["reason"] = reason
         return out
@@ -468,7 +488,7 @@ class _Ledger:
                     out.append(
                         {"kind": node.kind, "experiment": node.experiment, "name": node.name,
                          "path": str(node.path), "missing_parent": f"{p['kind']} {p.get('name')}",
-                         "missing_hash": p.get("hash")}
+                         "missing_hash": p.get("hash"), "reason": self.missing_parent(node, p)}
                     )  # fmt: skip
                     break
         return out
@@ -635,6 +655,20 @@ def _unknown_source(store: CachedStore, source: str, experiments: Sequence[str])
     )
 
 
+def parent_label(parent: dict[str, Any]) -> str:
+    """``kind name`` of a card's parent entry (``ref_stats <space>/<name>``: one reference set
+    has statistics in each feature space)."""
+    space = parent.get("feature_space")
+    return f"{parent['kind']} {space + '/' if space else ''}{parent.get('name', '?')}"
+
+
+def artifact_label(entry: dict[str, Any]) -> str:
+    """How a report row names an artifact: ``experiment/name``; reference statistics also name
+    their feature space (one reference set has a row per space)."""
+    label = f"{entry['experiment']}/{entry['name']}" if entry.get("experiment") else entry["name"]
+    return f"{entry['feature_space']}/{label}" if entry.get("feature_space") else label
+
+
 def format_report(result: dict[str, Any]) -> str:
     """A readable report of ``what_depends_on``: locations, a table (kind, name, status, via) and
     the summary line."""
@@ -658,11 +692,7 @@ def format_report(result: dict[str, Any]) -> str:
             parts.append(loc["note"])
         lines.append("  ".join(parts))
     header = ("KIND", "ARTIFACT", "STATUS", "VIA")
-    rows = [
-        (a["kind"], f"{a['experiment']}/{a['name']}" if a["experiment"] else a["name"],
-         a["status"], a["via"])
-        for a in result["artifacts"]
-    ]  # fmt: skip
+    rows = [(a["kind"], artifact_label(a), a["status"], a["via"]) for a in result["artifacts"]]
     if rows:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(3)]
         lines.append("")
@@ -673,10 +703,13 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(
             f"gone: {d['kind']} {d['experiment']}/{d['name']} ({short_hash(d['hash'])}), {d['reason']}"
         )
+    for a in result["artifacts"]:
+        if a.get("reason"):
+            lines.append(f"{a['status']}: {a['kind']} {artifact_label(a)}: {a['reason']}")
     for u in result.get("unresolved") or []:
         lines.append(
-            f"note: {u['kind']} {u['experiment'] or ''}/{u['name']}: lineage not followed, its "
-            f"parent {u['missing_parent']} is no longer in the store"
+            f"note: {u['kind']} {u['experiment'] or ''}/{u['name']}: lineage not followed, "
+            + u.get("reason", f"its parent {u['missing_parent']} is no longer in the store")
         )
     n, m = len(result["artifacts"]), len(result["served"])
     lines.append(f"{n} artifact{'s' if n != 1 else ''} derived from {subject}, {m} still served")

@@ -236,9 +236,15 @@ def read_card(path_or_dir: str | Path) -> dict[str, Any]:
     try:
         card = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptArtifactError(f"card {path} is corrupt (not valid JSON: {exc})") from exc
+        raise CorruptArtifactError(
+            f"card {path} is corrupt (not valid JSON: {exc}); run the command that made it again "
+            "with retrain=true, or restore it from a backup"
+        ) from exc
     if not isinstance(card, dict):
-        raise CorruptArtifactError(f"card {path} is corrupt (not a JSON object)")
+        raise CorruptArtifactError(
+            f"card {path} is corrupt (not a JSON object); run the command that made it again "
+            "with retrain=true, or restore it from a backup"
+        )
     return card
 
 

@@ -14,7 +14,7 @@ Layout under ``root``::
     experiments/<exp>/logs/                       csv / wandb dirs
     experiments/<exp>/knn/<embedder>/shard-<kk>/  k-NN centroids
     experiments/<exp>/samples/<name>/, evals/<name>/   cdm-sample and cdm-evaluate outputs
-    experiments/<exp>/sources.json, sources/<name>.npz|.json   cdm-add-source / forget.shard
+    experiments/<exp>/sources.json, sources/<name>.npz|.json   cdm-add-source / forget.source
     experiments/<exp>/forget/                     forgotten.json, lock, pending/ (a forget request
                                                   in progress: journal.json, manifests/,
                                                   adapters/<job>/, checkpoints/<job>/),
@@ -268,7 +268,7 @@ class StoreLayout:
         """``<root>/experiments/<experiment>/evals/<samples_name>``."""
         return self.evals_root(experiment) / validate_name(samples_name, "samples name")
 
-    # ---- sources added (cdm-add-source) and removed (cdm-forget forget.shard) ---------------
+    # ---- sources added (cdm-add-source) and removed (cdm-forget forget.source) ---------------
 
     def sources_path(self, experiment: str) -> Path:
         """``<root>/experiments/<experiment>/sources.json``: shards added to or removed from the

@@ -9,9 +9,11 @@ from typing import Any
 from cdm.store import records
 from cdm.store.cards import CARD_FILENAME
 from cdm.store.errors import StoreError
-from cdm.store.feature_nets import list_feature_nets
+from cdm.store.feature_nets import feature_net_stale_reason, list_feature_nets
 from cdm.store.io import read_card
 from cdm.store.layout import OLD_PREFIX, TMP_PREFIX, StoreLayout, validate_name, visible_dirs
+from cdm.store.staleness import changed_parent, stale_reason
+from cdm.store.stats import KID_NOTE
 
 # list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
 ARTIFACT_OF_KIND = {
@@ -57,7 +59,17 @@ def _prefix(value: Any, n: int = 10) -> str:
 
 def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
     """A plain-text table with one row per artifact (as returned by ``list_artifacts``)."""
-    header = ("ARTIFACT", "KIND", "NAME", "DATA", "BACKBONE", "METRICS", "WALL", "CREATED")
+    header = (
+        "ARTIFACT",
+        "KIND",
+        "NAME",
+        "STATUS",
+        "DATA",
+        "BACKBONE",
+        "METRICS",
+        "WALL",
+        "CREATED",
+    )
     rows = []
     for card in cards:
         artifact = card.get("artifact", "-")
@@ -68,8 +80,11 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
             name = f"{experiment}/manifests/{card.get('name', '?')}"
         else:
             name = str(card.get("backbone_id") or card.get("name", "?"))
+        status = str(card.get("status", "-"))
         if "error" in card:
-            rows.append((artifact, "?", name, "-", "-", f"ERROR: {card['error']}", "-", "-"))
+            rows.append(
+                (artifact, "?", name, status, "-", "-", f"ERROR: {card['error']}", "-", "-")
+            )
             continue
         data_hash = card.get("manifest_hash")
         kind = str(card.get("kind", "-"))
@@ -84,6 +99,7 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
                 str(artifact),
                 kind,
                 name,
+                status,
                 _prefix(data_hash),
                 _prefix(card.get("backbone_hash")),
                 metrics,
@@ -98,6 +114,8 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
         for row in [header, *rows]
     ]
+    if any("KID" in row[header.index("METRICS")] for row in rows):
+        lines.append(f"note: {KID_NOTE}")
     return "\n".join(lines)
 
 
@@ -110,12 +128,45 @@ def card_entry(artifact: str, directory: Path, **extra: Any) -> dict[str, Any]:
     return entry
 
 
+def quarantined_entries(store: StoreLayout, experiment: str) -> list[dict[str, Any]]:
+    """The cards that forget requests set aside (``forget/quarantine/<tag>/...``), marked with
+    their request's tag (``quarantined``)."""
+    root = store.quarantine_root(experiment)
+    entries = []
+    for card_path in sorted(root.rglob(CARD_FILENAME)) if root.is_dir() else []:
+        directory = card_path.parent
+        tag = directory.relative_to(root).parts[0]
+        entry = card_entry("adapter", directory, experiment=experiment, job=directory.name)
+        entry.update(artifact=ARTIFACT_OF_KIND.get(entry.get("kind"), "adapter"), quarantined=tag)
+        entries.append(entry)
+    return entries
+
+
+def artifact_status(store: StoreLayout, entry: Mapping[str, Any]) -> str:
+    """``current``, ``stale (why)`` or ``quarantined (request tag)`` for a ``list_artifacts``
+    entry: stale when trained on data the experiment no longer holds
+    (``cdm.store.staleness.stale_reason``), when a parent was retrained or redrawn since
+    (``changed_parent``; e.g. an evaluation of samples that were replaced) or, for a feature
+    net, when ids it saw were forgotten."""
+    if entry.get("quarantined"):
+        return f"quarantined ({entry['quarantined']})"
+    if "error" in entry:
+        return "unreadable"
+    experiment, reason = entry.get("experiment"), None
+    if entry.get("artifact") == "feature_net":
+        reason = feature_net_stale_reason(store, dict(entry))
+    elif experiment and entry.get("artifact") not in ("manifest", "backbone"):
+        reason = stale_reason(store, experiment, entry) or changed_parent(store, experiment, entry)
+    return "current" if reason is None else f"stale ({reason})"
+
+
 def list_artifacts(store: StoreLayout, experiment: str | None = None) -> list[dict[str, Any]]:
     """Every backbone, manifest and adapter card under the root (or of one experiment).
 
-    Each entry is the card plus ``artifact`` ("backbone" | "manifest" | "adapter"), ``path``
-    and ``experiment`` (None for backbones), plus ``job`` for adapters and ``backbone_id`` for
-    backbones. Hidden temp dirs are skipped; an unreadable card gives an entry with ``error``.
+    Each entry is the card plus ``artifact`` ("backbone" | "manifest" | "adapter" | ...),
+    ``path``, ``experiment`` (None for backbones) and ``status`` (``artifact_status``), plus
+    ``job`` for adapters, ``backbone_id`` for backbones and ``quarantined`` (the forget
+    request's tag) for what a forget request set aside. Hidden temp dirs are skipped; an unreadable card gives an entry with ``error``.
     Sorted by (experiment, artifact, name).
     """
     entries: list[dict[str, Any]] = []
@@ -159,6 +210,9 @@ def list_artifacts(store: StoreLayout, experiment: str | None = None) -> list[di
             entry = card_entry("adapter", directory, experiment=exp, job=directory.name)
             entry["artifact"] = ARTIFACT_OF_KIND.get(entry.get("kind"), "adapter")
             entries.append(entry)
+        entries += quarantined_entries(store, exp)
+    for entry in entries:
+        entry["status"] = artifact_status(store, entry)
     order = {"backbone": 0, "manifest": 1, "adapter": 2, "router": 3, "knn": 4, "samples": 5,
              "evaluation": 6, "feature_net": 7}  # fmt: skip
     entries.sort(

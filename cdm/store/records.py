@@ -1,7 +1,7 @@
 """JSON records of an experiment, read and written at their layout paths (data only, no policy).
 
 Manifests, the sources record (shards added by cdm-add-source, removed by cdm-forget
-forget.shard), forgotten ids, the journal of a forget request in progress, and forget
+forget.source), forgotten ids, the journal of a forget request in progress, and forget
 certificates. What the journal's states mean is ``cdm.lifecycle``'s business; jobs read these
 records to build their split (``cdm.jobs.context.split_data``).
 """

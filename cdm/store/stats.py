@@ -22,6 +22,10 @@ from cdm.store.io import read_card
 from cdm.store.layout import StatsKey, StoreLayout
 
 STATS_FILE = "features.npz"
+KID_NOTE = (
+    "KID is the unbiased MMD^2 estimator (Binkowski et al. 2018): it can be slightly negative "
+    "when the two sets are close; read values near 0 as 'no measurable difference'"
+)
 
 
 def save_reference_features(
@@ -60,6 +64,8 @@ def save_evaluation(
 ) -> dict[str, Any]:
     """Write one samples artifact's evaluation card atomically."""
     final = layout.evals_dir(experiment, samples_name)
+    notes = {"KID": KID_NOTE} if any(str(k).startswith("KID") for k in card.get("metrics") or {}) else {}  # fmt: skip
+    card = {**card, **({"notes": notes} if notes else {})}
     return save_artifact(final, {**card, "kind": "evaluation", "path": str(final)}, weights=None)
 
 

@@ -138,7 +138,8 @@ class ArtifactStore(StoreLayout):
         """
         directory = self.backbone_dir(backbone_id)
         remedy = (
-            f"Retrain it with `{TRAIN_HINTS['backbone'].format(backbone_id=backbone_id)}` "
+            f"Train it with `{TRAIN_HINTS['backbone'].format(backbone_id=backbone_id)}` "
+            "(with retrain=true if it exists but is corrupt) "
             f"or restore {directory} from a backup."
         )
         card = checked_card(directory, f"no backbone {backbone_id!r} at {directory}. {remedy}")
@@ -251,14 +252,16 @@ class ArtifactStore(StoreLayout):
                 f"`{hint} retrain=true`."
             )
         verify_weights(
-            directory, card, f"Retrain it with `{hint}` or restore {directory} from a backup."
+            directory,
+            card,
+            f"Retrain it with `{hint} retrain=true` or restore {directory} from a backup.",
         )
         trained_on = card.get("backbone_hash")
         if trained_on != backbone_hash:
             raise BackboneMismatchError(
                 f"adapter {experiment}/{job} was trained on another backbone: its card has "
                 f"backbone_hash {trained_on}, but the backbone given has {backbone_hash}. "
-                f"Load the backbone it was trained on, or retrain it with `{hint}`."
+                f"Load the backbone it was trained on, or retrain it with `{hint} retrain=true`."
             )
         return directory, card
 
@@ -282,7 +285,7 @@ class ArtifactStore(StoreLayout):
         (``UNet2DModel`` if ``base_unet`` is None).
         """
         directory, card = self.checked_adapter(experiment, job, backbone_hash=backbone_hash)
-        kind = card.get("adapter_kind", card.get("kind"))
+        kind = self.adapter_kind(card)
         if kind == "lora":
             from peft import PeftModel
 
@@ -297,22 +300,30 @@ class ArtifactStore(StoreLayout):
                 is_trainable=is_trainable,
             )
             return model, card
-        if kind == "full":
-            if (
-                base_unet is None
-                or _is_peft_model(base_unet)
-                or not hasattr(type(base_unet), "from_pretrained")
-            ):
-                from diffusers import UNet2DModel
+        if (
+            base_unet is None
+            or _is_peft_model(base_unet)
+            or not hasattr(type(base_unet), "from_pretrained")
+        ):
+            from diffusers import UNet2DModel
 
-                cls: Any = UNet2DModel
-            else:
-                cls = type(base_unet)
-            return cls.from_pretrained(str(directory), local_files_only=True), card
-        raise CorruptArtifactError(
-            f"card {directory / CARD_FILENAME} has unknown adapter_kind {kind!r} (expected one of "
-            f"{ADAPTER_KINDS}). Retrain it with `{train_hint(experiment, job)}`."
-        )
+            cls: Any = UNet2DModel
+        else:
+            cls = type(base_unet)
+        return cls.from_pretrained(str(directory), local_files_only=True), card
+
+    def adapter_kind(self, card: Mapping[str, Any]) -> str:
+        """The stored layout of a checked adapter card: ``lora`` (peft folder) or ``full`` (a
+        whole diffusers UNet); any other value is refused as a corrupt card."""
+        kind = card.get("adapter_kind", card.get("kind"))
+        if kind not in ADAPTER_KINDS:
+            experiment, job = card.get("experiment", "?"), card.get("job", "?")
+            raise CorruptArtifactError(
+                f"adapter {experiment}/{job} has unknown adapter_kind {kind!r} on its card "
+                f"(expected one of {ADAPTER_KINDS}). Retrain it with "
+                f"`{train_hint(str(experiment), str(job))} retrain=true`."
+            )
+        return kind
 
     def has_adapter(self, experiment: str, job: str) -> bool:
         """True if an adapter card exists for ``experiment``/``job``."""

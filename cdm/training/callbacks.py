@@ -1,9 +1,10 @@
-"""Callbacks: SISA slice checkpoints, the artifact writer, and fault injection for resume tests."""
+"""Callbacks: SISA slice checkpoints, the stopping rule, the artifact writer, and fault injection
+for resume tests."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -32,9 +33,11 @@ class SliceCheckpoint(pl.Callback):
         epochs_per_slice: int,
         signature: str = "",
         identity: Mapping[str, Any] | None = None,
+        n_slices: int | None = None,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.epochs_per_slice = epochs_per_slice
+        self.n_slices = n_slices  # epochs after the last slice's (convergence) write last.ckpt only
         self.signature = signature  # the job's identity hash; ``identity``: its sections
         self.identity = dict(identity or {})
 
@@ -65,9 +68,108 @@ class SliceCheckpoint(pl.Callback):
             self.dirpath.mkdir(parents=True, exist_ok=True)
         trainer.strategy.barrier("slice_checkpoint_mkdir")
         epoch = trainer.current_epoch
-        if (epoch + 1) % self.epochs_per_slice == 0:
-            self._save(trainer, f"slice-{(epoch + 1) // self.epochs_per_slice - 1:02d}.ckpt")
+        index = (epoch + 1) // self.epochs_per_slice - 1
+        if (epoch + 1) % self.epochs_per_slice == 0 and (
+            self.n_slices is None or index < self.n_slices
+        ):
+            self._save(trainer, f"slice-{index:02d}.ckpt")
         self._save(trainer, "last.ckpt")
+
+
+class Convergence(pl.Callback):
+    """The stopping rule of a training job: slices join on their schedule; once the last slice has
+    joined (epoch ``first_epoch``), training goes on until the held-out loss stops improving.
+
+    ``evaluate(model) -> float`` is the held-out denoising loss (deterministic noise, data no job
+    trains on; None without held-out data: training stops at ``min_steps``), checked at the end of an epoch once ``check_every_steps`` optimizer steps passed
+    since the last check. Training stops after at least ``min_steps`` steps when ``patience``
+    checks in a row did not improve the best loss by the fraction ``min_improvement``, or at ``max_steps`` (counted
+    only after one whole epoch with every slice, so every sample is fed). The rule sees nothing
+    but the model and the held-out set, and nothing before the last slice joined: a SISA restart
+    from ``slice-(s-1).ckpt`` runs the same rule on the same data as training from scratch. Its
+    state is checkpointed, so a resumed run stops where an uninterrupted one does.
+    """
+
+    def __init__(
+        self,
+        evaluate: Callable[[Any], float] | None,
+        *,
+        first_epoch: int,
+        min_steps: int,
+        max_steps: int,
+        patience: int,
+        check_every_steps: int,
+        min_improvement: float = 0.0,
+        heldout_samples: int = 0,
+    ) -> None:
+        if not 0 <= min_steps <= max_steps or patience < 1 or check_every_steps < 1:
+            raise ValueError(
+                f"convergence: need 0 <= min_steps ({min_steps}) <= max_steps ({max_steps}), "
+                f"patience ({patience}) >= 1 and check_every_steps ({check_every_steps}) >= 1"
+            )
+        self.evaluate = evaluate
+        self.first_epoch = first_epoch
+        self.min_steps = min_steps
+        self.max_steps = max_steps
+        self.patience = patience
+        self.check_every_steps = check_every_steps
+        self.min_improvement = min_improvement
+        self.heldout_samples = heldout_samples
+        self.history: list[tuple[int, float]] = []  # (optimizer step, held-out loss) per check
+        self.best: float | None = None
+        self.wait = 0
+        self.stopped_by: str | None = None
+
+    def state_dict(self) -> dict:
+        return {"history": [list(h) for h in self.history], "best": self.best, "wait": self.wait,
+                "stopped_by": self.stopped_by}  # fmt: skip
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [(int(s), float(v)) for s, v in state_dict.get("history", [])]
+        self.best, self.wait = state_dict.get("best"), int(state_dict.get("wait", 0))
+        self.stopped_by = state_dict.get("stopped_by")
+
+    def summary(self) -> dict[str, Any]:
+        """For the card: steps run, why training stopped, the last and best held-out loss."""
+        last = self.history[-1][1] if self.history else None
+        return {"stopped_by": self.stopped_by, "heldout_loss": last, "heldout_loss_best": self.best,
+                "checks": len(self.history), "heldout_samples": self.heldout_samples,
+                "min_steps": self.min_steps,
+                "max_steps": self.max_steps, "patience": self.patience}  # fmt: skip
+
+    def _stop(self, trainer: pl.Trainer, why: str) -> None:
+        self.stopped_by = self.stopped_by or why  # the first reason: the epoch end may follow
+        trainer.should_stop = True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.stopped_by is not None:  # resumed from the checkpoint written as it stopped
+            trainer.should_stop = True
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch > self.first_epoch and trainer.global_step >= self.max_steps:
+            self._stop(trainer, "max_steps")
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.current_epoch < self.first_epoch:
+            return
+        step = trainer.global_step
+        last = self.history[-1][0] if self.history else -self.check_every_steps
+        if self.evaluate is None:
+            if step >= self.min_steps:
+                self._stop(trainer, "min_steps")
+        elif step - last >= self.check_every_steps or step >= self.max_steps:
+            loss = self.evaluate(pl_module.model) if trainer.is_global_zero else None
+            loss = float(trainer.strategy.broadcast(loss, src=0))  # one decision for every rank
+            self.history.append((step, loss))
+            pl_module.log("heldout_loss", loss, rank_zero_only=True)
+            if self.best is None or loss < self.best * (1.0 - self.min_improvement):
+                self.best, self.wait = loss, 0
+            else:
+                self.wait += 1
+            if step >= self.min_steps and self.wait >= self.patience:
+                self._stop(trainer, "patience")
+        if self.stopped_by is None and step >= self.max_steps:
+            self._stop(trainer, "max_steps")
 
 
 class KillAtStep(pl.Callback):
@@ -100,7 +202,9 @@ class ArtifactWriter(pl.Callback):
         card: dict,
         adapter_kind: str | None,
         target_dir: str | None = None,
+        convergence: Convergence | None = None,
     ) -> None:
+        self.convergence = convergence  # its summary goes on the card
         self.store_root = store_root
         self.experiment = experiment
         self.job = job
@@ -124,6 +228,8 @@ class ArtifactWriter(pl.Callback):
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=wandb_run_id(trainer),
+            optimizer_steps=trainer.global_step,
+            convergence=None if self.convergence is None else self.convergence.summary(),
         )
         store = ArtifactStore(self.store_root)
         model = pl_module.model

@@ -1,0 +1,86 @@
+"""Every choice a user types, checked after composition and before anything heavy is loaded.
+
+Config groups (``composition=``, ``sampler=``, ``stage=``, ...) are checked by Hydra itself; this
+module checks the free-form values (``prior=``, ``device=``, ``shards=``, ``labels=``,
+``evaluate.*``, ``table1.*``, ``fig2.*``). Torch-free: a typo is reported in well under a second.
+Values that only the store knows (which shards exist) are checked by ``check_store``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+PRIORS = ("sizes", "uniform")
+DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
+FEATURE_SPACES = ("domain", "inception", "pixels")
+REFERENCES = ("private", "train", "test")
+METRICS = ("FD", "KID")
+
+
+class ChoiceError(ValueError):
+    """A value the user chose that does not exist; the message names the key and the choices."""
+
+
+def check_choices(cfg: DictConfig) -> None:
+    """Raise ``ChoiceError`` for the first free-form value of ``cfg`` that is not a valid choice
+    (each command composes only the keys it uses; each check looks for its key)."""
+    check_one_of(cfg, "prior", PRIORS)
+    device = OmegaConf.select(cfg, "device")
+    if device is not None and not DEVICE.match(str(device)):
+        raise ChoiceError(f"device={device} is not a device: use device=cpu, cuda or cuda:K")
+    check_indices(cfg, "shards", upper=None)
+    if OmegaConf.select(cfg, "labels") is not None:
+        if not OmegaConf.select(cfg, "data.conditional", default=True):
+            raise ChoiceError(
+                "labels=... on an unconditional model (data.conditional=false): drop labels="
+            )
+        check_indices(cfg, "labels", upper=OmegaConf.select(cfg, "data.num_classes"))
+    index = OmegaConf.select(cfg, "shard.index")
+    if index is not None and not (isinstance(index, int) and index >= 0):
+        raise ChoiceError(f"shard.index={index} is not a shard index: use shard.index=0, 1, ...")
+    for key in ("evaluate.feature_spaces", "table1.feature_space", "fig2.feature_space"):
+        check_one_of(cfg, key, FEATURE_SPACES)
+    check_one_of(cfg, "evaluate.memorization_space", FEATURE_SPACES)
+    check_one_of(cfg, "evaluate.reference", REFERENCES)
+    for key in ("table1.metric", "fig2.metric"):
+        check_one_of(cfg, key, METRICS)
+
+
+def check_one_of(cfg: DictConfig, key: str, choices: Iterable[str]) -> None:
+    """``cfg.<key>`` (a value or a list; None = unset) must be among ``choices``."""
+    value = OmegaConf.select(cfg, key)
+    values = list(value) if isinstance(value, ListConfig) else [value]
+    for v in values:
+        if v is not None and str(v) not in choices:
+            raise ChoiceError(f"{key}={v} does not exist: choose one of {', '.join(choices)}")
+
+
+def check_indices(cfg: DictConfig, key: str, upper: Any) -> None:
+    """``cfg.<key>`` is None or a non-empty list of integers in [0, upper)."""
+    value = OmegaConf.select(cfg, key)
+    if value is None:
+        return
+    values = list(value) if isinstance(value, ListConfig) else [value]
+    bad = [v for v in values if not isinstance(v, int) or v < 0]
+    if upper is not None:
+        bad += [v for v in values if isinstance(v, int) and v >= int(upper)]
+    if bad or not values:
+        limit = "" if upper is None else f" below {upper}"
+        raise ChoiceError(
+            f"{key}={OmegaConf.to_container(value) if isinstance(value, ListConfig) else value}: "
+            f"{bad or 'empty'} not allowed; give a list of integers{limit}, e.g. {key}='[0,1]'"
+        )
+
+
+def check_store(cfg: DictConfig) -> None:
+    """``shards=`` against the experiment's shards in the store, before any model is loaded."""
+    if OmegaConf.select(cfg, "shards") is None:
+        return
+    from cdm.jobs.pipeline import allowed_shards, shard_indices
+    from cdm.store import ArtifactStore
+
+    allowed_shards(cfg, shard_indices(ArtifactStore(cfg.paths.artifacts), str(cfg.experiment_name)))
