@@ -210,7 +210,8 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         for c in mine:
             run_sampling(
                 experiment_config(
-                    experiment, overrides,  # the table's own sets: redrawn for its settings
+                    experiment,
+                    overrides,  # the table's own sets: redrawn for its settings
                     [f"composition={c['method']}", f"name={c['samples']}", "overwrite=true"],
                 )
             )
