@@ -169,15 +169,24 @@ def test_two_npz_datasets_never_share_a_backbone_or_an_identity(tmp_path):
     ia = identity(*common, f"data.root={a}")
     ib = identity(*common, f"data.root={b}")
     assert ia.hash != ib.hash and "data.root.sha256" in ia.differences(ib.sections)
-    # the same bytes under another path are the same data
+    # the same bytes in another folder are the same data ...
+    (tmp_path / "elsewhere").mkdir()
+    shutil.copyfile(a, tmp_path / "elsewhere" / "a.npz")
+    assert identity(*common, f"data.root={tmp_path / 'elsewhere' / 'a.npz'}").hash == ia.hash
+    # ... but under another file name they are another dataset: its sample ids follow the name
     shutil.copyfile(a, tmp_path / "copy.npz")
-    assert identity(*common, f"data.root={tmp_path / 'copy.npz'}").hash == ia.hash
+    renamed = identity(*common, f"data.root={tmp_path / 'copy.npz'}")
+    assert renamed.hash != ia.hash and "data.root.name" in renamed.differences(ia.sections)
+    assert (
+        compose_config(*common, f"data.root={tmp_path / 'copy.npz'}").backbone.id
+        != cfg_a.backbone.id
+    )
 
 
 def test_user_files_are_hashed_by_content_once(tmp_path):
     path = write_npz(tmp_path / "x.npz", 0)
     first = file_digest(path)
-    assert file_digest(path) == first and path_digest(str(path)) == {"sha256": first}
+    assert file_digest(path) == first and path_digest(str(path)) == {"sha256": first, "name": "x.npz"}
     write_npz(path, 1)  # new content, new mtime: hashed again
     assert file_digest(path) != first
     folder = tmp_path / "folder"

@@ -209,17 +209,19 @@ def file_digest(path: str | os.PathLike) -> str:
 
 
 def path_digest(path: str) -> dict[str, str]:
-    """The content of a user file or folder: ``{"sha256": ...}`` (a folder: of its files' relative
-    paths and hashes), or ``{"missing": path}`` so that the code reading it reports the problem."""
+    """The content of a user file or folder: ``{"sha256": ..., "name": ...}`` (a folder: of its
+    files' relative paths and hashes), or ``{"missing": path}`` so that the code reading it reports
+    the problem. The name counts too: loaders name a dataset, and so its sample ids, after its
+    file (``mine.npz`` -> ``mine/train/000001``), so equal bytes under two names are two datasets."""
     root = Path(path).expanduser()
     if root.is_file():
-        return {"sha256": file_digest(root)}
+        return {"sha256": file_digest(root), "name": root.name}
     if not root.is_dir():
         return {"missing": str(path)}
     digest = hashlib.sha256()
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(root).as_posix()} {file_digest(file)}\n".encode())
-    return {"sha256": digest.hexdigest()}
+    return {"sha256": digest.hexdigest(), "name": root.name}
 
 
 def _digest(sections: Mapping[str, Any]) -> str:
