@@ -186,7 +186,10 @@ def test_two_npz_datasets_never_share_a_backbone_or_an_identity(tmp_path):
 def test_user_files_are_hashed_by_content_once(tmp_path):
     path = write_npz(tmp_path / "x.npz", 0)
     first = file_digest(path)
-    assert file_digest(path) == first and path_digest(str(path)) == {"sha256": first, "name": "x.npz"}
+    assert file_digest(path) == first and path_digest(str(path)) == {
+        "sha256": first,
+        "name": "x.npz",
+    }
     write_npz(path, 1)  # new content, new mtime: hashed again
     assert file_digest(path) != first
     folder = tmp_path / "folder"
