@@ -72,6 +72,31 @@ def test_fixed_schedule_without_a_rule(store_root, train):
     assert card["convergence"] is None and card["metrics"]["epochs"] == 2  # 2 slices x 1 epoch
 
 
+def test_router_and_feature_net_stop_by_their_rule(store_root, train):
+    # the router and the feature net stop when their validation loss stalls (Lightning early
+    # stopping, issue 11 item 10: every stage): an improvement of 100 is never reached, so each
+    # stops `patience` epochs after its first, far inside a budget of 30 epochs
+    stall = ["convergence.patience=1", "convergence.min_delta=100", "epochs=30"]
+    root = ArtifactStore(store_root)
+    train(*TINY, "stage=router", "experiment_name=rule",
+          *(f"router.{o}" for o in stall), artifacts=store_root)  # fmt: skip
+    card = read_card(root.router_dir("rule"))
+    assert card["convergence"]["stopped_by"] == "patience"
+    assert card["convergence"]["epochs"] == 2 == card["metrics"]["epochs"]
+    assert card["convergence"]["val_loss_best"] == pytest.approx(
+        card["metrics"]["router/val_loss"], rel=0.5
+    )
+    train(*TINY, "stage=feature_net", "experiment_name=rule", "feature_net.id=rule",
+          *(f"feature_net.{o}" for o in stall), artifacts=store_root)  # fmt: skip
+    card = read_card(root.feature_net_dir("rule"))
+    assert card["convergence"]["stopped_by"] == "patience" and card["metrics"]["epochs"] == 2
+    # without the rule: exactly the budget
+    train(*TINY, "stage=router", "experiment_name=rule_off", "router.convergence=null",
+          "router.epochs=3", artifacts=store_root)  # fmt: skip
+    card = read_card(root.router_dir("rule_off"))
+    assert card["convergence"] is None and card["metrics"]["epochs"] == 3
+
+
 def test_heldout_set_is_test_data_of_the_jobs_classes():
     from hydra import compose, initialize_config_dir
 

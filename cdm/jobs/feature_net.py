@@ -51,7 +51,7 @@ from cdm.store.feature_nets import (
     train_hint,
 )
 from cdm.store.records import all_forgotten_ids
-from cdm.training.callbacks import SliceCheckpoint
+from cdm.training.callbacks import SliceCheckpoint, validation_stopping
 from cdm.training.feature_net import FeatureNetDataModule, FeatureNetTraining, FeatureNetWriter
 
 log = get_logger(__name__)
@@ -221,9 +221,14 @@ def fit_feature_net(
         seed=seed,
     )
     ckpt_dir = store.feature_net_checkpoint_dir(key)
+    stopping = validation_stopping(
+        fcfg.get("convergence"), "feature_net/val_loss", epochs, has_validation=bool(test_idx),
+        what=f"feature net {key}",
+    )  # fmt: skip
     callbacks: list[pl.Callback] = [
+        *([] if stopping is None else [stopping]),  # before the checkpoint: its state is in it
         SliceCheckpoint(ckpt_dir, epochs, identity.hash, identity.sections),
-        FeatureNetWriter(str(store.root), key, train_hash, card),
+        FeatureNetWriter(str(store.root), key, train_hash, card, stopping),
     ]
     trainer = build_trainer(
         cfg, callbacks, store.feature_net_log_dir(), epochs,

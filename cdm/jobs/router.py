@@ -38,7 +38,7 @@ from cdm.jobs.context import (
 from cdm.models.backbone import backbone_hash, build_scheduler
 from cdm.models.router import build_router, router_from_artifact, router_model_config
 from cdm.store import ArtifactStore, make_card, read_card, stale_reason
-from cdm.training.callbacks import SliceCheckpoint
+from cdm.training.callbacks import SliceCheckpoint, validation_stopping
 from cdm.training.router import (
     RouterDataModule,
     RouterTraining,
@@ -205,9 +205,14 @@ def fit_router(
         sampling=sampling, seed=int(cfg.seed),
     )  # fmt: skip
     ckpt_dir = store.checkpoint_dir(experiment, name)
+    stopping = validation_stopping(
+        rcfg.get("convergence"), "router/val_loss", epochs, has_validation=bool(data.val_items),
+        what=f"router {name}",
+    )  # fmt: skip
     callbacks: list[pl.Callback] = [
+        *([] if stopping is None else [stopping]),  # before the checkpoint: its state is in it
         SliceCheckpoint(ckpt_dir, epochs, identity.hash, identity.sections),
-        RouterWriter(str(store.root), experiment, name, train_hash, card, router_config),
+        RouterWriter(str(store.root), experiment, name, train_hash, card, router_config, stopping),
     ]
     trainer = build_trainer(
         cfg, callbacks, store.log_dir(experiment), epochs, check_val_every_n_epoch=1

@@ -172,6 +172,54 @@ class Convergence(pl.Callback):
             self._stop(trainer, "max_steps")
 
 
+class ValidationStopping(pl.callbacks.EarlyStopping):
+    """The stopping rule of the router and feature-net stages: Lightning's early stopping on the
+    validation loss (data the stage never trains on), with the stage's ``epochs`` as the budget.
+
+    ``spec`` is the stage's ``convergence`` node (``patience``: validation checks without an
+    improvement of ``min_delta``); its :meth:`summary` goes on the card. Lightning checkpoints its
+    state, so a resumed run stops where an uninterrupted one does.
+    """
+
+    def __init__(self, monitor: str, spec: Mapping[str, Any], max_epochs: int) -> None:
+        super().__init__(
+            monitor=monitor,
+            patience=int(spec["patience"]),
+            min_delta=float(spec.get("min_delta", 0.0)),
+            mode="min",
+            check_finite=True,
+            verbose=False,
+        )
+        self.max_epochs = max_epochs
+
+    def summary(self, trainer: pl.Trainer) -> dict[str, Any]:
+        """For the card: why training stopped, epochs run, the best validation loss."""
+        best = self.best_score.item()
+        return {"stopped_by": "patience" if self.stopped_epoch > 0 else "max_epochs",
+                "epochs": trainer.current_epoch, "max_epochs": self.max_epochs,
+                "monitor": self.monitor, "val_loss_best": best if best == best and abs(best) != float("inf") else None,
+                "patience": self.patience, "min_delta": abs(self.min_delta)}  # fmt: skip
+
+
+def validation_stopping(
+    spec: Mapping[str, Any] | None,
+    monitor: str,
+    max_epochs: int,
+    *,
+    has_validation: bool,
+    what: str,
+) -> ValidationStopping | None:
+    """The stage's ``convergence`` rule (null: exactly ``epochs``); without validation data it is
+    off (a warning says so) and the budget decides."""
+    if spec is None:
+        return None
+    if not has_validation:
+        log.warning("%s: no validation data for the stopping rule: it trains all %s epochs",
+                    what, max_epochs)  # fmt: skip
+        return None
+    return ValidationStopping(monitor, spec, max_epochs)
+
+
 class KillAtStep(pl.Callback):
     """Fault injection: the process dies abruptly (no cleanup) once ``step`` optimizer steps ran."""
 

@@ -21,7 +21,12 @@ from cdm.data.datamodule import ManifestDataModule
 from cdm.models.feature_net import FeatureNet
 from cdm.store import ArtifactStore
 from cdm.store.feature_nets import save_feature_net
-from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
+from cdm.training.callbacks import (
+    ValidationStopping,
+    checked_fed_hash,
+    final_metrics,
+    wandb_run_id,
+)
 from cdm.training.tracked import TrackedModule
 
 
@@ -132,8 +137,14 @@ class FeatureNetWriter(pl.Callback):
     """
 
     def __init__(
-        self, store_root: str, key: str, expected_hash: str, card: Mapping[str, Any]
+        self,
+        store_root: str,
+        key: str,
+        expected_hash: str,
+        card: Mapping[str, Any],
+        stopping: ValidationStopping | None = None,
     ) -> None:
+        self.stopping = stopping  # its summary goes on the card
         self.store_root = store_root
         self.key = key
         self.expected_hash = expected_hash
@@ -153,6 +164,8 @@ class FeatureNetWriter(pl.Callback):
             n_samples_fed=n_fed,
             test_accuracy=pl_module.test_accuracy,
             metrics={**final_metrics(trainer), "test_accuracy": pl_module.test_accuracy},
+            optimizer_steps=trainer.global_step,
+            convergence=None if self.stopping is None else self.stopping.summary(trainer),
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=wandb_run_id(trainer),

@@ -16,7 +16,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.core.diffusion import q_sample, sample_noise_and_timesteps, step_generator
 from cdm.store import ArtifactStore
-from cdm.training.callbacks import checked_fed_hash, final_metrics, wandb_run_id
+from cdm.training.callbacks import (
+    ValidationStopping,
+    checked_fed_hash,
+    final_metrics,
+    wandb_run_id,
+)
 from cdm.training.tracked import TrackedModule
 
 SAMPLINGS = ("balanced", "by_prior")
@@ -315,7 +320,9 @@ class RouterWriter(pl.Callback):
         expected_hash: str,
         card: dict,
         router_config: dict,
+        stopping: ValidationStopping | None = None,
     ) -> None:
+        self.stopping = stopping  # its summary goes on the card
         self.store_root = store_root
         self.experiment = experiment
         self.name = name
@@ -333,6 +340,8 @@ class RouterWriter(pl.Callback):
             manifest_hash=fed_hash,
             n_samples_fed=n_fed,
             metrics={**final_metrics(trainer), "band_accuracy": dict(pl_module.band_accuracy)},
+            optimizer_steps=trainer.global_step,
+            convergence=None if self.stopping is None else self.stopping.summary(trainer),
             wall_time_s=round(pl_module.elapsed_s(), 3),
             world_size=trainer.world_size,
             wandb_run_id=wandb_run_id(trainer),
