@@ -20,7 +20,7 @@ from cdm.core.identity import (
     refusal,
 )
 from cdm.core.logging import get_logger, quiet_libraries
-from cdm.core.names import ShardId
+from cdm.core.names import ShardId, job_name
 from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config
 from cdm.data.loaders import load_npz
 from cdm.data.manifest import Manifest, Split, with_shards, without_ids, without_shards
@@ -34,6 +34,7 @@ from cdm.store.layout import last_checkpoint
 from cdm.store.records import forgotten_ids as stored_forgotten_ids
 from cdm.store.records import read_forget_journal, read_sources
 from cdm.training.callbacks import KillAtStep
+from cdm.training.progress import JobProgressBar
 
 log = get_logger(__name__)
 
@@ -180,12 +181,23 @@ def build_trainer(
     ]
     if cfg.get("kill_at_step") is not None:
         callbacks.append(KillAtStep(int(cfg.kill_at_step)))
+    if cfg.trainer.get("enable_progress_bar", True):
+        callbacks.append(JobProgressBar(progress_title(cfg)))
     loggers = build_loggers(cfg, log_dir)
     quiet_libraries()
     return instantiate(
         cfg.trainer, max_epochs=max_epochs, callbacks=callbacks, logger=loggers or False,
         **trainer_kwargs,
     )  # fmt: skip
+
+
+def progress_title(cfg: DictConfig) -> str:
+    """The job a progress bar names: ``shard-01``, ``paragon``, ``router``, ``feature_net``..."""
+    stage = str(cfg.get("stage"))
+    try:
+        return job_name(stage, int(OmegaConf.select(cfg, "shard.index", default=0)))
+    except ValueError:  # stages without a store job name (feature_net, knn)
+        return stage
 
 
 def build_loggers(cfg: DictConfig, save_dir: Path) -> list:
