@@ -54,7 +54,6 @@ format: install
 
 demo: install  ## digits: safe backbone, 4 LoRA shards, router, paragon, samples per method, FD table
 	$(VENV)/bin/cdm-table1 table1.name=demo table1.splits='[4]' num_samples=$(DEMO_SAMPLES) steps=25 paths.artifacts=$(ART)
-	$(VENV)/bin/cdm-list experiment=digits_4split paths.artifacts=$(ART)
 	@# the router at work (paper Fig. 3): unconditional shards, where only x_t tells the shards apart
 	$(VENV)/bin/cdm-train experiment=$(UNCOND) stage=backbone paths.artifacts=$(ART)
 	$(VENV)/bin/cdm-train -m experiment=$(UNCOND) stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART)
@@ -63,7 +62,7 @@ demo: install  ## digits: safe backbone, 4 LoRA shards, router, paragon, samples
 	@echo "[cdm] sample grids (column k = class k):  $(ART)/experiments/digits_4split/samples/*/grid.png"
 	@echo "[cdm] router weights over the reverse process, unconditional (weights start uniform, then pick a shard): $(ART)/experiments/$(UNCOND)/samples/classifier/weights.png"
 	@echo "[cdm] (the class-conditional plot, $(ART)/experiments/digits_4split/samples/classifier/weights.png, is flat: with by-class shards the label already names the shard, so the router has nothing to choose)"
-	@echo "[cdm] table: $(ART)/tables/demo/table.md"
+	@echo "[cdm] table: $(ART)/tables/demo/table.md; every artifact with its status: $(VENV)/bin/cdm-list experiment=digits_4split paths.artifacts=$(ART)"
 
 table1: install  ## the paper's Table 1 on digits: 1/2/4/8 splits x classifier/average/random + paragon
 	$(VENV)/bin/cdm-table1 paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25

@@ -30,6 +30,8 @@ COMMANDS = {  # module -> (command, config name)
     "serve": ("cdm-serve", "serve"),
     "provenance": ("cdm-provenance", "provenance"),
     "list_artifacts": ("cdm-list", "list"),
+    "verify": ("cdm-verify", "verify"),
+    "attribute": ("cdm-attribute", "attribute"),
 }
 HEAVY = ("torch", "pytorch_lightning", "lightning", "diffusers")
 
@@ -165,7 +167,11 @@ def test_every_command_reports_user_errors_in_one_line(store_root, tmp_path):
         ),
         ("forget", [*TINY, "forget.source=nope"], ["nope"]),
         ("add_source", [*TINY, "source.name=extra", f"source.path={tmp_path}/missing.npz"], []),
-        ("serve", [*TINY, "serve.user=bob", f"serve.policy={tmp_path}/missing.yaml"], []),
+        (
+            "serve",
+            [*TINY, "serve.once=true", "serve.user=bob", f"serve.policy={tmp_path}/missing.yaml"],
+            [],
+        ),
         ("provenance", ["provenance.sample=nope/000001"], ["nope/000001"]),
         ("list_artifacts", ["experiment=nope"], ["experiment=nope"]),
     ]

@@ -69,6 +69,7 @@ def test_priors_reject_bad_input(bad, match):
 def test_compositions_constant():
     assert COMPOSITIONS == (
         "classifier",
+        "compartmental",
         "knn",
         "average",
         "random",

@@ -61,7 +61,7 @@ REQUIRED = {
 # The groups that only some stages use, and the stages that use each.
 STAGE_GROUPS = {
     "adapter": {"shard", "paragon"},
-    "router": {"router"},
+    "router": {"router", "head"},
     "knn": {"knn"},
     "feature_net": {"feature_net"},
 }
@@ -115,7 +115,7 @@ def assert_targets_resolve(cfg) -> dict[str, str]:
 def test_there_are_configs_to_check():
     assert {f"digits_{n}split" for n in (1, 2, 4, 8)} <= set(EXPERIMENTS)
     assert {f"fashion_{n}split" for n in (1, 2, 4, 8)} <= set(EXPERIMENTS)
-    assert set(STAGES) == {"backbone", "shard", "paragon", "router", "knn", "feature_net"}
+    assert set(STAGES) == {"backbone", "shard", "paragon", "router", "head", "knn", "feature_net"}
     assert len(GROUP_OPTIONS) >= 40
 
 
@@ -275,7 +275,10 @@ def test_eval_and_table1_configs_compose_for_every_experiment(config, experiment
 
 
 TOP_LEVEL = sorted(p.stem for p in CONF.glob("*.yaml"))
-USER_GIVEN = {"serve": ["serve.user=alice", "serve.policy=policy.yaml"]}  # no sensible default
+USER_GIVEN = {  # no sensible default
+    "serve": ["serve.user=alice", "serve.policy=policy.yaml"],
+    "verify": ["verify.certificate=certificate.json"],
+}
 
 
 @pytest.mark.parametrize("config", TOP_LEVEL)

@@ -70,3 +70,21 @@ def test_order_depends_only_on_seed_and_epoch(digits, split):
 def test_empty_slice_is_refused(digits):
     with pytest.raises(ValueError, match="at least one sample"):
         ManifestDataModule(digits, [[1, 2], []], batch_size=4, epochs_per_slice=1, seed=0)
+
+
+def test_removing_ids_keeps_the_others_order_in_every_epoch(digits, split):
+    """The dataloader of a shard minus some ids feeds the others in the same relative order
+    (what makes a from-scratch run on the ids left equal cdm-forget's retrain)."""
+    manifest = split.shards[1]
+    drop = set(manifest.ids[::7])
+    smaller = manifest.without(drop)
+
+    def fed(m, epoch):
+        dm = ManifestDataModule(
+            digits, slice_indices(digits, m), batch_size=16, epochs_per_slice=1, seed=3
+        )
+        dm.trainer = FakeTrainer(epoch)
+        return [digits.ids[i] for i in dm.train_dataloader().sampler]
+
+    for epoch in range(3):
+        assert fed(smaller, epoch) == [sid for sid in fed(manifest, epoch) if sid not in drop]

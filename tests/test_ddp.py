@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
 from cdm.data.datamodule import SliceSampler
-from cdm.store import ArtifactStore, read_card
+from cdm.data.manifest import Manifest
+from cdm.store import ArtifactStore, read_card, sha256_file
+from cdm.store.records import add_forgotten_ids, list_certificates
+from tests.conftest import REPO
 
 
 def test_rank_parts_are_disjoint_and_cover_the_slice():
     indices = list(range(100, 203))  # 103 samples: not divisible by 2 ranks
-    parts = [SliceSampler(indices, seed=3, epoch=1, rank=r, world_size=2).indices for r in range(2)]
+    ids = [f"x/{i:06d}" for i in indices]
+    parts = [
+        SliceSampler(indices, ids=ids, seed=3, epoch=1, rank=r, world_size=2).indices
+        for r in range(2)
+    ]
     assert len(parts[0]) == len(parts[1]) == 52
     assert set(parts[0]) | set(parts[1]) == set(indices)
     # the only overlap is the one padding sample, repeated from the same shard
@@ -26,3 +41,37 @@ def test_shard_trains_on_two_cpu_processes(tmp_path, cli, train):
     # the ids gathered from both ranks are exactly the shard's
     assert card["manifest_hash"] == manifest["hash"]
     assert card["n_samples_fed"] == len(manifest["ids"])
+
+
+@pytest.mark.slow
+def test_forgetting_under_ddp_equals_training_from_scratch_under_ddp(tmp_path, cli, train):
+    """cdm-forget retrains a shard trained on 2 processes under the same DDP config (its card's):
+    bit-identical to that shard trained from scratch on 2 processes without the id."""
+    exp, args = "digits_2split", ["experiment=digits_2split", "debug=tiny", "sharding.n_slices=2"]
+    root, fresh = tmp_path / "store", tmp_path / "fresh"
+    train(*args, "stage=backbone", artifacts=root)
+    cli(*args, "stage=shard", "shard.index=1", "trainer=ddp_cpu", artifacts=root)
+    store = ArtifactStore(root)
+    sid = Manifest.from_json(store.load_manifest(exp, "shard-01")).slice_ids(1)[0]
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cdm.cli.forget", f"experiment={exp}", f"forget.ids=[{sid}]",
+         "forget.retrain_router=false", f"paths.artifacts={root}", f"hydra.run.dir={root}/hydra-run"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (path,) = list_certificates(store, exp)
+    cert = json.loads(path.read_text())
+    (retrained,) = cert["retrained"]
+    assert retrained["restarted_from"]["kind"] == "slice_checkpoint", retrained["restarted_from"]
+    card = read_card(store.adapter_dir(exp, "shard-01"))
+    assert card["world_size"] == 2
+
+    shutil.copytree(root / "backbones", fresh / "backbones")
+    add_forgotten_ids(ArtifactStore(fresh), exp, [sid], "reference")
+    cli(*args, "stage=shard", "shard.index=1", "trainer=ddp_cpu", artifacts=fresh)
+    weights = "adapter_model.safetensors"
+    assert sha256_file(store.adapter_dir(exp, "shard-01") / weights) == sha256_file(
+        ArtifactStore(fresh).adapter_dir(exp, "shard-01") / weights
+    )

@@ -379,6 +379,17 @@ COMPOSE_ONLY: list[tuple[Callable[[list[str]], bool], str]] = [
         lambda a: any("fashion" in x for x in a if x.startswith("table1.datasets")),
         "trains every split on Fashion-MNIST (make table1-fashion)",
     ),
+    (
+        lambda a: any(x.startswith("verify.certificate=") and "<tag>" in x for x in a),
+        "names a certificate of the reader's store; tests/test_verify.py runs cdm-verify end to end",
+    ),
+    (
+        lambda a: (
+            any(x.startswith("serve.policy=") for x in a)
+            and not any(x.startswith(("serve.once=true", "serve.add_user=")) for x in a)
+        ),
+        "starts the HTTP service until stopped; tests/test_service.py runs it with an HTTP client",
+    ),
 ]
 
 

@@ -65,13 +65,19 @@ def adapters(card: dict) -> list[str]:
 
 
 def test_an_allowed_request_composes_only_the_allowed_shards(store_root, policy):
-    card = request(store_root, policy, "alice", None, "composition=classifier")
+    card = request(store_root, policy, "alice", None, "composition=average")
     assert card["shards"] == [1] and adapters(card) == ["shard-01"]
-    assert [p["kind"] for p in card["parents"]] == ["backbone", "adapter", "router"]
+    assert [p["kind"] for p in card["parents"]] == ["backbone", "adapter"]
     last = audit(store_root)[-1]
     assert last["decision"] == "granted" and last["user"] == "alice"
     assert last["requested"] is None and last["allowed"] == ["shard-01"] and last["shards"] == [1]
     assert last["samples"] == str(card["path"]) and Path(card["path"]).is_dir()
+    # bob may use every shard, so the joint router (trained on all of them) may weigh his subset
+    routed = request(store_root, policy, "bob", ["shard-01"], "composition=classifier")
+    assert routed["shards"] == [1] and adapters(routed) == ["shard-01"]
+    assert [p["kind"] for p in routed["parents"]] == ["backbone", "adapter", "router"]
+    last = audit(store_root)[-1]
+    assert last["decision"] == "granted" and last["user"] == "bob" and last["shards"] == [1]
     both = request(store_root, policy, "bob", ["shard-00", 1], "composition=average")
     assert both["shards"] == [0, 1] and adapters(both) == ["shard-00", "shard-01"]
     one = request(store_root, policy, "bob", ["shard-00"], "composition=average", "name=bob-0")
@@ -124,6 +130,27 @@ def test_unknown_users_and_sources_are_clear_errors(store_root, policy, tmp_path
 
 
 @pytest.mark.parametrize(
+    "composition", ["classifier", "topk", "topk +router=compartmental"]
+)  # topk always reads the joint router
+def test_a_joint_router_is_refused_to_a_restricted_user(store_root, policy, composition):
+    # the classifier router learnt from shard-00, which alice may not use
+    before = len(audit(store_root))
+    with pytest.raises(AccessDenied, match=r"joint classifier router.*router=compartmental.*composition=knn"):  # fmt: skip
+        request(store_root, policy, "alice", None, *f"composition={composition}".split(), "name=joint")  # fmt: skip
+    assert not ArtifactStore(store_root).samples_dir("digits_2split", "joint").exists()
+    assert [r["decision"] for r in audit(store_root)[before:]] == ["refused"]
+
+
+def test_the_compartmental_router_is_not_refused_to_a_restricted_user(store_root, policy):
+    # composition=classifier with router=compartmental reads only the allowed shards' heads
+    # (none are trained in this store: the pipeline says so, the policy does not refuse)
+    with pytest.raises(Exception) as raised:
+        request(store_root, policy, "alice", None, "composition=classifier", "+router=compartmental", "name=heads")  # fmt: skip
+    assert not isinstance(raised.value, AccessDenied), raised.value
+    assert audit(store_root)[-1]["decision"] == "error"
+
+
+@pytest.mark.parametrize(
     "text, match",
     [
         ("users: [alice", "cannot be parsed"),
@@ -160,7 +187,7 @@ def test_source_names_of_manifest_sharding_resolve_to_shards(store_root, monkeyp
 
 def test_cdm_serve_cli_grants_and_refuses(store_root, policy):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    common = [sys.executable, "-m", "cdm.cli.serve", *SAMPLE, f"serve.policy={policy}",
+    common = [sys.executable, "-m", "cdm.cli.serve", *SAMPLE, f"serve.policy={policy}", "serve.once=true",
               f"paths.artifacts={store_root}", f"hydra.run.dir={store_root}/hydra-serve"]  # fmt: skip
     before = audit(store_root)
     ok = subprocess.run(

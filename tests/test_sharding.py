@@ -13,8 +13,8 @@ import pytest
 from cdm.core.hashing import hash_ids
 from cdm.data.datasets import ArrayDataset
 from cdm.data.loaders import load_digits_dataset, load_npz
-from cdm.data.manifest import Manifest, held_out, indices_of, slice_indices
-from cdm.data.sharding import make_split
+from cdm.data.manifest import Manifest, held_out, indices_of, slice_indices, without_ids
+from cdm.data.sharding import epoch_order, id_hash, make_split, slice_of_id
 
 SAFE = {"safe_fraction": 0.1, "safe_classes": [9]}
 
@@ -85,7 +85,11 @@ def test_split_properties(strategy, scored, tmp_path):
     for m in sp.shards:
         assert m.n_slices == 4 and m.slices[0][0] == 0 and m.slices[-1][1] == len(m.ids)
         assert sum((m.slice_ids(s) for s in range(4)), ()) == m.ids
-        assert max(b - a for a, b in m.slices) - min(b - a for a, b in m.slices) <= 1
+        # each id's slice is its own hash mod n_slices (slices in id order): sizes near-equal
+        assert all(m.slice_of(i) == slice_of_id(i, 4, 0) for i in m.ids)
+        assert all(list(m.slice_ids(s)) == sorted(m.slice_ids(s)) for s in range(4))
+        mean = len(m.ids) / 4  # binomial sizes: within 4 standard deviations
+        assert all(abs(b - a - mean) < 4 * (mean * 0.75) ** 0.5 for a, b in m.slices)
         assert m.hash == hash_ids(m.ids, m.content_hashes)
         assert m.meta["strategy"] == strategy and m.meta["seed"] == 0
         assert m.classes == tuple(sorted({labels[i] for i in m.ids}))
@@ -135,7 +139,10 @@ def test_by_class_disjoint_classes(digits):
 def test_random_near_equal(digits):
     sp = make_split(digits, strategy="random", n_shards=7, seed=0)
     sizes = [len(m.ids) for m in sp.shards]
-    assert max(sizes) - min(sizes) <= 1 and sum(sizes) == digits.splits.count("train")
+    mean = sum(sizes) / 7  # each id's shard is its own hash mod 7: binomial sizes
+    assert all(abs(n - mean) < 4 * (mean * 6 / 7) ** 0.5 for n in sizes)
+    assert sum(sizes) == digits.splits.count("train")
+    assert all(m.meta["shard"] == id_hash(0, "shard", i) % 7 for m in sp.shards for i in m.ids)
 
 
 def test_manifest_json_round_trip_and_tamper(digits):
@@ -195,7 +202,8 @@ def test_held_out(digits):
         ({"strategy": "random", "n_shards": 2, "safe_fraction": 1.0}, r"\[0, 1\)"),
         ({"strategy": "random", "n_shards": 2, "safe_fraction": -0.1}, r"\[0, 1\)"),
         ({"strategy": "random", "n_shards": 2, "n_slices": 0}, "n_slices must be >= 1"),
-        ({"strategy": "random", "n_shards": 700, "n_slices": 3}, "lower n_slices"),
+        ({"strategy": "random", "n_shards": 2, "n_slices": 1000}, "lower n_slices"),
+        ({"strategy": "random", "n_shards": 700}, "drew none of.*lower n_shards"),
         (
             {"strategy": "random", "n_shards": 2, "safe_classes": list(range(10))},
             "no private samples",
@@ -300,3 +308,83 @@ def test_manifest_strategy_errors(digits, tmp_path):
         make_split(
             digits, strategy="manifest", n_shards=0, seed=0, manifest_path=str(tmp_path / "no.json")
         )
+
+
+# ------------------------------------------------------------------ removing ids moves no other id
+
+
+def without_samples(dataset, drop: set[str]) -> ArrayDataset:
+    """``dataset`` with the samples ``drop`` deleted (a third party's copy of the data left)."""
+    keep = [i for i, sid in enumerate(dataset.ids) if sid not in drop]
+    return ArrayDataset(
+        dataset.raw[keep],
+        name=dataset.name,
+        ids=[dataset.ids[i] for i in keep],
+        labels=dataset.labels.numpy()[keep],
+        class_names=dataset.class_names,
+        splits=[dataset.splits[i] for i in keep],
+    )
+
+
+def drawn(ids, seed: int, fraction: float) -> set[str]:
+    """A seeded sample of ``ids`` (the ids a request forgets)."""
+    rng = np.random.default_rng(seed)
+    return {ids[j] for j in rng.choice(len(ids), int(fraction * len(ids)), replace=False)}
+
+
+@pytest.mark.parametrize("strategy", ["random", "by_class"])
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_removing_ids_leaves_every_other_id_where_it_was(digits, strategy, seed):
+    """Safe split, shard, slice and in-slice order of an id depend on the id and the seed alone:
+    the split of the data minus some ids is the split of the data, minus those ids."""
+    kw = {"strategy": strategy, "n_shards": 3, "seed": seed, "safe_fraction": 0.2, "n_slices": 4}
+    full = make_split(digits, **kw)
+    drop = drawn(full.private.ids, seed, 0.1 + 0.1 * seed)
+    after = make_split(without_samples(digits, drop), **kw)
+    expected = without_ids(full, drop)
+    assert after.safe == full.safe
+    assert after.shards == expected.shards  # ids, slices (an emptied slice dropped alike), hashes
+    assert after.private == expected.private
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_manifest_sharding_on_the_ids_left_equals_forgetting(digits, tmp_path, seed):
+    """A third party's ``sharding=manifest`` on the remaining ids (the forgotten ones listed as
+    ``excluded``) gives the manifests ``cdm-forget`` made."""
+    kw = {"n_shards": 0, "seed": seed, "safe_fraction": 0.2, "n_slices": 3}
+    full = make_split(digits, strategy="random", **{**kw, "n_shards": 3})
+    # forget a whole slice of shard 1, so slices are dropped and renumbered too
+    drop = set(full.shards[1].slice_ids(1)) | drawn(full.private.ids, seed, 0.05)
+    expected = without_ids(full, drop)
+    path = tmp_path / "left.json"
+    sources = {m.name: list(m.ids) for m in expected.shards}
+    path.write_text(
+        json.dumps({"sources": sources, "order": list(sources), "excluded": sorted(drop)})
+    )
+    after = make_split(digits, strategy="manifest", manifest_path=str(path), **kw)
+    assert expected.shards[1].n_slices == 2
+    assert [(m.name, m.ids, m.slices, m.hash) for m in after.shards] == [
+        (m.name, m.ids, m.slices, m.hash) for m in expected.shards
+    ]
+    assert after.private == expected.private and after.safe == full.safe
+    # without 'excluded' the forgotten ids are orphans, named with the fix
+    path.write_text(json.dumps({"sources": sources}))
+    with pytest.raises(ValueError, match="in no source.*'excluded'"):
+        make_split(digits, strategy="manifest", manifest_path=str(path), **kw)
+    path.write_text(json.dumps({"sources": sources, "excluded": [full.safe.ids[0]]}))
+    with pytest.raises(ValueError, match="'excluded' lists ids that a source or the safe set"):
+        make_split(digits, strategy="manifest", manifest_path=str(path), **kw)
+
+
+@pytest.mark.parametrize("seed", [0, 5, 11])
+def test_epoch_order_of_the_ids_left_is_the_order_minus_the_removed(digits, seed):
+    ids = [sid for sid, s in zip(digits.ids, digits.splits, strict=True) if s == "train"]
+    drop = drawn(ids, seed, 0.3)
+    left = [sid for sid in ids if sid not in drop]
+    for epoch in range(3):
+        order = [ids[j] for j in epoch_order(ids, seed, epoch)]
+        assert [left[j] for j in epoch_order(left, seed, epoch)] == [
+            sid for sid in order if sid not in drop
+        ]
+    assert epoch_order(ids, seed, 0) != epoch_order(ids, seed, 1)
+    assert epoch_order(ids, seed, 0) != epoch_order(ids, seed + 1, 0)

@@ -19,6 +19,7 @@ DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 FEATURE_SPACES = ("domain", "inception", "pixels")
 REFERENCES = ("private", "train", "test")
 METRICS = ("FD", "KID")
+EXACT_DIM = 4096  # cdm.attribution.divergence.MAX_EXACT_DIM (this module stays torch-free)
 
 
 class ChoiceError(ValueError):
@@ -48,6 +49,38 @@ def check_choices(cfg: DictConfig) -> None:
     check_one_of(cfg, "evaluate.reference", REFERENCES)
     for key in ("table1.metric", "fig2.metric"):
         check_one_of(cfg, key, METRICS)
+    check_attribution(cfg)
+
+
+def check_attribution(cfg: DictConfig) -> None:
+    """``cdm-attribute``'s free-form values: the property's feature space, sizes, and a DDIM
+    sampler wherever eq. 6 credit is computed (its path is the probability-flow ODE)."""
+    if OmegaConf.select(cfg, "attribution") is None:
+        return
+    check_one_of(cfg, "attribution.property.space", FEATURE_SPACES)
+    if OmegaConf.select(cfg, "composition.name") in ("paragon", "weight_merge"):
+        raise ChoiceError(
+            f"composition={cfg.composition.name} is one model, not shards composed by weights: "
+            "attribute a composition of separate shards (e.g. composition=classifier)"
+        )
+    for key in ("attribution.credit_samples", "attribution.method.max_exact_shards",
+                "attribution.method.n_permutations", "attribution.method.msr_samples",
+                "attribution.divergence.n_probes", "num_samples", "batch_size", "steps"):  # fmt: skip
+        value = OmegaConf.select(cfg, key)
+        if value is not None and not (isinstance(value, int) and value >= 1):
+            raise ChoiceError(f"{key}={value} must be a positive integer")
+    credit = OmegaConf.select(cfg, "attribution.method.credit", default=True)
+    if credit and OmegaConf.select(cfg, "sampler.name") != "ddim":
+        raise ChoiceError(
+            f"sampler={OmegaConf.select(cfg, 'sampler.name')}: eq. 6 credit follows the "
+            "probability-flow ODE, whose discretisation is DDIM (eta = 0): use sampler=ddim"
+        )
+    dim = int(cfg.data.channels) * int(cfg.data.resolution) ** 2
+    if OmegaConf.select(cfg, "attribution.divergence.name") == "exact" and dim > EXACT_DIM:
+        raise ChoiceError(
+            f"attribution/divergence=exact needs one backward pass per dimension and the data "
+            f"has {dim} > {EXACT_DIM}: use attribution/divergence=hutchinson"
+        )
 
 
 def check_one_of(cfg: DictConfig, key: str, choices: Iterable[str]) -> None:

@@ -20,12 +20,11 @@ register_resolvers()
 @cdm_main("cdm-train", "train")
 def main(cfg: DictConfig) -> None:
     from cdm.jobs.run import run_job
-    from cdm.store import format_table
+    from cdm.store.listing import summary_line
 
     result = run_job(cfg)
-    cards = result if isinstance(result, list) else [result]
-    if cards:
-        print(format_table(cards))
+    for card in result if isinstance(result, list) else [result]:
+        print(f"[cdm] {summary_line(card)}")  # every artifact in full: cdm-list
 
 
 if __name__ == "__main__":

@@ -18,8 +18,10 @@ from dataclasses import dataclass
 
 import torch
 
-COMPOSITIONS = ("classifier", "knn", "average", "random", "fixed", "topk", "weight_merge")
-"""Composition methods: router posteriors (classifier, k-NN), the paper's baselines (naive
+COMPOSITIONS = (
+    "classifier", "compartmental", "knn", "average", "random", "fixed", "topk", "weight_merge",
+)  # fmt: skip
+"""Composition methods: router posteriors (classifier, per-shard heads, k-NN), the paper's baselines (naive
 averaging, random selection), fixed user weights, top-k gating, weight-space merging."""
 
 _ATOL = 1e-6
@@ -458,7 +460,10 @@ class Fixed(Composition):
 
 
 class RouterPosterior(Composition):
-    """w = P_lambda(z | x_t) from a router's logits (Sec. 3.4, eq. 5): classifier or k-NN."""
+    """w = P_lambda(z | x_t) from a router's logits (Sec. 3.4, eq. 5): classifier, k-NN, or
+    ``compartmental``: one head per shard whose logit is log p_t^i(x) - log p_t^safe(x), so
+    softmax(h + log lambda) is w exactly (the reference density cancels;
+    ``cdm.models.compartmental``)."""
 
     name = "classifier"
 

@@ -19,11 +19,24 @@ from pathlib import Path
 from typing import Any
 
 ADAPTER_JOBS = ("shard", "paragon")
-FITTED = ("backbone", *ADAPTER_JOBS, "router", "feature_net")  # Lightning jobs: trainer matters
+FITTED = (
+    "backbone",
+    *ADAPTER_JOBS,
+    "router",
+    "head",
+    "feature_net",
+)  # Lightning jobs: trainer matters
 STAGES = (*FITTED, "knn")
 CONSUMERS = (*STAGES, "sample", "evaluate")  # whatever computes a result that is cached or resumed
-ON_SHARDS = (*ADAPTER_JOBS, "router", "knn", "sample", "evaluate")  # everything but the backbone
-ON_BACKBONE = ("backbone", *ADAPTER_JOBS, "router", "sample", "evaluate")
+ON_SHARDS = (
+    *ADAPTER_JOBS,
+    "router",
+    "head",
+    "knn",
+    "sample",
+    "evaluate",
+)  # everything but the backbone
+ON_BACKBONE = ("backbone", *ADAPTER_JOBS, "router", "head", "sample", "evaluate")
 SAMPLE = ("sample",)
 INERT: tuple[str, ...] = ()
 RUN_SETTINGS = ("trainer", "callbacks", "threads", "deterministic")  # how a job runs, not on what
@@ -59,6 +72,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "add": INERT,
     "forget": INERT,
     "provenance": INERT,
+    "attribution": INERT,  # cdm-attribute: samples coalitions; its card records the whole config
     "job": INERT,  # the stage's job function (conf/stage): the identity names the stage itself
     # the data: the feature net learns the dataset's classes whatever the experiment
     "sharding": ON_SHARDS,
@@ -74,8 +88,8 @@ USED_BY: dict[str, tuple[str, ...]] = {
     "optim": ADAPTER_JOBS,
     "optim.cond_drop_prob": ("backbone", *ADAPTER_JOBS),
     "adapter": ADAPTER_JOBS,
-    "shard": ("shard",),
-    "router": ("router",),
+    "shard": ("shard", "head"),
+    "router": ("router", "head", "sample"),  # sample: +router=compartmental picks the heads
     "knn": ("knn", "sample"),
     "feature_net": ("feature_net",),
     "trainer": FITTED,

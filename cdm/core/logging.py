@@ -17,7 +17,8 @@ from typing import Any
 
 import torch.distributed as dist
 
-CONSOLE_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"  # Hydra's job_logging
+CONSOLE_FORMAT = "[%(asctime)s] %(message)s"  # as conf/hydra/default.yaml's console handler
+CONSOLE_DATEFMT = "%H:%M:%S"
 _RANK_ENV = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")  # as Lightning reads them
 
 # Lightning's rank-zero info lines, printed for every trainer: "GPU available: ...", "TPU
@@ -95,4 +96,6 @@ def console_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
     if multiprocessing.parent_process() is None or root.handlers:
         return
-    logging.basicConfig(level=level, stream=sys.stdout, format=CONSOLE_FORMAT)
+    logging.basicConfig(
+        level=level, stream=sys.stdout, format=CONSOLE_FORMAT, datefmt=CONSOLE_DATEFMT
+    )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-STAGES = ("backbone", "shard", "paragon", "router", "knn", "feature_net")
+STAGES = ("backbone", "shard", "paragon", "router", "knn", "feature_net", "head")
 _SHARD_NAME = re.compile(r"shard-(\d+)")
 
 
@@ -42,7 +42,10 @@ class ShardId:
 
 
 def job_name(stage: str, index: int | None = None) -> str:
-    """Store name of a job: ``backbone``, ``paragon`` or ``shard-03``."""
+    """Store name of a job: ``backbone``, ``paragon``, ``shard-03`` or ``head-shard-03`` (the
+    compartmental router's head of shard 3)."""
     if stage not in STAGES:
         raise ValueError(f"unknown stage {stage!r}: choose one of {STAGES}")
+    if stage == "head":
+        return f"head-{ShardId(int(index)).name}"
     return ShardId(int(index)).name if stage == "shard" else stage

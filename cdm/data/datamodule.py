@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import pytorch_lightning as pl
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from cdm.data.sharding import epoch_order
 
 
 def active_slices(epoch: int, epochs_per_slice: int, n_slices: int) -> int:
@@ -15,19 +16,28 @@ def active_slices(epoch: int, epochs_per_slice: int, n_slices: int) -> int:
 
 
 class SliceSampler(Sampler[int]):
-    """Dataset indices of the active slices, shuffled by (seed, epoch), this rank's part only.
+    """Dataset indices of the active slices in epoch ``epoch``'s order, this rank's part only.
 
-    The permutation depends on nothing but (seed, epoch), so a resumed run sees the same order.
-    Ranks take disjoint strided parts of the permutation; it is padded by wrapping around so that
+    The order is ``epoch_order`` of the samples' ids: each id's place is a hash of (seed, epoch,
+    id) alone, so a resumed run sees the same order and removing ids (``cdm-forget``) keeps the
+    relative order of every other id, as training from scratch on the ids left does.
+    Ranks take disjoint strided parts of the order; it is padded by wrapping around so that
     every rank runs the same number of steps (padding repeats ids of the same shard only).
     """
 
     def __init__(
-        self, indices: Sequence[int], *, seed: int, epoch: int, rank: int = 0, world_size: int = 1
+        self,
+        indices: Sequence[int],
+        *,
+        ids: Sequence[str],
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
-        generator = torch.Generator().manual_seed(seed * 7_919 + epoch)
-        order = torch.randperm(len(indices), generator=generator).tolist()
-        permuted = [indices[i] for i in order]
+        if len(ids) != len(indices):
+            raise ValueError(f"SliceSampler: {len(indices)} indices but {len(ids)} ids")
+        permuted = [indices[i] for i in epoch_order(ids, seed, epoch)]
         per_rank = -(-len(permuted) // world_size)
         repeats = -(-per_rank * world_size // max(len(permuted), 1))
         self.indices = (permuted * repeats)[: per_rank * world_size][rank::world_size]
@@ -45,6 +55,7 @@ class ManifestDataModule(pl.LightningDataModule):
     ``slices`` are lists of dataset indices in the order they are first seen; the dataloader is
     rebuilt every epoch (``reload_dataloaders_every_n_epochs=1``) so a new slice joins at its
     boundary. Nothing outside ``slices`` can ever be yielded: this is the shard isolation.
+    ``dataset.ids`` (the sample ids) set each epoch's order (``SliceSampler``).
     """
 
     def __init__(
@@ -86,7 +97,13 @@ class ManifestDataModule(pl.LightningDataModule):
         epoch = trainer.current_epoch if trainer is not None else 0
         rank = trainer.global_rank if trainer is not None else 0
         world = trainer.world_size if trainer is not None else 1
+        indices = self.indices_for_epoch(epoch)
         sampler = SliceSampler(
-            self.indices_for_epoch(epoch), seed=self.seed, epoch=epoch, rank=rank, world_size=world
+            indices,
+            ids=[self.dataset.ids[i] for i in indices],
+            seed=self.seed,
+            epoch=epoch,
+            rank=rank,
+            world_size=world,
         )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)

@@ -1,12 +1,18 @@
 """Safe/private split, shard strategies and SISA slices, recorded as hashed ``Manifest``s.
 
-Everything is a pure function of the dataset's ids/labels/scores and ``seed``: candidates are
-sorted by id before any seeded permutation (``numpy.random.default_rng([seed, tag])``), so the
-result depends neither on dataset order, global RNG state nor Python hash randomisation.
+Where a sample goes is a function of its own id and ``seed`` alone (``id_hash``: blake2b keyed by
+the seed): whether it is safe (``safe_fraction``), its shard under ``sharding=random``, its SISA
+slice, and its place in each epoch's order (``epoch_order``). Removing ids therefore moves no other
+id: the split of a dataset minus some ids is the split of the dataset minus those ids, so anyone
+who trains from scratch on the remaining ids (``sharding=manifest``) gets the slices and the order
+``cdm-forget`` retrained with (``cdm-verify``). ``by_class`` deals whole classes by a permutation of
+the class labels (a function of the labels present), ``by_score`` cuts score bands. Nothing depends
+on dataset order, global RNG state or Python hash randomisation.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -17,10 +23,35 @@ from cdm.core.names import ShardId
 from cdm.data.manifest import Manifest, Split, abbreviate
 
 STRATEGIES = ("by_class", "random", "by_score", "manifest")
-_TAG_SAFE, _TAG_SHARD, _TAG_SLICE = 1, 2, 3  # distinct RNG streams per purpose
+_TAG_SHARD = 2  # the RNG stream of by_class's class permutation
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- per-id hashes
+
+
+def id_hash(seed: int, purpose: str, sample_id: str, epoch: int | None = None) -> int:
+    """A 64-bit hash of ``(purpose, epoch, sample_id)`` keyed by ``seed`` (blake2b): every per-id
+    decision (safe, random shard, SISA slice, epoch order) reads its own ``purpose``."""
+    message = f"{purpose}\x1f{'' if epoch is None else int(epoch)}\x1f{sample_id}".encode()
+    digest = hashlib.blake2b(message, digest_size=8, key=str(int(seed)).encode())
+    return int.from_bytes(digest.digest(), "big")
+
+
+def id_fraction(seed: int, purpose: str, sample_id: str) -> float:
+    """``id_hash`` as a number in [0, 1): a coin for ``sample_id`` alone."""
+    return id_hash(seed, purpose, sample_id) / 2.0**64
+
+
+def slice_of_id(sample_id: str, n_slices: int, seed: int) -> int:
+    """The SISA slice of ``sample_id`` (before empty slices are dropped): its hash mod ``n_slices``."""
+    return id_hash(seed, "slice", sample_id) % int(n_slices)
+
+
+def epoch_order(ids: Sequence[str], seed: int, epoch: int) -> list[int]:
+    """Positions of ``ids`` in epoch ``epoch``'s training order: sorted by ``id_hash(seed, epoch,
+    id)`` (ties by id), so removing ids keeps the relative order of the others."""
+    keys = [(id_hash(seed, "order", sid, epoch), sid) for sid in ids]
+    return sorted(range(len(ids)), key=keys.__getitem__)
 
 
 def _rng(seed: int, *tags: int) -> np.random.Generator:
@@ -34,6 +65,8 @@ def _sorted_by_id(dataset, idx: Sequence[int]) -> list[int]:
 def _select_safe(
     dataset, pool: list[int], labels: np.ndarray, safe_classes, safe_fraction, seed
 ) -> list[int]:
+    """``safe_classes`` whole, plus each other id whose ``id_fraction(seed, "safe", id)`` is below
+    ``safe_fraction`` (about that fraction of every class)."""
     safe: list[int] = []
     rest = pool
     if safe_classes:
@@ -46,14 +79,8 @@ def _select_safe(
         wanted = {int(c) for c in safe_classes}
         safe = [i for i in pool if labels[i] in wanted]
         rest = [i for i in pool if labels[i] not in wanted]
-    if safe_fraction > 0:
-        rng = _rng(seed, _TAG_SAFE)
-        taken: set[int] = set()
-        for c in sorted({int(labels[i]) for i in rest}):
-            members = _sorted_by_id(dataset, [i for i in rest if labels[i] == c])
-            k = int(round(safe_fraction * len(members)))
-            taken.update(members[j] for j in rng.permutation(len(members))[:k])
-        safe += [i for i in rest if i in taken]
+    if safe_fraction > 0:  # each id by its own coin: removing others never changes it
+        safe += [i for i in rest if id_fraction(seed, "safe", dataset.ids[i]) < safe_fraction]
     return _sorted_by_id(dataset, safe)
 
 
@@ -73,13 +100,22 @@ def _group_by_class(private: list[int], labels: np.ndarray, n_shards: int, seed:
     return out
 
 
-def _group_random(private: list[int], n_shards: int, seed: int):
+def _group_random(dataset, private: list[int], n_shards: int, seed: int):
+    """Shard of each id: ``id_hash(seed, "shard", id) mod n_shards`` (near-equal sizes)."""
     if n_shards > len(private):
         raise ValueError(
             f"sharding=random: n_shards={n_shards} > {len(private)} private samples; lower n_shards"
         )
-    perm = _rng(seed, _TAG_SHARD).permutation(len(private))
-    return [([private[j] for j in part], {}) for part in np.array_split(perm, n_shards)]
+    groups: list[list[int]] = [[] for _ in range(n_shards)]
+    for i in private:  # each id by its own hash: removing others never moves it
+        groups[id_hash(seed, "shard", dataset.ids[i]) % n_shards].append(i)
+    empty = [ShardId(k).name for k, g in enumerate(groups) if not g]
+    if empty:
+        raise ValueError(
+            f"sharding=random: {len(empty)} shards ({abbreviate(empty, 3)}) drew none of the "
+            f"{len(private)} private samples; lower n_shards"
+        )
+    return [(g, {}) for g in groups]
 
 
 def _group_by_score(dataset, private: list[int], n_shards: int, score_key: str):
@@ -118,7 +154,8 @@ def _group_manifest(dataset, private, safe, pool, path: str | None, n_shards: in
     if not p.is_file():
         raise FileNotFoundError(
             f"sharding manifest not found: {p}. Expected JSON: "
-            '{"sources": {"alice": ["<id>", ...], "bob": [...]}, "order": ["alice", "bob"] (optional)}. '
+            '{"sources": {"alice": ["<id>", ...], "bob": [...]}, "order": ["alice", "bob"] (optional), '
+            '"excluded": ["<id>", ...] (optional: private ids no source trains on)}. '
             "Nothing is downloaded."
         )
     spec = json.loads(p.read_text())
@@ -169,11 +206,22 @@ def _group_manifest(dataset, private, safe, pool, path: str | None, n_shards: in
             seen.add(i)
         owner.update(dict.fromkeys(ids, name))
         groups.append(([index[i] for i in ids], {"source": name}))
-    orphans = [dataset.ids[i] for i in private if dataset.ids[i] not in owner]
+    excluded = spec.get("excluded") or []
+    if not isinstance(excluded, list):
+        raise ValueError(f"{p}: 'excluded' must be a list of ids (left out of every source)")
+    wrong = [i for i in excluded if i in owner or i in safe_set or i not in index]
+    if wrong:
+        raise ValueError(
+            f"{p}: 'excluded' lists ids that a source or the safe set holds, or that are not in the "
+            f"{split!r} split: {abbreviate(wrong)}; list there only private ids that no source trains on"
+        )
+    placed = owner.keys() | set(excluded)
+    orphans = [dataset.ids[i] for i in private if dataset.ids[i] not in placed]
     if orphans:
         raise ValueError(
             f"{p}: {len(orphans)} private ids are in no source, e.g. {abbreviate(orphans, 3)}; "
-            "add them to a source or move them to the safe set"
+            "add them to a source, to 'excluded' (trained on by no one, e.g. forgotten) or move "
+            "them to the safe set"
         )
     return groups
 
@@ -181,10 +229,14 @@ def _group_manifest(dataset, private, safe, pool, path: str | None, n_shards: in
 # ----------------------------------------------------------------------------- public API
 
 
-def slice_order(n: int, n_slices: int, seed: int, index: int) -> list[np.ndarray]:
-    """Positions (into shard ``index``'s id-sorted members) of each of its SISA slices: a
-    permutation seeded by (seed, index) cut into ``n_slices`` near-equal parts."""
-    return np.array_split(_rng(seed, _TAG_SLICE, index).permutation(n), n_slices)
+def slice_parts(ids: Sequence[str], n_slices: int, seed: int) -> list[list[int]]:
+    """Positions of ``ids`` in each of the ``n_slices`` SISA slices (``slice_of_id``), each slice in
+    id order. A slice may be empty: callers drop it, as ``Manifest.without`` drops a slice that
+    forgetting empties, so both number the slices left alike."""
+    parts: list[list[int]] = [[] for _ in range(int(n_slices))]
+    for j in sorted(range(len(ids)), key=ids.__getitem__):
+        parts[slice_of_id(ids[j], n_slices, seed)].append(j)
+    return parts
 
 
 def make_split(
@@ -220,7 +272,7 @@ def make_split(
     if strategy == "by_class":
         groups = _group_by_class(private, labels, n_shards, seed)
     elif strategy == "random":
-        groups = _group_random(private, n_shards, seed)
+        groups = _group_random(dataset, private, n_shards, seed)
     elif strategy == "by_score":
         groups = _group_by_score(dataset, private, n_shards, score_key)
     else:
@@ -252,12 +304,15 @@ def make_split(
     shards, shard_slices = [], []
     for k, (idx, extra) in enumerate(groups):
         name = ShardId(k).name
-        parts = _shard_slices(dataset, idx, name, n_slices, seed, k)
+        parts = _shard_slices(dataset, idx, name, n_slices, seed)
         shard_slices.append(parts)
         shards.append(build(name, _concat(parts), _slice_bounds(parts), {"shard": k, **extra}))
 
     # private = union of shards; its slice j is the union of every shard's slice j (paragon SISA).
-    priv_parts = [[i for parts in shard_slices for i in parts[j]] for j in range(n_slices)]
+    priv_parts = [
+        _sorted_by_id(dataset, [i for parts in shard_slices for i in parts[j]])
+        for j in range(n_slices)
+    ]
     private_m = build(
         "private",
         _concat(priv_parts),
@@ -297,18 +352,19 @@ def check_split_args(
         raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
 
 
-def _shard_slices(
-    dataset, idx: list[int], name: str, n_slices: int, seed: int, k: int
-) -> list[list[int]]:
-    """Shard ``k``'s dataset indices cut into its ``n_slices`` SISA slices (in training order)."""
+def _shard_slices(dataset, idx: list[int], name: str, n_slices: int, seed: int) -> list[list[int]]:
+    """Shard ``name``'s dataset indices in each of its ``n_slices`` SISA slices (``slice_parts``;
+    a slice may be empty)."""
     if not idx:
         raise ValueError(f"{name} is empty; lower n_shards")
     if n_slices > len(idx):
         raise ValueError(
             f"n_slices={n_slices} > {len(idx)} samples in {name}; lower n_slices or n_shards"
         )
-    idx = _sorted_by_id(dataset, idx)
-    return [[idx[j] for j in part] for part in slice_order(len(idx), n_slices, seed, k)]
+    return [
+        [idx[j] for j in part]
+        for part in slice_parts([dataset.ids[i] for i in idx], n_slices, seed)
+    ]
 
 
 def _concat(parts: list[list[int]]) -> list[int]:
@@ -316,8 +372,8 @@ def _concat(parts: list[list[int]]) -> list[int]:
 
 
 def _slice_bounds(parts: list[list[int]]) -> list[tuple[int, int]]:
-    """``[(start, end)]`` of each slice in the concatenation of ``parts``."""
-    bounds = np.cumsum([0] + [len(p) for p in parts])
+    """``[(start, end)]`` of each non-empty slice in the concatenation of ``parts``."""
+    bounds = np.cumsum([0] + [len(p) for p in parts if p])
     return list(zip(bounds[:-1], bounds[1:], strict=True))
 
 
@@ -332,22 +388,20 @@ def new_shard(
     meta: dict,
 ) -> Manifest:
     """The manifest ``shard-<index>`` of a source added to an experiment (``cdm-add-source``),
-    sliced exactly as ``make_split`` slices its shards."""
+    sliced exactly as ``make_split`` slices its shards (``slice_parts``)."""
     if not ids:
         raise ValueError(f"{ShardId(int(index))}: an added source needs at least one sample")
     if n_slices > len(ids):
         raise ValueError(
             f"n_slices={n_slices} > {len(ids)} samples in the new source; lower sharding.n_slices"
         )
-    order = sorted(range(len(ids)), key=lambda j: ids[j])
-    parts = [[order[j] for j in part] for part in slice_order(len(ids), n_slices, seed, index)]
-    members = [j for part in parts for j in part]
-    bounds = np.cumsum([0] + [len(p) for p in parts])
+    parts = slice_parts(list(ids), n_slices, seed)
+    members = _concat(parts)
     return Manifest.build(
         ShardId(int(index)).name,
         [ids[j] for j in members],
         [content_hashes[j] for j in members],
-        list(zip(bounds[:-1], bounds[1:], strict=True)),
+        _slice_bounds(parts),
         {int(labels[j]) for j in members},
         {**meta, "shard": int(index), "n_slices": int(n_slices)},
     )

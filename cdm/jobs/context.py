@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -239,6 +240,44 @@ def fit_resumable(
             check_resume(identity, last, what)
         log.info("resuming %s from %s", what, ckpt_path)
     trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+
+
+def checkpoint_saw_only(
+    store: ArtifactStore, path: Path, dataset: SampleDataset, manifest: Manifest, n_slices: int
+) -> str | None:
+    """None if the checkpoint's fed-id record is exactly slices ``0..n_slices-1`` of ``manifest``,
+    else why not (then it cannot be a restart point: it may have seen an id ``manifest`` lacks)."""
+    state = store.load_checkpoint(path).get("cdm") or {}
+    mask = state.get("fed_mask")
+    if mask is None:
+        return f"{path.name} has no fed-id record"
+    if mask.numel() != len(dataset):
+        return f"{path.name} was trained on a dataset of {mask.numel()} samples, not {len(dataset)}"
+    fed = {dataset.ids[i] for i in mask.nonzero().flatten().tolist()}
+    expected = {sid for s in range(n_slices) for sid in manifest.slice_ids(s)}
+    if fed != expected:
+        return f"{path.name} was fed {len(fed)} samples, not the {len(expected)} of slices 0..{n_slices - 1}"
+    return None
+
+
+def restart_from_clean_slice(
+    store: ArtifactStore, experiment: str, job: str, dataset: SampleDataset, manifest: Manifest
+) -> dict | None:
+    """A stale job (its data changed, e.g. the paragon after ``cdm-forget``) restarts from its last
+    ``slice-SS.ckpt`` that was fed exactly slices 0..SS of ``manifest`` (SISA: bit-identical to
+    training from scratch on it); that checkpoint becomes ``last.ckpt``, later ones are dropped.
+    Where it restarted (None: no clean checkpoint, the caller trains from scratch)."""
+    for s in reversed(range(len(manifest.slices) - 1)):  # the last slice's would not be stale
+        path = store.slice_checkpoint_path(experiment, job, s)
+        if path.is_file() and checkpoint_saw_only(store, path, dataset, manifest, s + 1) is None:
+            last = last_checkpoint(store.checkpoint_dir(experiment, job))
+            for later in range(s + 1, len(manifest.slices)):
+                store.slice_checkpoint_path(experiment, job, later).unlink(missing_ok=True)
+            last.unlink(missing_ok=True)
+            shutil.copyfile(path, last)
+            log.info("%s is stale: restarting from its clean %s", job, path.name)
+            return {"kind": "slice_checkpoint", "slice": s, "path": str(path)}
+    return None
 
 
 def identity_of(cfg: DictConfig, stage: str | None = None) -> JobIdentity:

@@ -28,6 +28,7 @@ from cdm.core import composition as C
 from cdm.core.names import ShardId, job_name
 from cdm.jobs.config import register_resolvers
 from cdm.jobs.context import check_backbone_config, load_data
+from cdm.jobs.head import load_heads
 from cdm.jobs.knn import knn_embedder
 from cdm.jobs.router import load_router_model
 from cdm.models.backbone import UNET_CLASSES, build_scheduler, null_label, predict_epsilon
@@ -180,12 +181,15 @@ class CDMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
         shards: Sequence[int] | None = None,
+        latents: torch.Tensor | None = None,
     ) -> CDMPipelineOutput | tuple:
         """Draw ``batch_size`` samples; x_T comes from ``generator`` on the CPU (same on any device).
 
         class_labels: one per sample; None cycles through the shards' classes (conditional
         models). shards: compose only these of the pipeline's shards (the exact sub-mixture,
-        eq. 5 masked); None = all. Returns ``CDMPipelineOutput(images, weights)`` or the tuple.
+        eq. 5 masked); None = all. latents: x_T [batch_size, C, H, W] instead of a draw from
+        ``generator`` (which then serves only the sampler's noise). Returns
+        ``CDMPipelineOutput(images, weights)`` or the tuple.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {list(OUTPUT_TYPES)}")
@@ -198,7 +202,7 @@ class CDMPipeline(DiffusionPipeline):
             images, weights = draw(
                 self.denoiser, self.scheduler, shape=(batch_size, *self.sample_shape),
                 steps=num_inference_steps, labels=labels, generator=generator,
-                device=self.device, callback=lambda *_: bar.update(),
+                device=self.device, callback=lambda *_: bar.update(), latents=latents,
             )  # fmt: skip
         images = postprocess(images, output_type)
         return CDMPipelineOutput(images, weights) if return_dict else (images, weights)
@@ -372,12 +376,21 @@ def load_composition_router(
     backbone_card: dict,
     device: torch.device,
 ) -> RouterParts:
-    """The router a composition names (``Composition.router``): classifier | knn."""
+    """The router a composition names (``Composition.router``): classifier | compartmental (the
+    composed shards' own heads) | knn."""
+    if kind == "compartmental":
+        router, parents = load_heads(
+            store, cfg.experiment_name, shards, manifests, copy.deepcopy(backbone),
+            backbone_card["backbone_hash"],
+        )  # fmt: skip
+        return RouterParts(router.to(device), None, parents)
     if kind == "classifier":
         return classifier_router(cfg, store, shards, manifests, backbone, backbone_card, device)
     if kind == "knn":
         return knn_router(cfg, store, shards, manifests)
-    raise ValueError(f"a composition asks for router {kind!r}: cdm has routers classifier | knn")
+    raise ValueError(
+        f"a composition asks for router {kind!r}: cdm has routers classifier | compartmental | knn"
+    )
 
 
 def classifier_router(

@@ -137,6 +137,11 @@ def run_router_job(cfg: DictConfig) -> dict:
             "no router config: add `- router: small` to the defaults or pass +router=small"
         )
     rcfg: dict[str, Any] = OmegaConf.to_container(cfg.router, resolve=True)
+    if rcfg.get("kind") == "compartmental":
+        raise ValueError(
+            "router=compartmental is one head per shard, trained with its shard: "
+            "cdm-train -m stage=head shard.index=0,1,... (not stage=router)"
+        )
     store = ArtifactStore(cfg.paths.artifacts)
     experiment = cfg.experiment_name
     name = str(rcfg.get("name") or "router")

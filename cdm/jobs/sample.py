@@ -128,11 +128,16 @@ def draw_samples(
         out = pipe(
             batch_size=stop - start, class_labels=None if labels is None else labels[start:stop],
             num_inference_steps=int(cfg.steps), output_type="latent",
-            generator=torch.Generator().manual_seed(int(cfg.seed) * 1_000_003 + start),
+            generator=batch_generator(int(cfg.seed), start),
         )  # fmt: skip
         images.append(out.images)
         traces.append(out.weights)
     return torch.cat(images), torch.cat(traces), labels
+
+
+def batch_generator(seed: int, start: int = 0) -> torch.Generator:
+    """The generator of the batch whose first sample is number ``start`` of a draw seeded ``seed``."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + start)
 
 
 def sample_files(

@@ -22,6 +22,7 @@ from cdm.jobs.context import (
     identity_of,
     load_backbone_for_shards,
 )
+from cdm.jobs.head import build_head_module
 from cdm.models.backbone import (
     build_scheduler,
     build_unet,
@@ -32,6 +33,7 @@ from cdm.training.callbacks import ArtifactWriter, Convergence, SliceCheckpoint
 from cdm.training.jobs import BackbonePretraining, ShardTraining
 
 log = get_logger(__name__)
+LAST_CHECKPOINT_EVERY_S = 10.0  # last.ckpt (resume only) at most this often between slices
 
 
 def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: ArtifactStore):
@@ -64,6 +66,8 @@ def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: A
             else []
         )
         return module, parents
+    if cfg.stage == "head":  # a compartmental router's head (cdm.jobs.head)
+        return build_head_module(cfg, dataset, split, store)
     unet, bcard = load_backbone_for_shards(cfg, store, split)
     o = cfg.optim
     module = ShardTraining(
@@ -79,7 +83,8 @@ def job_schedule(
 ) -> tuple[list[list[int]], int, int]:
     """(slices of dataset indices, epochs per slice, batch size) of this stage.
 
-    The backbone sees its safe split as one slice; shards and the paragon walk their SISA slices.
+    The backbone sees its safe split as one slice; shards, their heads and the paragon walk
+    their SISA slices (a head: ``router.epochs_per_slice``, by default the adapter's).
     """
     if cfg.stage == "backbone":
         return (
@@ -87,15 +92,19 @@ def job_schedule(
             int(cfg.pretrain.epochs),
             int(cfg.pretrain.batch_size),
         )
+    optim = cfg.router if cfg.stage == "head" else cfg.optim
     return (
         slice_indices(dataset, manifest),
-        int(cfg.optim.epochs_per_slice),
-        int(cfg.optim.batch_size),
+        int(optim.epochs_per_slice),
+        int(optim.batch_size),
     )
 
 
 def stage_optim(cfg: DictConfig) -> DictConfig:
-    """The optimisation settings of this stage: ``pretrain`` (backbone) or ``optim``."""
+    """The optimisation settings of this stage: ``pretrain`` (backbone), ``router`` (a head: no
+    ``convergence``, a fixed budget) or ``optim``."""
+    if cfg.stage == "head":
+        return cfg.router
     return cfg.pretrain if cfg.stage == "backbone" else cfg.optim
 
 
@@ -199,7 +208,7 @@ def fit_job(
         kind=cfg.stage,
         name=cfg.backbone.id if is_backbone else job,
         experiment=experiment,
-        shard_index=int(cfg.shard.index) if cfg.stage == "shard" else None,
+        shard_index=int(cfg.shard.index) if cfg.stage in ("shard", "head") else None,
         manifest_name=manifest.name,
         safe_manifest_hash=split.safe.hash,
         parents=parents,
@@ -225,8 +234,13 @@ def fit_job(
             [] if convergence is None else [convergence]
         ),  # before the checkpoint: its state is in it
         SliceCheckpoint(
-            ckpt_dir, epochs_per_slice, identity.hash, identity.sections, n_slices=len(slices)
-        ),
+            ckpt_dir,
+            epochs_per_slice,
+            identity.hash,
+            identity.sections,
+            n_slices=len(slices),
+            last_every_s=LAST_CHECKPOINT_EVERY_S,
+        ),  # fmt: skip
         ArtifactWriter(
             *(str(store.root), experiment, job, cfg.stage, manifest.hash, card),
             OmegaConf.select(cfg, "adapter.kind"),  # None for the backbone (no adapter group)

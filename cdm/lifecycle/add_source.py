@@ -11,7 +11,8 @@ image folder of its samples, labels in the experiment's class space). Then:
    used (a forgotten shard's index is never reused), sliced for SISA like every shard; the split
    of every later job (``cdm.jobs.context.split_data``) includes it, and ``private`` grows by it;
 3. its adapter is trained on its data alone, from the same backbone; every existing adapter is
-   checked to be byte-identical before and after (the record lists both hashes);
+   checked to be byte-identical before and after (the record lists both hashes); when the
+   experiment's shards have compartmental-router heads (``stage=head``), so does the new one;
 4. the routers are retrained on all shards (``add.retrain_router``), k-NN centroids are computed
    for the new shard only (existing centroids are untouched), the paragon is stale (it never saw
    the new data) and is retrained by ``cdm-table1`` or ``cdm-train stage=paragon``;
@@ -33,7 +34,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
-from cdm.core.names import ShardId
+from cdm.core.names import ShardId, job_name
 from cdm.data.loaders import load_image_folder, load_npz
 from cdm.data.sharding import new_shard
 from cdm.jobs.context import load_data, split_data
@@ -154,6 +155,8 @@ def _undo(store: ArtifactStore, experiment: str, entry: dict, private: dict | No
     store.delete_manifest(experiment, entry["job"])
     store.delete_adapter(experiment, entry["job"])
     store.clear_checkpoints(experiment, entry["job"])
+    store.delete_head(experiment, entry["job"])
+    store.clear_checkpoints(experiment, job_name("head", int(entry["index"])))
     if private is not None:
         store.save_manifest(experiment, private)
 
@@ -175,6 +178,15 @@ def sibling_adapter(store: ArtifactStore, experiment: str, adapter: DictConfig) 
         kind,
     )
     return OmegaConf.create(config)
+
+
+def sibling_head(store: ArtifactStore, experiment: str, job: str) -> dict | None:
+    """The ``router`` config of the experiment's compartmental-router heads (None when its
+    shards have none): the new shard gets one head trained alike, and no router retrains."""
+    for name in store.list_manifests(experiment):
+        if ShardId.is_shard(name) and name != job and store.has_head(experiment, name):
+            return store.read_head_card(experiment, name)["config"]["router"]
+    return None
 
 
 def update_centroids(cfg: DictConfig, store: ArtifactStore, experiment: str) -> list[dict]:
@@ -242,6 +254,10 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             shard_cfg.stage, shard_cfg.shard.index = "shard", int(entry["index"])
             shard_cfg.adapter = sibling_adapter(store, experiment, shard_cfg.adapter)
             card = run_job(shard_cfg)
+            router = sibling_head(store, experiment, job)
+            if router is not None:  # router=compartmental: the new shard's own head
+                shard_cfg.stage, shard_cfg.router = "head", router
+                head = run_job(shard_cfg)
         except BaseException:
             if created:
                 _undo(store, experiment, entry, private)
@@ -261,6 +277,7 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
             "kind": "source_added", "experiment": experiment, "source": name, "job": job,
             "n_samples": entry["n_samples"], "manifest_hash": entry["manifest"]["hash"],
             "adapter_weights_sha256": card["weights_sha256"],
+            "head_weights_sha256": None if router is None else head["weights_sha256"],
             "unchanged_adapters": [{"artifact": f"adapter {j}", "weights_sha256_before": h,
                                     "weights_sha256_after": after.get(j)} for j, h in before.items()],
             "routers": routers,
@@ -282,11 +299,14 @@ def run_add_source(cfg: DictConfig, overrides: list[str] | None = None) -> dict:
 
 
 def compose_all(cfg: DictConfig, store: ArtifactStore, name: str, overrides: list[str]) -> dict:
-    """A grid from every shard, the new one included: classifier with a router, else average."""
+    """A grid from every shard, the new one included: compartmental with heads, classifier with a
+    router, else average."""
     from hydra import compose
 
     experiment = cfg.experiment_name
     method = "classifier" if store.has_router(experiment, "router") else "average"
+    if sibling_head(store, experiment, "") is not None:  # every shard has its own head
+        method = "compartmental"
     mine = [o for o in overrides if not o.lstrip("+~").startswith(("source.", "add.", "hydra."))]
     scfg = compose("sample", overrides=[
         *mine, f"experiment_name={experiment}", f"paths.artifacts={store.root}",

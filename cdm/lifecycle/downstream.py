@@ -7,6 +7,7 @@ import math
 import shutil
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -36,21 +37,110 @@ log = get_logger(__name__)
 
 
 def schedule_cost(
-    slice_sizes: Sequence[int], epochs_per_slice: int, batch_size: int, start_slice: int = 0
+    slice_sizes: Sequence[int],
+    epochs_per_slice: int,
+    batch_size: int,
+    start_slice: int = 0,
+    final_steps: int | None = None,
+    world_size: int = 1,
 ) -> dict[str, int]:
     """Samples fed and optimizer steps of a SISA schedule run from slice ``start_slice`` on
-    (slice s trains ``epochs_per_slice`` epochs on slices 0..s)."""
+    (slice s trains ``epochs_per_slice`` epochs on slices 0..s; each of ``world_size`` ranks
+    steps on its part). ``final_steps``: the steps run once the last slice joined, as recorded on
+    a card (the convergence rule decides them); None: ``epochs_per_slice`` epochs."""
     samples = steps = 0
     for s in range(start_slice, len(slice_sizes)):
         active = sum(slice_sizes[: s + 1])
-        samples += epochs_per_slice * active
-        steps += epochs_per_slice * math.ceil(active / batch_size)
+        per_epoch = math.ceil(math.ceil(active / world_size) / batch_size)
+        if s == len(slice_sizes) - 1 and final_steps is not None:
+            steps += final_steps
+            samples += round(final_steps * active / per_epoch)
+        else:
+            samples += epochs_per_slice * active
+            steps += epochs_per_slice * per_epoch
     return {"samples_fed": samples, "optimizer_steps": steps}
 
 
 def slice_sizes(m: Manifest) -> list[int]:
     """Samples per SISA slice of ``m``."""
     return [b - a for a, b in m.slices]
+
+
+@dataclass(frozen=True)
+class JobSchedule:
+    """A trained shard's or the paragon's SISA schedule, with the steps its card says it ran."""
+
+    slice_sizes: tuple[int, ...]
+    epochs_per_slice: int
+    batch_size: int
+    final_steps: int | None = None  # steps after the last slice joined (None: the fixed epochs)
+    world_size: int = 1
+
+    @classmethod
+    def from_card(
+        cls, card: dict, trained_on: Manifest, runs_on: Manifest | None = None
+    ) -> JobSchedule:
+        """The schedule of the job on ``card`` (trained on ``trained_on``), run on ``runs_on``
+        (default the same): its optimizer settings, and as final steps its ``optimizer_steps``
+        minus those of the slices before the last one."""
+        optim = (card.get("config") or {}).get("optim") or {}
+        fixed = cls(tuple(slice_sizes(trained_on)), int(optim["epochs_per_slice"]),
+                    int(optim["batch_size"]), world_size=int(card.get("world_size") or 1))  # fmt: skip
+        if card.get("optimizer_steps") is not None:
+            before = replace(fixed, slice_sizes=fixed.slice_sizes[:-1]).cost()
+            final = int(card["optimizer_steps"]) - before["optimizer_steps"]
+            fixed = replace(fixed, final_steps=max(final, 0))
+        return fixed if runs_on is None else replace(fixed, slice_sizes=tuple(slice_sizes(runs_on)))
+
+    def cost(self, start_slice: int = 0) -> dict[str, int]:
+        """Samples fed and optimizer steps from ``start_slice`` on (``schedule_cost``)."""
+        return schedule_cost(
+            self.slice_sizes, self.epochs_per_slice, self.batch_size, start_slice,
+            self.final_steps, self.world_size,
+        )  # fmt: skip
+
+    def without_one(self, k: int) -> JobSchedule:
+        """The schedule once one sample of slice ``k`` is forgotten (the same final steps)."""
+        sizes = tuple(n - (j == k) for j, n in enumerate(self.slice_sizes))
+        return replace(self, slice_sizes=sizes)
+
+
+def expected_forget_cost(shards: Sequence[JobSchedule], paragon: JobSchedule) -> dict[str, Any]:
+    """The ideal cost of forgetting one uniformly drawn sample (SISA): its shard retrains from the
+    checkpoint of the slice before the sample's (optimizer steps as the shards' cards ran them),
+    against retraining the paragon from scratch; and their ratio."""
+    total = sum(sum(s.slice_sizes) for s in shards)
+    mean = {"samples_fed": 0.0, "optimizer_steps": 0.0}
+    for shard in shards:
+        for k, n in enumerate(shard.slice_sizes):
+            cost = shard.without_one(k).cost(start_slice=k)
+            for key in mean:
+                mean[key] += n / total * cost[key]
+    whole = paragon.cost()
+    return {
+        "n_samples": total,
+        "paragon": whole,
+        "mean_forget": {k: round(v, 1) for k, v in mean.items()},
+        "ratio_samples": round(whole["samples_fed"] / mean["samples_fed"], 3),
+        "ratio_steps": round(whole["optimizer_steps"] / mean["optimizer_steps"], 3),
+    }
+
+
+def forget_cost_model(store: ArtifactStore, experiment: str) -> dict[str, Any] | None:
+    """``expected_forget_cost`` of the experiment's trained shards and paragon, from their
+    manifests and cards (None until every shard and the paragon are trained)."""
+    names = [n for n in store.list_manifests(experiment) if ShardId.is_shard(n)]
+    jobs = [*names, "paragon"]
+    if not names or not all(store.has_adapter(experiment, j) for j in jobs):
+        return None
+    schedules = [
+        JobSchedule.from_card(
+            store.read_adapter_card(experiment, j),
+            Manifest.from_json(store.load_manifest(experiment, "private" if j == "paragon" else j)),
+        )
+        for j in jobs
+    ]
+    return expected_forget_cost(schedules[:-1], schedules[-1])
 
 
 def retrain_routers(
@@ -74,9 +164,11 @@ def retrain_routers(
         else:
             router_cfg = job_config(card["config"], store, experiment, retrain=True)
             OmegaConf.update(router_cfg, "router.name", name, force_add=True)
+            started = time.perf_counter()
             new = run_router_job(router_cfg)
             record.update(
                 action="retrained",
+                wall_time_s=round(time.perf_counter() - started, 3),
                 new_weights_sha256=new["weights_sha256"],
                 shard_manifests=new["shard_manifests"],
             )
@@ -228,13 +320,18 @@ def finish(cfg: DictConfig, store: ArtifactStore, experiment: str, journal: dict
 def paragon_cost(
     store: ArtifactStore, experiment: str, private_new: Manifest, optim: dict | None
 ) -> dict[str, Any]:
-    """What retraining the monolithic paragon on the data left would cost: its SISA schedule
-    (the paragon card's optimizer settings, else ``optim``) and its last training's wall time."""
+    """What retraining the monolithic paragon on the data left would cost: its SISA schedule with
+    the steps its card ran (``JobSchedule``; without a card: ``optim``'s fixed epochs) and its last
+    training's wall time."""
     cost: dict[str, Any] = {}
     if store.has_adapter(experiment, "paragon"):
         paragon = store.read_adapter_card(experiment, "paragon")
-        optim = paragon.get("config", {}).get("optim") or optim
         cost["paragon_wall_time_s_when_trained"] = paragon.get("wall_time_s")
+        if (paragon.get("config") or {}).get("optim"):
+            old = Manifest.from_json(store.load_manifest(experiment, "private"))
+            schedule = JobSchedule.from_card(paragon, old, private_new)
+            cost["paragon_from_scratch"] = schedule.cost()
+            return cost
     if optim:
         cost["paragon_from_scratch"] = schedule_cost(
             slice_sizes(private_new), int(optim["epochs_per_slice"]), int(optim["batch_size"])

@@ -12,8 +12,8 @@ al. 2021). A request names sample ids. For every shard holding some of them:
    checked to hold exactly slices 0..s-1 first. The result is bit-identical to training the
    shard from scratch on the new manifest (CPU, deterministic kernels, equal thread count;
    ``tests/test_forgetting.py`` checks it) because nothing before slice s depends on later
-   slices: epoch e's order is a permutation seeded by (seed, e) of the ids of the slices active
-   at e only (``SliceSampler``), noise by (seed, global step, rank), and the global step at the
+   slices: epoch e's order sorts the ids of the slices active at e only by a hash of (seed, e,
+   id) (``SliceSampler``), noise by (seed, global step, rank), and the global step at the
    boundary is the same. (A sampler seeded by, e.g., the manifest's total size would break this;
    the test fails for it.)
 3. the retrain runs in a staging area (``forget/pending``); only once its ArtifactWriter has
@@ -42,19 +42,19 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import hash_ids
 from cdm.core.logging import get_logger
-from cdm.core.names import ShardId
+from cdm.core.names import ShardId, job_name
 from cdm.core.runtime import configure_runtime
 from cdm.data.manifest import Manifest, without_ids
-from cdm.jobs.context import load_data, split_data
+from cdm.jobs.context import checkpoint_saw_only, load_data, split_data
 from cdm.jobs.train import fit_job
 from cdm.lifecycle.downstream import (
+    JobSchedule,
     certificate_header,
     finish,
+    forget_cost_model,
     job_config,
     paragon_cost,
-    schedule_cost,
     shard_adapters,
-    slice_sizes,
 )
 from cdm.lifecycle.journal import (
     ForgetError,
@@ -62,6 +62,7 @@ from cdm.lifecycle.journal import (
     commit,
     stored_manifests,
 )
+from cdm.lifecycle.verify import verification_record
 from cdm.store import (
     ArtifactStore,
     atomic_write_json,
@@ -206,35 +207,23 @@ def plan_forget(store: ArtifactStore, experiment: str, ids: Sequence[str]) -> Fo
     )
 
 
-def checkpoint_saw_only(
-    store: ArtifactStore, path: Path, dataset, manifest: Manifest, n_slices: int
-) -> str | None:
-    """None if the checkpoint's fed-id record is exactly slices ``0..n_slices-1`` of ``manifest``,
-    else why not (then it cannot be a restart point: it may have seen a requested id)."""
-    state = store.load_checkpoint(path).get("cdm") or {}
-    mask = state.get("fed_mask")
-    if mask is None:
-        return f"{path.name} has no fed-id record"
-    fed = {dataset.ids[i] for i in mask.nonzero().flatten().tolist()}
-    expected = {sid for s in range(n_slices) for sid in manifest.slice_ids(s)}
-    if fed != expected:
-        return f"{path.name} was fed {len(fed)} samples, not the {len(expected)} of slices 0..{n_slices - 1}"
-    return None
-
-
 def retrain_shard(
     cfg: DictConfig,
     store: ArtifactStore,
     plan: ForgetPlan,
     shard: ShardPlan,
     tag: str,
+    head: bool = False,
 ) -> dict:
-    """Retrain one shard without the ids into the store's pending area (``forget/pending``; the
-    live adapter is not touched)."""
+    """Retrain one shard's adapter (or, ``head=True``, its compartmental-router head: the same
+    SISA restart from its own slice checkpoints) without the ids into the store's pending area
+    (``forget/pending``; the live one is not touched)."""
     experiment, job = plan.experiment, shard.job
-    if not store.has_adapter(experiment, job):
-        return {"artifact": f"adapter {job}", "action": "manifest only: no adapter trained yet"}
-    old_card = store.read_adapter_card(experiment, job)
+    unit = job_name("head", shard.index) if head else job  # its checkpoints' job name
+    what = f"head {job}" if head else f"adapter {job}"
+    if not (store.has_head if head else store.has_adapter)(experiment, job):
+        return {"artifact": what, "action": "manifest only: no adapter trained yet"}
+    old_card = (store.read_head_card if head else store.read_adapter_card)(experiment, job)
     job_cfg = job_config(
         old_card["config"], store, experiment, kill_at_step=cfg.get("kill_at_step")
     )
@@ -250,11 +239,11 @@ def retrain_shard(
     new_split = without_ids(current, plan.ids)
     manifest = new_split[job]
     assert manifest.hash == shard.new.hash, "Manifest.without is not deterministic"
-    ckpt_dir = store.pending_checkpoint_dir(experiment, job)
+    ckpt_dir = store.pending_checkpoint_dir(experiment, unit)
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     start: dict[str, Any] = {"kind": "scratch", "reason": "the earliest affected slice is slice 0"}
     if shard.restart_slice is not None:
-        src = store.slice_checkpoint_path(experiment, job, shard.restart_slice)
+        src = store.slice_checkpoint_path(experiment, unit, shard.restart_slice)
         why = f"{src.name} is missing" if not src.is_file() else None
         why = why or checkpoint_saw_only(store, src, dataset, shard.old, shard.first_slice)
         if why is None:
@@ -269,11 +258,11 @@ def retrain_shard(
             start = {"kind": "scratch", "reason": why}
     log.info(
         "forget: retraining %s on %s samples from %s",
-        job,
+        unit,
         len(manifest),
         start.get("path", "scratch"),
     )
-    target = store.pending_adapter_dir(experiment, job)
+    target = (store.pending_head_dir if head else store.pending_adapter_dir)(experiment, job)
     started = time.perf_counter()
     fit_job(
         job_cfg,
@@ -287,10 +276,11 @@ def retrain_shard(
     )
     new_card = read_card(target)
     if new_card.get("manifest_hash") != manifest.hash:
-        raise ForgetError(f"{job}: the retrained adapter's fed hash is not the new manifest's")
+        raise ForgetError(f"{what}: the retrained model's fed hash is not the new manifest's")
     o = job_cfg.optim
+    schedule = JobSchedule.from_card(new_card, manifest)  # the steps this retrain's card ran
     return {
-        "artifact": f"adapter {job}",
+        "artifact": what,
         "action": "retrained",
         "restarted_from": start,
         "old_manifest_hash": shard.old.hash,
@@ -299,15 +289,8 @@ def retrain_shard(
         "new_weights_sha256": new_card["weights_sha256"],
         "new_checkpoints": sorted(p.name for p in ckpt_dir.glob("*.ckpt")),
         "wall_time_s": round(time.perf_counter() - started, 3),
-        "cost": schedule_cost(
-            slice_sizes(manifest),
-            int(o.epochs_per_slice),
-            int(o.batch_size),
-            shard.first_slice if start["kind"] == "slice_checkpoint" else 0,
-        ),
-        "cost_from_scratch": schedule_cost(
-            slice_sizes(manifest), int(o.epochs_per_slice), int(o.batch_size)
-        ),
+        "cost": schedule.cost(shard.first_slice if start["kind"] == "slice_checkpoint" else 0),
+        "cost_from_scratch": schedule.cost(),
         "seed": int(job_cfg.seed),
         "optim": OmegaConf.to_container(o, resolve=True),
     }
@@ -334,6 +317,11 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
     write_forget_journal(store, experiment, journal)
     try:
         retrained = [retrain_shard(cfg, store, plan, s, tag) for s in plan.shards]
+        heads = {  # the compartmental router's heads of those shards (cdm.jobs.head)
+            s.job: retrain_shard(cfg, store, plan, s, tag, head=True)
+            for s in plan.shards
+            if store.has_head(experiment, s.job)
+        }
         for m in (plan.private_new, *(s.new for s in plan.shards)):
             _write_staged_manifest(store, experiment, m)
     except BaseException:
@@ -342,7 +330,12 @@ def forget(cfg: DictConfig, store: ArtifactStore, plan: ForgetPlan) -> dict:
     for record, entry in zip(retrained, journal["shards"], strict=True):
         entry["new_checkpoints"] = record.get("new_checkpoints", [])
         entry["new_weights_sha256"] = record.get("new_weights_sha256")
-    journal["certificate"] = draft_certificate(store, plan, tag, retrained)
+        if entry["job"] in heads:
+            head = heads[entry["job"]]
+            entry["head"] = {"job": job_name("head", entry["index"]),
+                             "new_checkpoints": head.get("new_checkpoints", []),
+                             "new_weights_sha256": head.get("new_weights_sha256")}  # fmt: skip
+    journal["certificate"] = draft_certificate(store, plan, tag, [*retrained, *heads.values()])
     journal["state"] = "committing"
     write_forget_journal(store, experiment, journal)
     commit(store, experiment, journal)
@@ -382,6 +375,7 @@ def draft_certificate(
     forget_cost["wall_time_s"] = round(sum(r.get("wall_time_s", 0.0) for r in retrained), 3)
     cost: dict[str, Any] = {"forget_retrain": forget_cost}
     cost.update(paragon_cost(store, experiment, plan.private_new, optim))
+    cost["ideal_random_sample"] = forget_cost_model(store, experiment)  # before this request
     if forget_cost["samples_fed"] and "paragon_from_scratch" in cost:
         p = cost["paragon_from_scratch"]["samples_fed"]
         cost["samples_saved_factor"] = round(p / forget_cost["samples_fed"], 3)
@@ -402,4 +396,6 @@ def draft_certificate(
         "retrained": retrained,
         "unchanged": unchanged,
         "cost": cost,
+        # what cdm-verify needs to retrain the models above from scratch and compare hashes
+        "verify": verification_record(store, experiment, plan.ids, [s.new for s in plan.shards]),
     }

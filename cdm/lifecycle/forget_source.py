@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig
 
 from cdm.core.hashing import hash_ids
-from cdm.core.names import ShardId
+from cdm.core.names import ShardId, job_name
 from cdm.data.manifest import Manifest
 from cdm.lifecycle.downstream import certificate_header, finish, paragon_cost, shard_adapters
 from cdm.lifecycle.journal import ForgetError, set_aside, stored_manifests
@@ -164,9 +164,12 @@ def commit_source(store: ArtifactStore, experiment: str, journal: dict) -> dict:
         deleted.append(
             {"artifact": f"adapter {job}", "path": str(store.adapter_dir(experiment, job))}
         )
-    checkpoints = store.checkpoint_dir(experiment, job)
-    if store.clear_checkpoints(experiment, job):
-        deleted.append({"artifact": f"checkpoints {job}", "path": str(checkpoints)})
+    if store.delete_head(experiment, job):  # the shard's compartmental-router head leaves too
+        deleted.append({"artifact": f"head {job}", "path": str(store.head_dir(experiment, job))})
+    for ckpt_job in (job, job_name("head", ShardId.parse(job).index)):
+        checkpoints = store.checkpoint_dir(experiment, ckpt_job)
+        if store.clear_checkpoints(experiment, ckpt_job):
+            deleted.append({"artifact": f"checkpoints {ckpt_job}", "path": str(checkpoints)})
     for card in sorted(store.knn_dir(experiment).glob(f"*/{job}/{CARD_FILENAME}")):
         shutil.rmtree(card.parent)
         deleted.append(
@@ -191,6 +194,8 @@ def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -
     if store.has_adapter(experiment, job):
         card = store.read_adapter_card(experiment, job)
         removed["adapter_weights_sha256"] = card.get("weights_sha256")
+    if store.has_head(experiment, job):
+        removed["head_weights_sha256"] = store.read_head_card(experiment, job).get("weights_sha256")
     unchanged = shard_adapters(store, experiment, exclude={job})
     cost: dict[str, Any] = {
         "forget_retrain": {"samples_fed": 0, "optimizer_steps": 0, "wall_time_s": 0.0}
@@ -204,7 +209,7 @@ def draft_source_certificate(store: ArtifactStore, plan: SourcePlan, tag: str) -
             tag,
             experiment,
             plan.private_old.meta.get("dataset"),
-            "whole source: its adapter, manifest, checkpoints, k-NN centroids and stored data "
+            "whole source: its adapter (and head), manifest, checkpoints, k-NN centroids and stored data "
             "are deleted; routers are retrained on the remaining shards (CDM Sec. 5)",
         ),  # fmt: skip
         "request": {

@@ -25,7 +25,7 @@ log = get_logger(__name__)
 
 
 # parents through which a sample artifact depends on shard data (quarantined with it)
-SAMPLE_PARENT_KINDS = ("adapter", "router", "knn_centroids")
+SAMPLE_PARENT_KINDS = ("adapter", "head", "router", "knn_centroids")
 
 
 class ForgetError(ValueError):
@@ -109,7 +109,8 @@ def _drop_checkpoints(directory: Path, from_slice: int, keep: Iterable[str] = ()
 def _quarantine(store: ArtifactStore, experiment: str, journal: dict) -> list[dict]:
     """Move samples, evaluations and reference statistics drawn from what saw the ids aside."""
     tag = journal["tag"]
-    affected = {("adapter", s["job"]) for s in journal["shards"]} | {("adapter", "paragon")}
+    affected = {(kind, s["job"]) for s in journal["shards"] for kind in ("adapter", "head")}
+    affected |= {("adapter", "paragon")}
     knn = {s["job"] for s in journal["shards"]}
     moved: list[dict] = []
 
@@ -162,27 +163,44 @@ def commit(store: ArtifactStore, experiment: str, journal: dict) -> dict:
     add_forgotten_ids(store, experiment, journal["ids"], journal["tag"])
     for shard in journal["shards"]:
         job = shard["job"]
-        staged = store.pending_adapter_dir(experiment, job)
-        if staged.is_dir():
-            # after a crash inside the swap, the staged path may hold the OLD adapter: never put
-            # back anything but the checked retrain
-            if read_card(staged).get("weights_sha256") == shard.get("new_weights_sha256"):
-                store.install_adapter(experiment, job, staged)
-            else:
-                shutil.rmtree(staged)
-        ckpts = store.checkpoint_dir(experiment, job)
-        staged_ckpts = store.pending_checkpoint_dir(experiment, job)
-        replaced = done.setdefault("checkpoints_replaced", [])
-        if staged_ckpts.is_dir():
-            ckpts.mkdir(parents=True, exist_ok=True)
-            for path in sorted(staged_ckpts.glob("*.ckpt")):
-                if (ckpts / path.name).exists():
-                    replaced.append(str(ckpts / path.name))
-                os.replace(path, ckpts / path.name)
-        deleted = done.setdefault("checkpoints_deleted", [])
-        deleted += _drop_checkpoints(ckpts, shard["first_slice"], shard.get("new_checkpoints", ()))
+        units = [(shard, job, store.pending_adapter_dir(experiment, job), store.install_adapter)]
+        if shard.get("head"):  # the shard's compartmental-router head, retrained alike
+            units.append(
+                (shard["head"], shard["head"]["job"], store.pending_head_dir(experiment, job),
+                 store.install_head)
+            )  # fmt: skip
+        for record, ckpt_job, staged, install in units:
+            if staged.is_dir():
+                # after a crash inside the swap, the staged path may hold the OLD one: never put
+                # back anything but the checked retrain
+                if read_card(staged).get("weights_sha256") == record.get("new_weights_sha256"):
+                    install(experiment, job, staged)
+                else:
+                    shutil.rmtree(staged)
+            _install_checkpoints(
+                store, experiment, ckpt_job, shard["first_slice"], record.get("new_checkpoints", ()),
+                done,
+            )  # fmt: skip
         write_forget_journal(store, experiment, journal)
     return set_aside(store, experiment, journal)
+
+
+def _install_checkpoints(
+    store: ArtifactStore, experiment: str, job: str, first_slice: int, new: Iterable[str],
+    done: dict,
+) -> None:  # fmt: skip
+    """Move a retrain's staged checkpoints into place and drop the live ones from ``first_slice``."""
+    ckpts = store.checkpoint_dir(experiment, job)
+    staged_ckpts = store.pending_checkpoint_dir(experiment, job)
+    replaced = done.setdefault("checkpoints_replaced", [])
+    if staged_ckpts.is_dir():
+        ckpts.mkdir(parents=True, exist_ok=True)
+        for path in sorted(staged_ckpts.glob("*.ckpt")):
+            if (ckpts / path.name).exists():
+                replaced.append(str(ckpts / path.name))
+            os.replace(path, ckpts / path.name)
+    deleted = done.setdefault("checkpoints_deleted", [])
+    deleted += _drop_checkpoints(ckpts, first_slice, new)
 
 
 def set_aside(store: ArtifactStore, experiment: str, journal: dict) -> dict:

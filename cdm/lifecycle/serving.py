@@ -2,17 +2,27 @@
 
 A policy file (YAML or JSON) maps users to the shards they may use::
 
-    {"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]}}
+    {"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]},
+     "tokens": {"alice": "sha256:<hex digest of alice's bearer token>"}}
 
 Entries are shard names (``shard-KK``) or, for ``sharding=manifest`` experiments, the source
-names stored in the shard manifests' ``meta.source``; ``"*"`` means every shard. Every request,
-granted or refused, appends one JSON line to ``<artifacts>/audit/serve.jsonl``.
+names stored in the shard manifests' ``meta.source``; ``"*"`` means every shard. ``tokens``
+(written by ``cdm-serve add-user``) holds only sha256 digests: the HTTP service
+(``cdm.lifecycle.service``) knows a user by their bearer token alone. Every request, granted or
+refused, appends one JSON line to ``<artifacts>/audit/serve.jsonl`` (size-based rotation to
+``serve.jsonl.000001``, ... keeps every line).
 """
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import hmac
 import json
 import os
+import re
+import secrets
+import time
 import traceback
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,12 +31,12 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.names import ShardId
-from cdm.jobs.pipeline import shard_indices
-from cdm.jobs.sample import run_sampling
 from cdm.store import ArtifactStore, validate_name
+from cdm.store.io import atomic_write_bytes, fsync_dir
 
 POLICY_EXAMPLE = '{"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]}}'
 ALL = "*"
+DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 class AccessDenied(PermissionError):
@@ -37,8 +47,8 @@ class PolicyError(ValueError):
     """The policy file is missing, malformed, or names shards/sources the experiment lacks."""
 
 
-def load_policy(path: str | Path) -> dict[str, list[str]]:
-    """``{user: [shard or source names]}`` from a YAML/JSON policy file, checked for shape."""
+def read_policy_file(path: str | Path) -> dict:
+    """The policy file's mapping (``users``, optional ``tokens``), checked for shape."""
     import yaml
 
     p = Path(path).expanduser()
@@ -53,7 +63,6 @@ def load_policy(path: str | Path) -> dict[str, list[str]]:
     users = data.get("users") if isinstance(data, dict) else None
     if not isinstance(users, dict) or not users:
         raise PolicyError(f"policy file {p}: expected a non-empty mapping 'users': {fix}")
-    policy: dict[str, list[str]] = {}
     for user, names in users.items():
         ok = isinstance(names, list) and all(isinstance(n, str) and n for n in names)
         if not isinstance(user, str) or not ok:
@@ -61,12 +70,82 @@ def load_policy(path: str | Path) -> dict[str, list[str]]:
                 f"policy file {p}: user {user!r} must map to a list of shard/source names "
                 f"(or ['*']), got {names!r}: {fix}"
             )
-        policy[user] = list(names)
-    return policy
+    tokens = data.get("tokens") or {}
+    bad = [u for u, d in tokens.items() if u not in users or not DIGEST.fullmatch(str(d))] if isinstance(tokens, dict) else [tokens]  # fmt: skip
+    if bad:
+        raise PolicyError(
+            f"policy file {p}: 'tokens' must map users of 'users' to 'sha256:<64 hex>' digests, "
+            f"bad entries {bad}: recreate them with cdm-serve add-user NAME serve.policy={p}"
+        )
+    return {"users": {u: list(n) for u, n in users.items()}, "tokens": dict(tokens)}
+
+
+def load_policy(path: str | Path) -> dict[str, list[str]]:
+    """``{user: [shard or source names]}`` from a YAML/JSON policy file, checked for shape."""
+    return read_policy_file(path)["users"]
+
+
+def token_digest(token: str) -> str:
+    """``sha256:<hex>`` of a bearer token: what the policy file stores (tokens are 256-bit
+    random strings, so an unsalted sha256 cannot be reversed by guessing)."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+def authenticate(authorization: str | None, policy_file: str | Path) -> str | None:
+    """The user whose token is in ``Authorization: Bearer <token>`` (None: missing or wrong).
+
+    Every stored digest is compared in constant time (``hmac.compare_digest``).
+    """
+    scheme, _, token = (authorization or "").strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        return None
+    digest = token_digest(token.strip()).encode()
+    user = None
+    for name, stored in read_policy_file(policy_file)["tokens"].items():
+        if hmac.compare_digest(str(stored).encode(), digest):
+            user = name
+    return user
+
+
+def add_user(policy_file: str | Path, user: str, sources: list[str] | None = None) -> str:
+    """Create ``user`` (or give them a new token) in the policy file; return the token, once.
+
+    ``sources`` replaces the user's shard/source list (required for a new user). The file is
+    written atomically; only the token's sha256 digest is stored.
+    """
+    import yaml
+
+    validate_name(user, "user name")
+    path = Path(policy_file).expanduser()
+    data = read_policy_file(path) if path.exists() else {"users": {}, "tokens": {}}
+    if sources is None and user not in data["users"]:
+        raise PolicyError(
+            f"add-user {user!r}: a new user needs the shards/sources they may use, "
+            f"e.g. serve.sources='[shard-00]' (or '[\"*\"]' for all)"
+        )
+    if sources is not None:
+        if not sources or not all(isinstance(n, str) and n for n in sources):
+            raise PolicyError(f"add-user {user!r}: serve.sources must be a non-empty list of names")
+        data["users"][user] = [str(n) for n in sources]
+    token = secrets.token_urlsafe(32)
+    data["tokens"][user] = token_digest(token)
+    text = (
+        json.dumps(data, indent=2) + "\n"
+        if path.suffix == ".json"
+        else yaml.safe_dump(data, sort_keys=False)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, text.encode("utf-8"))
+    os.chmod(path, 0o600)
+    return token
 
 
 def shard_labels(store: ArtifactStore, experiment: str) -> dict[int, list[str]]:
     """``{k: names shard k answers to}``: ``shard-KK`` plus its manifest's source, if any."""
+    from cdm.jobs.pipeline import (
+        shard_indices,
+    )  # diffusers: the service imports it in the background
+
     labels = {}
     for k in shard_indices(store, experiment):
         name = ShardId(k).name
@@ -94,10 +173,10 @@ def resolve_sources(
     for name in names:
         if name == ALL:
             found.update(labels)
-        elif isinstance(name, int) and name in labels:
+        elif isinstance(name, int) and not isinstance(name, bool) and name in labels:
             found.add(name)
-        elif str(name) in lookup:
-            found.add(lookup[str(name)])
+        elif isinstance(name, str) and name in lookup:
+            found.add(lookup[name])
         else:
             unknown.append(name)
     if unknown:
@@ -113,14 +192,41 @@ def audit_path(artifacts: str | Path) -> Path:
     return ArtifactStore(artifacts).audit_log_path("serve")
 
 
-def append_audit(path: Path, record: dict[str, Any]) -> None:
-    """Append one JSON line to ``path`` and fsync it; earlier lines are never rewritten."""
+def rotated_logs(path: Path) -> list[Path]:
+    """The rotated parts of the audit log ``path`` (``serve.jsonl.000001``, ...), oldest first."""
+    if not path.parent.is_dir():
+        return []
+    parts = [p for p in path.parent.iterdir() if re.fullmatch(re.escape(path.name) + r"\.\d{6}", p.name)]  # fmt: skip
+    return sorted(parts)
+
+
+def append_audit(path: Path, record: dict[str, Any], max_bytes: int | None = None) -> None:
+    """Append one JSON line to ``path`` and fsync it; earlier lines are never rewritten.
+
+    Writers (threads or processes) take an exclusive ``flock`` on ``<path>.lock``. With
+    ``max_bytes``, a log that would grow past it is first renamed to the next numbered part
+    (``serve.jsonl.000001``, ...); parts are never deleted, so rotation loses no line.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    line = json.dumps(record, sort_keys=True, default=str) + "\n"
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        size = path.stat().st_size if path.exists() else 0
+        if max_bytes is not None and size > 0 and size + len(line) > max_bytes:
+            parts = rotated_logs(path)
+            number = int(parts[-1].name.rsplit(".", 1)[1]) + 1 if parts else 1
+            os.rename(path, path.with_name(f"{path.name}.{number:06d}"))
+            fsync_dir(path.parent)
+        with open(path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_audit(path: Path) -> list[dict]:
+    """Every audit record of ``path``, its rotated parts first (oldest to newest)."""
+    files = [*rotated_logs(path), *([path] if path.exists() else [])]
+    return [json.loads(line) for f in files for line in f.read_text("utf-8").splitlines()]
 
 
 def _names(labels: dict[int, list[str]], shards: list[int]) -> list[str]:
@@ -128,12 +234,31 @@ def _names(labels: dict[int, list[str]], shards: list[int]) -> list[str]:
     return [" ".join([labels[k][-1]] + ([f"({labels[k][0]})"] if len(labels[k]) > 1 else [])) for k in shards]  # fmt: skip
 
 
-def _grant(
-    cfg: DictConfig, store: ArtifactStore, user: str, sources: list | None, record: dict
+def joint_router(cfg: DictConfig) -> bool:
+    """Whether ``cfg.composition`` weighs shards with the classifier router, trained on every
+    shard at once. ``composition=classifier`` reads the shards' own heads instead when
+    ``router=compartmental`` is configured (its ``router`` is then ``compartmental``)."""
+    return cfg.composition.get("router") == "classifier"
+
+
+def grant_shards(
+    store: ArtifactStore,
+    experiment: str,
+    policy_file: str | Path,
+    user: str,
+    sources: list | None,
+    record: dict,
+    *,
+    composition: str,
+    joint: bool,
 ) -> list[int]:
-    """The shards to compose for this request; raises ``AccessDenied``/``PolicyError``."""
-    experiment = cfg.experiment_name
-    policy_file = Path(str(cfg.serve.policy)).expanduser()
+    """The shards to compose for ``user``'s request (all they may use, or ``sources``).
+
+    Refuses (``AccessDenied``) a user outside the policy, a disallowed source, and a user who
+    may not use every shard a composition with a model trained on all of them (the paragon, a
+    ``joint`` router); unknown names raise ``PolicyError``. ``record`` gets ``allowed``.
+    """
+    policy_file = Path(policy_file).expanduser()
     policy = load_policy(policy_file)
     if user not in policy:
         raise AccessDenied(
@@ -147,31 +272,40 @@ def _grant(
     record["allowed"] = _names(labels, allowed)
     if not allowed:
         raise AccessDenied(f"user {user!r} may use no shard of {experiment!r} ({policy_file})")
-    if cfg.composition.name == "paragon" and allowed != sorted(labels):
+    requested = allowed
+    may = f"user {user!r} may use {record['allowed']} (serve.sources=null uses all of them)"
+    if sources is not None:
+        requested = resolve_sources(store, experiment, sources, origin="serve.sources", hint=may)
+        denied = [k for k in requested if k not in allowed]
+        if denied:
+            raise AccessDenied(
+                f"access denied: user {user!r} may not use {_names(labels, denied)} of "
+                f"{experiment!r}; {may}"
+            )
+        if not requested:
+            raise PolicyError(f"serve.sources is empty: name at least one shard; {may}")
+    if composition == "paragon" and allowed != sorted(labels):
         raise AccessDenied(
             f"composition=paragon uses all private data; user {user!r} may use only "
             f"{record['allowed']}: use a composition over the allowed shards"
         )
-    if sources is None:
-        return allowed
-    may = f"user {user!r} may use {record['allowed']} (serve.sources=null uses all of them)"
-    requested = resolve_sources(store, experiment, sources, origin="serve.sources", hint=may)
-    denied = [k for k in requested if k not in allowed]
-    if denied:
+    if joint and allowed != sorted(labels):
         raise AccessDenied(
-            f"access denied: user {user!r} may not use {_names(labels, denied)} of "
-            f"{experiment!r}; {may}"
+            f"composition={composition} weighs shards with the joint classifier router, trained "
+            f"on every shard; user {user!r} may use only {record['allowed']}: serve with "
+            f"router=compartmental (one head per shard) or use composition=knn"
         )
-    if not requested:
-        raise PolicyError(f"serve.sources is empty: name at least one shard; {may}")
     return requested
 
 
 def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) -> dict:
     """Sample from the shards ``user`` may use (all, or the requested ``sources``); audit it.
 
-    Returns the samples card. Refusals raise ``AccessDenied``; every request is audited.
+    The one-shot path (``cdm-serve serve.once=true``). Returns the samples card. Refusals raise
+    ``AccessDenied``; every request is audited.
     """
+    from cdm.jobs.sample import run_sampling
+
     store = ArtifactStore(cfg.paths.artifacts)
     requested = None if sources is None else list(sources)
     record: dict[str, Any] = {
@@ -182,17 +316,25 @@ def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) ->
         "requested": requested,
         "allowed": None,
     }
+    max_bytes = cfg.serve.get("audit_max_bytes")
+    started = time.perf_counter()
     try:
         validate_name(user, "user name")
-        shards = _grant(cfg, store, user, requested, record)
+        shards = grant_shards(
+            store, cfg.experiment_name, str(cfg.serve.policy), user, requested, record,
+            composition=cfg.composition.name, joint=joint_router(cfg),
+        )  # fmt: skip
         cfg = cfg.copy()
         OmegaConf.update(cfg, "shards", shards, force_add=True)
         card = run_sampling(cfg)
     except Exception as e:
         record["decision"] = "refused" if isinstance(e, AccessDenied) else "error"
         record["error"] = "".join(traceback.format_exception_only(e)).strip()
-        append_audit(audit_path(cfg.paths.artifacts), record)
+        status = 403 if isinstance(e, AccessDenied) else 400 if isinstance(e, PolicyError) else 500  # fmt: skip
+        record |= {"status": status, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}  # fmt: skip
+        append_audit(audit_path(cfg.paths.artifacts), record, max_bytes)
         raise
-    record |= {"decision": "granted", "shards": shards, "samples": str(card["path"])}
-    append_audit(audit_path(cfg.paths.artifacts), record)
+    record |= {"decision": "granted", "shards": shards, "samples": str(card["path"]), "status": 200}  # fmt: skip
+    record["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
+    append_audit(audit_path(cfg.paths.artifacts), record, max_bytes)
     return card

@@ -25,7 +25,8 @@ class ComposedDenoiser:
     """eps(x_t, t) of the CDM mixture (Prop. 3.1) over the allowed shards.
 
     ``composition`` forms the weights (average, router posterior, ...); ``prior`` is lambda.
-    ``router(x_t, t) -> logits [B, n]`` is needed when ``composition.router`` is set.
+    ``router(x_t, t) -> logits [B, n]`` is needed when ``composition.router`` is set (a router
+    with ``takes_labels`` is called as ``router(x_t, t, labels)``).
     ``label_prior`` [num_labels, n] is P(shard | label) for class-conditional sampling: the
     router's posterior then uses it in place of lambda, P(z | x_t, y) ~ P(z | x_t) P(z | y) / P(z)
     (exact when each label lives in one shard, as with by-class shards).
@@ -63,7 +64,11 @@ class ComposedDenoiser:
         logits = None
         if self.composition.router is not None:
             # weights live on the CPU ([B, n] is tiny; the trace is kept there anyway)
-            logits = self.router(x_t, t).float().cpu()
+            if labels is not None and getattr(self.router, "takes_labels", False):
+                logits = self.router(x_t, t, labels)  # per-shard heads of a conditional model
+            else:
+                logits = self.router(x_t, t)
+            logits = logits.float().cpu()
         if self.label_prior is not None and labels is not None:
             log_prior = torch.log(self.label_prior[labels.cpu()])  # -inf: label not in shard
         else:
@@ -73,6 +78,14 @@ class ComposedDenoiser:
             logits=logits, train_log_prior=self.train_log_prior, generator=self.generator,
         )  # fmt: skip
         return self.composition.gate(C.mask_weights(self.composition.weights(step), self.allowed))
+
+    def shard_epsilon(
+        self, x_t: torch.Tensor, t: torch.Tensor, shard: int, labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """eps_shard(x_t, t) [B, ...] of one loaded shard for every sample, with autograd on (the
+        grad-enabled path of eq. 6 credit; ``weights`` is differentiable in x_t too)."""
+        index = torch.full((x_t.shape[0],), int(shard), dtype=torch.long, device=x_t.device)
+        return self.model(x_t, t, labels, index)
 
     @torch.no_grad()
     def __call__(
@@ -124,6 +137,7 @@ def draw(
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
+    latents: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_0 [B, C, H, W] clamped to [-1, 1], trace [B, steps, n]), both on the CPU: one batch of
     the CDM's reverse process (paper eq. 2 with the eps of Prop. 3.1).
@@ -131,10 +145,12 @@ def draw(
     ``shape`` is (B, C, H, W). x_T is drawn on the CPU from ``generator`` and moved to
     ``device``, so a seed gives the same x_T on every device; the same generator then serves the
     composition's draws (random selection) and the scheduler's noise, in that order per step.
+    ``latents`` (shape ``shape``) replaces the x_T draw (e.g. one seed per request of a batch).
     """
     denoiser.generator = generator
     denoiser.trace = []
-    x_T = torch.randn(tuple(shape), generator=generator).to(device)
+    x_T = torch.randn(tuple(shape), generator=generator) if latents is None else latents
+    x_T = x_T.to(device)
     y = None if labels is None else labels.to(device)
     x0 = run_sampler(
         lambda x, t: denoiser(x, t, y), scheduler, x_T, steps, generator=generator,

@@ -204,6 +204,7 @@ class BackboneHeadRouter(nn.Module):
         heads: int = 4,
         mlp_ratio: int = 2,
         time_embed_dim: int = 64,
+        num_classes: int | None = None,
     ) -> None:
         super().__init__()
         if backbone is None:
@@ -230,6 +231,8 @@ class BackboneHeadRouter(nn.Module):
         )
         self.norm_out = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, self.n_shards)
+        # class-conditional heads (cdm.models.compartmental): a label embedding, null label last
+        self.label = None if num_classes is None else nn.Embedding(int(num_classes) + 1, dim)
 
     backbone: nn.Module
 
@@ -246,15 +249,31 @@ class BackboneHeadRouter(nn.Module):
         self.backbone.eval()
         return self
 
-    def features(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The frozen backbone's mid-block features, without gradient."""
+    def features(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The frozen backbone's mid-block features, without gradient (of the label's branch
+        when ``class_labels`` is given, else of the unconditional one)."""
         with torch.no_grad():
-            return unet_mid_features(self.backbone, x_t.to(self._backbone_dtype()), timesteps)
+            return unet_mid_features(
+                self.backbone, x_t.to(self._backbone_dtype()), timesteps, class_labels
+            )
 
-    def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        feats = self.features(x_t, timesteps).to(self.proj.weight.dtype)
+    def forward(
+        self, x_t: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        labels = class_labels if self.label is not None else None
+        return self.head_logits(self.features(x_t, timesteps, labels), timesteps, labels)
+
+    def head_logits(
+        self, feats: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The logits from mid-block ``features`` (heads sharing one backbone compute them once)."""
+        feats = feats.to(self.proj.weight.dtype)
         tokens = self.proj(feats.flatten(2).transpose(1, 2)) + self.pos
         tokens = tokens + self.t_proj(self.time(timesteps))[:, None, :]
+        if self.label is not None and class_labels is not None:
+            tokens = tokens + self.label(class_labels.to(tokens.device).long())[:, None, :]
         q = self.norm1(tokens)
         tokens = tokens + self.attn(q, q, q, need_weights=False)[0]
         tokens = tokens + self.mlp(self.norm2(tokens))

@@ -1,5 +1,6 @@
 """The paper's Table 1: compartmentalized models vs the monolithic paragon, as the number of
-shards grows (1, 2, 4, 8) and for each composition method (classifier, naive average, random).
+shards grows (1, 2, 4, 8) and for each composition method (classifier, naive average, random, and
+``compartmental``: the router made of per-shard heads, ``cdm.models.compartmental``).
 
 ``run_table1`` walks the experiments ``<dataset>_<n>split``: the config ``experiment/<name>``
 when one is on the search path (shipped, ``--config-dir`` or ``hydra.searchpath``), else the
@@ -39,7 +40,8 @@ from cdm.store.stats import KID_NOTE
 
 log = get_logger(__name__)
 
-METHOD_TITLES = {"classifier": "Classifier", "average": "Naive Avg", "random": "Random"}
+METHOD_TITLES = {"classifier": "Classifier", "compartmental": "Compartmental",
+                 "average": "Naive Avg", "random": "Random"}  # fmt: skip
 
 
 # top-level keys conf/table1.yaml and conf/fig2.yaml set for every job (which compose conf/eval.yaml)
@@ -202,6 +204,9 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         train_missing(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
         if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
             train_missing(experiment, overrides, [("router", 0)], 1)
+        if n > 1 and any(c["method"] == "compartmental" for c in mine):  # one head per shard
+            heads = [("head", k) for k in range(n)]
+            train_missing(experiment, overrides, heads, int(table.n_jobs))
         if any(c["method"] == "paragon" for c in mine):
             train_missing(experiment, overrides, [("paragon", 0)], 1)
         train_missing(
@@ -271,6 +276,15 @@ def format_table(
         rows.append([dataset] + [_fmt(value.get(col)) for col in columns])
     lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    if (0, "paragon") in columns:  # each cell over the paragon's value (1.0 = as good)
+        lines += ["", "Ratio to the paragon", "", lines[0], lines[1]]
+        for dataset in dict.fromkeys(c["dataset"] for c in cells):
+            value = {
+                (c["n"], c["method"]): c.get("value") for c in cells if c["dataset"] == dataset
+            }
+            ref = value.get((0, "paragon"))
+            ratios = [None if v is None or not ref else v / ref for v in map(value.get, columns)]
+            lines.append("| " + " | ".join([dataset, *map(_fmt, ratios)]) + " |")
     names = ", ".join(dict.fromkeys(c.get("metric_name", "?") for c in cells))
     title = f"{names} (lower is better; samples per cell: see each evaluation card)"
     note = f"\n{KID_NOTE}\n" if "KID" in names else ""

@@ -27,7 +27,7 @@ SCOPED = frozenset({"adapter", "router", "knn_centroids", "samples", "evaluation
 _SKIP_DIRS = frozenset({"manifests", "checkpoints", "logs", "certificates", "sources"})
 _BY_FOLDER = {"shards": "adapter", "knn": "knn_centroids", "samples": "samples",
               "evals": "evaluation", "stats": "ref_stats"}  # fmt: skip
-_BY_CARD_KIND = {"router": "router", "knn_centroids": "knn_centroids", "samples": "samples",
+_BY_CARD_KIND = {"router": "router", "head": "head", "knn_centroids": "knn_centroids", "samples": "samples",
                  "evaluation": "evaluation", "ref_stats": "ref_stats", "backbone": "backbone"}  # fmt: skip
 
 

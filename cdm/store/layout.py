@@ -9,6 +9,7 @@ Layout under ``root``::
     audit/serve.jsonl                             one line per cdm-serve request
     experiments/<exp>/manifests/<name>.json       shard manifests (safe, private, shard-00, ...)
     experiments/<exp>/shards/shard-<kk>/          adapter (peft LoRA or diffusers full) + card.json
+    experiments/<exp>/heads/shard-<kk>/           the compartmental router's head of shard kk + card.json
     experiments/<exp>/<job>/                      other adapters (paragon/) and routers (router/)
     experiments/<exp>/checkpoints/<job>/          Lightning slice-<ss>.ckpt and last.ckpt
     experiments/<exp>/logs/                       csv / wandb dirs
@@ -17,9 +18,11 @@ Layout under ``root``::
     experiments/<exp>/sources.json, sources/<name>.npz|.json   cdm-add-source / forget.source
     experiments/<exp>/forget/                     forgotten.json, lock, pending/ (a forget request
                                                   in progress: journal.json, manifests/,
-                                                  adapters/<job>/, checkpoints/<job>/),
+                                                  adapters/<job>/, heads/<shard>/, checkpoints/<job>/),
                                                   quarantine/<tag>/ (set aside by cdm-forget)
     experiments/<exp>/certificates/<tag>.json     one per forget request
+    experiments/<exp>/verify/<tag>/               cdm-verify of a certificate: sources.json, report.json
+    experiments/<exp>/attribution/<name>/         cdm-attribute: values.json, table.md, credit.png, card.json
 
 Names are checked (``validate_name``) so no path escapes its directory. On-disk names are part of
 the stores already written: change them only with a migration.
@@ -43,10 +46,10 @@ OLD_PREFIX = ".old-"
 
 # Top-level folders of a store root, and the bookkeeping folders of an experiment (not jobs).
 ROOT_DIRS = ("backbones", "experiments", "feature_nets", "stats", "tables", "audit")
-EXPERIMENT_DIRS = ("manifests", "shards", "checkpoints", "logs", "knn", "samples", "evals",
-                   "tables", "forget", "certificates", "sources")  # fmt: skip
+EXPERIMENT_DIRS = ("manifests", "shards", "heads", "checkpoints", "logs", "knn", "samples", "evals",
+                   "tables", "forget", "certificates", "sources", "verify", "attribution")  # fmt: skip
 # Folders a forget request stages under forget/pending/, and the other files under forget/.
-PENDING_DIRS = ("manifests", "adapters", "checkpoints")
+PENDING_DIRS = ("manifests", "adapters", "heads", "checkpoints")
 RESERVED_JOBS = frozenset(EXPERIMENT_DIRS) - {"sources"}
 FEATURE_NET_RESERVED = frozenset({"checkpoints", "logs"})
 
@@ -214,6 +217,11 @@ class StoreLayout:
             raise InvalidNameError(f"job name {job!r} is reserved ({sorted(RESERVED_JOBS)})")
         return self.experiment_dir(experiment) / job
 
+    def head_dir(self, experiment: str, shard: str) -> Path:
+        """``<root>/experiments/<experiment>/heads/shard-<kk>``: shard kk's compartmental-router
+        head. Not inside ``shards/shard-<kk>/``, which the adapter writer replaces as a whole."""
+        return self.experiment_dir(experiment) / "heads" / ShardId.parse(shard).name
+
     def router_dir(self, experiment: str, name: str = "router") -> Path:
         """``<root>/experiments/<experiment>/<name>`` (a router: weights, config, card)."""
         validate_name(name, "router name")
@@ -323,6 +331,10 @@ class StoreLayout:
         """``.../forget/pending/adapters/<job>``: a retrained adapter staged before its swap."""
         return self.forget_pending_dir(experiment) / "adapters" / validate_name(job, "job name")
 
+    def pending_head_dir(self, experiment: str, shard: str) -> Path:
+        """``.../forget/pending/heads/shard-<kk>``: a retrained head staged before its swap."""
+        return self.forget_pending_dir(experiment) / "heads" / ShardId.parse(shard).name
+
     def pending_checkpoint_dir(self, experiment: str, job: str) -> Path:
         """``.../forget/pending/checkpoints/<job>``: the staged retrain's checkpoints."""
         return self.forget_pending_dir(experiment) / "checkpoints" / validate_name(job, "job name")
@@ -342,3 +354,12 @@ class StoreLayout:
     def certificate_path(self, experiment: str, tag: str) -> Path:
         """``.../certificates/<tag>.json``: the certificate of one forget request."""
         return self.certificate_dir(experiment) / f"{validate_name(tag, 'certificate name')}.json"
+
+    def attribution_dir(self, experiment: str, name: str) -> Path:
+        """``.../attribution/<name>/``: one ``cdm-attribute`` result (values, table, plot, card)."""
+        folder = self.experiment_dir(experiment) / "attribution"
+        return folder / validate_name(name, "attribution name")
+
+    def verify_dir(self, experiment: str, tag: str) -> Path:
+        """``.../verify/<tag>/``: ``cdm-verify``'s sources file and report for certificate ``tag``."""
+        return self.experiment_dir(experiment) / "verify" / validate_name(tag, "certificate name")

@@ -18,6 +18,7 @@ from cdm.store.stats import KID_NOTE
 # list_artifacts: the artifact type of a card under experiments/<exp>/, by its "kind"
 ARTIFACT_OF_KIND = {
     "router": "router",
+    "head": "head",  # a shard's compartmental-router head (experiments/<exp>/heads/shard-KK)
     "knn_centroids": "knn",
     "samples": "samples",
     "evaluation": "evaluation",
@@ -117,6 +118,24 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
     if any("KID" in row[header.index("METRICS")] for row in rows):
         lines.append(f"note: {KID_NOTE}")
     return "\n".join(lines)
+
+
+def summary_line(card: Mapping[str, Any]) -> str:
+    """One line for a job's card, as a training command reports it:
+    ``shard-00 (shard/lora): 435 steps, heldout_loss=0.1743 train/loss=0.1189, 2m07s, data 089af21abc``."""
+    kind = str(card.get("kind", "-"))
+    if card.get("adapter_kind") and card["adapter_kind"] != kind:
+        kind = f"{kind}/{card['adapter_kind']}"
+    steps = card.get("optimizer_steps") or (card.get("metrics") or {}).get("global_step")
+    metrics = {k: v for k, v in (card.get("metrics") or {}).items() if k != "global_step"}
+    parts = [
+        f"{steps} steps" if steps is not None else None,
+        _metrics_summary(metrics, limit=2),
+        _format_seconds(card.get("wall_time_s")),
+        f"data {_prefix(card.get('manifest_hash'))}" if card.get("manifest_hash") else None,
+    ]
+    name = card.get("job") or card.get("name", "?")
+    return f"{name} ({kind}): " + ", ".join(p for p in parts if p and p != "-")
 
 
 def card_entry(artifact: str, directory: Path, **extra: Any) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from cdm.store.layout import SAMPLES_FILE, StoreLayout
 from cdm.store.records import list_manifests, load_manifest, read_sources
 
 # the parents whose hash changed_parent checks (reference statistics are checked by cdm-eval)
-PARENT_KINDS = ("backbone", "adapter", "router", "feature_net", "knn_centroids", "samples")
+PARENT_KINDS = ("backbone", "adapter", "router", "head", "feature_net", "knn_centroids", "samples")
 
 
 def stale_reason(
@@ -72,6 +72,8 @@ def parent_hash_now(layout: StoreLayout, experiment: str, parent: Mapping[str, A
             return read_card(layout.adapter_dir(experiment, name)).get("weights_sha256")
         if kind == "router":
             return read_card(layout.router_dir(experiment, name)).get("weights_sha256")
+        if kind == "head":
+            return read_card(layout.head_dir(experiment, name)).get("weights_sha256")
         if kind == "feature_net":
             return read_card(layout.feature_net_dir(name)).get("weights_sha256")
         if kind == "knn_centroids":

@@ -1,4 +1,4 @@
-"""The artifact store: backbones, adapters, routers, manifests and checkpoints, checked on load.
+"""The artifact store: backbones, adapters, routers, heads, manifests and checkpoints, checked on load.
 
 ``ArtifactStore`` is a ``StoreLayout`` (every path comes from ``cdm.store.layout``) that writes
 each artifact through the generic ``cdm.store.artifact.save_artifact`` (atomic directory,
@@ -386,16 +386,26 @@ class ArtifactStore(StoreLayout):
         differs from the card, and, when ``backbone_hash`` is given, a router trained on
         another backbone.
         """
-        directory = self.router_dir(experiment, name)
         hint = f"cdm-train stage=router router.name={name} experiment={experiment}"
+        return self._checked_network(
+            self.router_dir(experiment, name), experiment, f"router {name!r}",
+            f"router {experiment}/{name}", hint, backbone_hash,
+        )  # fmt: skip
+
+    def _checked_network(
+        self, directory: Path, experiment: str, what: str, full_name: str, hint: str,
+        backbone_hash: str | None,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:  # fmt: skip
+        """``(state_dict, config, card)`` of a router-like artifact (weights + config), checked:
+        present, not stale, weights and config matching the card, trained on ``backbone_hash``."""
         card = checked_card(
             directory,
-            f"no router {name!r} for experiment {experiment!r} at {directory}. Make it with: {hint}",
+            f"no {what} for experiment {experiment!r} at {directory}. Make it with: {hint}",
         )
         stale = stale_reason(self, experiment, card)
         if stale:
             raise StaleArtifactError(
-                f"router {experiment}/{name} is stale: it was trained on shard data the experiment "
+                f"{full_name} is stale: it was trained on shard data the experiment "
                 f"no longer holds ({stale}; see {self.certificate_dir(experiment)}). Retrain it "
                 f"with `{hint} retrain=true`."
             )
@@ -407,7 +417,7 @@ class ArtifactStore(StoreLayout):
         trained_on = card.get("backbone_hash")
         if backbone_hash is not None and trained_on != backbone_hash:
             raise BackboneMismatchError(
-                f"router {experiment}/{name} was trained on another backbone: its card has "
+                f"{full_name} was trained on another backbone: its card has "
                 f"backbone_hash {trained_on}, but the backbone given has {backbone_hash}. "
                 f"Load the backbone it was trained on, or retrain it with `{hint} retrain=true`."
             )
@@ -416,6 +426,66 @@ class ArtifactStore(StoreLayout):
     def has_router(self, experiment: str, name: str = "router") -> bool:
         """True if a router card exists for ``experiment``/``name``."""
         return (self.router_dir(experiment, name) / CARD_FILENAME).is_file()
+
+    # ---- compartmental-router heads (one per shard, stored beside it) -------------------
+
+    def save_head(
+        self,
+        experiment: str,
+        shard: str,
+        model_state: Mapping[str, torch.Tensor],
+        config: Mapping[str, Any],
+        card: Mapping[str, Any],
+        *,
+        directory: str | Path | None = None,
+    ) -> dict[str, Any]:
+        """Save shard ``shard``'s head atomically (``router.safetensors`` + ``router_config.json``
+        + card, as a router); ``directory`` stages it elsewhere (cdm-forget). Returns the card."""
+        final = Path(directory) if directory is not None else self.head_dir(experiment, shard)
+        if not card.get("backbone_hash"):
+            raise StoreError(
+                f"card for head {experiment}/{shard} has no backbone_hash: pass the backbone's"
+            )
+        full = dict(card)
+        full.update(kind="head", name=shard, experiment=experiment)
+        full.setdefault("created", utc_now())
+        return save_artifact(
+            final, full, tensors=cpu_tensors(model_state, f"head {experiment}/{shard}"),
+            weights_file=ROUTER_WEIGHTS, config=config, config_file=ROUTER_CONFIG,
+            config_key="router_config_sha256",
+        )  # fmt: skip
+
+    def load_head(
+        self, experiment: str, shard: str, *, backbone_hash: str | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+        """Load shard ``shard``'s checked head -> ``(state_dict, config, card)``; refused like
+        a router (missing, corrupt, stale: its shard's manifest changed, other backbone)."""
+        index = ShardId.parse(shard).index
+        hint = f"cdm-train stage=head shard.index={index} experiment={experiment}"
+        return self._checked_network(
+            self.head_dir(experiment, shard), experiment, f"head of {shard}",
+            f"head {experiment}/{shard}", hint, backbone_hash,
+        )  # fmt: skip
+
+    def has_head(self, experiment: str, shard: str) -> bool:
+        """True if shard ``shard`` has a head card."""
+        return (self.head_dir(experiment, shard) / CARD_FILENAME).is_file()
+
+    def read_head_card(self, experiment: str, shard: str) -> dict[str, Any]:
+        """The card of a head, without loading or checking its weights."""
+        return read_card(self.head_dir(experiment, shard))
+
+    def install_head(self, experiment: str, shard: str, staged: str | Path) -> dict[str, Any]:
+        """Move a head staged by ``save_head(directory=...)`` into place after checking it."""
+        staged = Path(staged)
+        card = read_card(staged)
+        verify_weights(staged, card, f"The staged head {staged} is corrupt; train it again.")
+        install_dir(staged, self.head_dir(experiment, shard))
+        return card
+
+    def delete_head(self, experiment: str, shard: str) -> bool:
+        """Delete a head's folder (weights and card); False if there was none."""
+        return delete_path(self.head_dir(experiment, shard))
 
     # ---- checkpoints ---------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ for resume tests."""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -34,9 +35,15 @@ class SliceCheckpoint(pl.Callback):
         signature: str = "",
         identity: Mapping[str, Any] | None = None,
         n_slices: int | None = None,
+        last_every_s: float = 0.0,
     ) -> None:
         self.dirpath = Path(dirpath)
         self.epochs_per_slice = epochs_per_slice
+        # last.ckpt only for resuming: written at the first epoch, every slice boundary, and then
+        # once ``last_every_s`` seconds passed (0: every epoch). A resume from an older one ends
+        # bit-identical, it only redoes more steps; small shards run many short epochs.
+        self.last_every_s = last_every_s
+        self.last_saved: float | None = None
         self.n_slices = n_slices  # epochs after the last slice's (convergence) write last.ckpt only
         self.signature = signature  # the job's identity hash; ``identity``: its sections
         self.identity = dict(identity or {})
@@ -69,11 +76,17 @@ class SliceCheckpoint(pl.Callback):
         trainer.strategy.barrier("slice_checkpoint_mkdir")
         epoch = trainer.current_epoch
         index = (epoch + 1) // self.epochs_per_slice - 1
-        if (epoch + 1) % self.epochs_per_slice == 0 and (
+        boundary = (epoch + 1) % self.epochs_per_slice == 0 and (
             self.n_slices is None or index < self.n_slices
-        ):
+        )
+        if boundary:
             self._save(trainer, f"slice-{index:02d}.ckpt")
-        self._save(trainer, "last.ckpt")
+        now = time.monotonic()
+        due = self.last_saved is None or now - self.last_saved >= self.last_every_s
+        due = trainer.strategy.broadcast(due, src=0)  # every rank saves, or none (barriers)
+        if boundary or due:
+            self._save(trainer, "last.ckpt")
+            self.last_saved = now
 
 
 class Convergence(pl.Callback):
@@ -237,7 +250,8 @@ class ArtifactWriter(pl.Callback):
     The card's ``manifest_hash`` is computed from the module's record of fed dataset indices
     (gathered over ranks), never copied from the manifest; a mismatch with the manifest means the
     job saw other data or missed some, and nothing is written. ``target_dir`` writes the adapter
-    there instead of its place in the store (cdm-forget stages a retrained shard before swapping).
+    (or a shard's head, ``stage="head"``) there instead of its place in the store (cdm-forget
+    stages a retrained shard before swapping).
     """
 
     def __init__(
@@ -280,10 +294,16 @@ class ArtifactWriter(pl.Callback):
             convergence=None if self.convergence is None else self.convergence.summary(),
         )
         store = ArtifactStore(self.store_root)
-        model = pl_module.model
+        model = getattr(pl_module, "model", None)
         if self.stage == "backbone":
             card["backbone_hash"] = backbone_hash(model)
             store.save_backbone(card["name"], model, card)
+        elif self.stage == "head":  # a compartmental-router head (cdm.training.heads)
+            card["backbone_hash"] = card["parents"][0]["hash"]
+            store.save_head(
+                self.experiment, card["manifest_name"], pl_module.head.state_dict(),
+                pl_module.head_config, card, directory=self.target_dir,
+            )  # fmt: skip
         else:
             card["backbone_hash"] = card["parents"][0]["hash"]
             store.save_adapter(
