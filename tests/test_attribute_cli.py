@@ -134,9 +134,7 @@ def test_eq6_grad_path_and_exact_vs_hutchinson(store_root):
     from cdm.store import ArtifactStore
 
     cfg = compose_attribute(store_root, *RUN)
-    ctx = AttributionContext(
-        cfg, ArtifactStore(store_root), prop=None, divergence=ExactDivergence()
-    )
+    ctx = AttributionContext(cfg, ArtifactStore(store_root), divergence=ExactDivergence())
     weights, scores = composed_fields(ctx.full, None)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     t = torch.full((2,), 500.0)
@@ -149,6 +147,22 @@ def test_eq6_grad_path_and_exact_vs_hutchinson(store_root):
     probes = torch.stack([hutchinson_divergence(field, x, generator=gen) for _ in range(48)])
     mean, err = probes.mean(0), probes.std(0) / 48**0.5
     assert torch.all((mean - exact).abs() <= 4 * err + 1e-4 * exact.abs())
+
+
+def test_credit_method_needs_no_property(store_root):
+    """attribution/method=credit with the default property (FD in the domain space, whose feature
+    net this store lacks): only eq. 6 credit is computed, per step, with the Fig. 3 plot."""
+    from cdm.attribution.composition import run_attribution
+
+    card = run_attribution(compose_attribute(store_root, *RUN, "attribution/method=credit"))
+    values = json.loads((store_root / card["path"] / "values.json").read_text())
+    assert set(values) == {"players", "eq6"} and card["property"] is None
+    assert np.allclose(np.sum(values["eq6"]["credit_per_step"], axis=1), 1.0)
+    assert len(values["eq6"]["weights_per_step"]) == 3 and "credit.png" in card["files"]
+    per_sample = np.array(values["eq6"]["per_sample"])
+    assert per_sample.shape == (2, 2) and np.allclose(per_sample.sum(1), 1.0)
+    assert values["eq6"]["mean_max_credit"] == pytest.approx(per_sample.max(1).mean())
+    assert "credit-sample0.png" in card["files"]
 
 
 def test_bad_choices_are_one_line_exit_2(store_root):

@@ -19,6 +19,7 @@ the ``PropertyContext`` (feature spaces, reference images) and returns a ``Globa
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import time
@@ -67,6 +68,7 @@ from cdm.store.artifact import save_artifact
 log = get_logger(__name__)
 
 VALUES_FILE, TABLE_FILE, CREDIT_PLOT_FILE = "values.json", "table.md", "credit.png"
+CREDIT_SAMPLE_PLOT_FILE = "credit-sample0.png"
 
 
 # ---- properties ------------------------------------------------------------------------------
@@ -145,10 +147,17 @@ class AttributionContext:
 
     cfg: DictConfig
     store: ArtifactStore
-    prop: GlobalProperty
     divergence: Divergence
     pipelines: dict[tuple[int, ...], CDMPipeline] = field(default_factory=dict)
     full_trace: torch.Tensor | None = None
+
+    @cached_property
+    def prop(self) -> GlobalProperty:
+        """The property attributed (``attribution/property``), built on first use: the credit
+        method never needs it (nor its feature net)."""
+        return instantiate_option(self.cfg.attribution.property)(
+            PropertyContext(self.cfg, self.store)
+        )
 
     @cached_property
     def shards(self) -> list[int]:
@@ -315,16 +324,29 @@ def credit_values(ctx: AttributionContext) -> tuple[CreditResult, dict[str, Any]
         "credit_per_step": result.step_credit.nanmean(1).tolist(),
         "weights_per_step": result.weights.mean(1).tolist(),
         "timesteps": result.times.tolist(),
+        "per_sample": result.credit.tolist(),
+        # 1 = each sample credited to one shard (cross-domain, Fig. 3 left); 1/n = shared (iid)
+        "mean_max_credit": float(result.credit.max(-1).values.mean()),
         "samples": n,
         "divergence": getattr(ctx.divergence, "name", type(ctx.divergence).__name__),
     }
 
 
-def credit_plot_png(result: CreditResult, labels: Sequence[str], title: str) -> bytes:
-    """The Fig. 3-style plot as PNG bytes."""
-    buffer = io.BytesIO()
-    plot_credit(result, labels, title).savefig(buffer, format="png", dpi=120)
-    return buffer.getvalue()
+def credit_plots(result: CreditResult, labels: Sequence[str], title: str) -> dict[str, bytes]:
+    """The Fig. 3-style plots as PNG files: averaged over the samples (``credit.png``) and of the
+    first sample alone (``credit-sample0.png``, as the paper's figure shows one sample)."""
+    first = dataclasses.replace(
+        result, weights=result.weights[:, :1], integrand=result.integrand[:, :1],
+        step_credit=result.step_credit[:, :1], contributions=result.contributions[:1],
+        credit=result.credit[:1],
+    )  # fmt: skip
+    files = {}
+    for filename, part, note in ((CREDIT_PLOT_FILE, result, "mean over samples"),
+                                 (CREDIT_SAMPLE_PLOT_FILE, first, "sample 0")):  # fmt: skip
+        buffer = io.BytesIO()
+        plot_credit(part, labels, f"{title} ({note})").savefig(buffer, format="png", dpi=120)
+        files[filename] = buffer.getvalue()
+    return files
 
 
 def shard_names(shards: Sequence[int]) -> list[str]:
@@ -386,7 +408,7 @@ class ShardValueMethod:
         if self.credit:
             result, credit = credit_values(ctx)
             values["eq6"] = credit
-            files[CREDIT_PLOT_FILE] = credit_plot_png(result, names, title(ctx))
+            files.update(credit_plots(result, names, title(ctx)))
         return Attribution(values, values_table(values, estimates, credit), files)
 
 
@@ -401,8 +423,12 @@ class CreditMethod:
         rows = [f"| {name} | {credit['credit'][name]:.4f} | {float(result.weights.mean((0, 1))[j]):.4f} |"
                 for j, name in enumerate(names)]  # fmt: skip
         table = "\n".join(["| shard | eq. 6 credit | mean weight |", "|---|---|---|", *rows])
+        table += (
+            f"\n\nmean over samples of max_i C_i: {credit['mean_max_credit']:.3f} (1: each sample "
+            f"credited to one shard; 1/{len(names)}: shared)"
+        )
         values = {"players": names, "eq6": credit}
-        return Attribution(values, table, {CREDIT_PLOT_FILE: credit_plot_png(result, names, title(ctx))})  # fmt: skip
+        return Attribution(values, table, credit_plots(result, names, title(ctx)))
 
 
 def title(ctx: AttributionContext) -> str:
@@ -446,14 +472,13 @@ def run_attribution(cfg: DictConfig) -> dict[str, Any]:
     store = ArtifactStore(cfg.paths.artifacts)
     experiment, name = str(cfg.experiment_name), str(cfg.attribution.name)
     final = store.attribution_dir(experiment, name)  # a bad name fails before any sampling
-    prop = instantiate_option(cfg.attribution.property)(PropertyContext(cfg, store))
-    divergence = instantiate_option(cfg.attribution.divergence)
-    ctx = AttributionContext(cfg, store, prop, divergence)
+    ctx = AttributionContext(cfg, store, instantiate_option(cfg.attribution.divergence))
     result = instantiate_option(cfg.attribution.method).run(ctx)
     parents = ctx.full.parents
     card = make_card(
         kind="attribution", name=name, experiment=experiment,
-        method=cfg.attribution.method.name, property=prop.name, shards=ctx.shards,
+        method=cfg.attribution.method.name, property=result.values.get("property"),
+        shards=ctx.shards,
         parents=parents, seeds={"seed": int(cfg.seed), "batch_seed": "seed * 1_000_003 + start"},
         config=OmegaConf.to_container(cfg, resolve=True), device=device_description(),
         wall_time_s=round(time.perf_counter() - started, 3),
