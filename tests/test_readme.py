@@ -380,7 +380,7 @@ COMPOSE_ONLY: list[tuple[Callable[[list[str]], bool], str]] = [
         "trains every split on Fashion-MNIST (make table1-fashion)",
     ),
     (
-        lambda a: any(x.startswith("verify.certificate=") and "<tag>" in x for x in a),
+        lambda a: any(x.startswith("verify.certificate=") and "TAG.json" in x for x in a),
         "names a certificate of the reader's store; tests/test_verify.py runs cdm-verify end to end",
     ),
     (

@@ -8,6 +8,7 @@ Torch-free: a typo is reported before the training stack is imported.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import shutil
 import sys
@@ -101,6 +102,13 @@ def remove_run_dir() -> None:
         for p in run_dir.iterdir()
     ):
         return
+    for handler in list(logging.getLogger().handlers):  # Hydra's log file in it: let go of it
+        if (
+            isinstance(handler, logging.FileHandler)
+            and run_dir in Path(handler.baseFilename).parents
+        ):
+            logging.getLogger().removeHandler(handler)
+            handler.close()
     shutil.rmtree(run_dir, ignore_errors=True)
     parent = run_dir.parent
     while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
