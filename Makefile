@@ -59,10 +59,10 @@ demo: install  ## digits: safe backbone, 4 LoRA shards, router, paragon, samples
 	$(VENV)/bin/cdm-train -m experiment=$(UNCOND) stage=shard shard.index=0,1,2,3 paths.artifacts=$(ART)
 	$(VENV)/bin/cdm-train experiment=$(UNCOND) stage=router paths.artifacts=$(ART)
 	$(VENV)/bin/cdm-sample experiment=$(UNCOND) composition=classifier name=classifier num_samples=$(ROUTER_SAMPLES) steps=25 paths.artifacts=$(ART)
-	@echo "[cdm] sample grids (column k = class k):  $(ART)/experiments/digits_4split/samples/*/grid.png"
-	@echo "[cdm] router weights over the reverse process, unconditional (weights start uniform, then pick a shard): $(ART)/experiments/$(UNCOND)/samples/classifier/weights.png"
-	@echo "[cdm] (the class-conditional plot, $(ART)/experiments/digits_4split/samples/classifier/weights.png, is flat: with by-class shards the label already names the shard, so the router has nothing to choose)"
-	@echo "[cdm] table: $(ART)/tables/demo/table.md; every artifact with its status: cdm-list experiment=digits_4split paths.artifacts=$(ART)"
+	@echo "[cdm] grids (column k = class k): $(ART)/experiments/digits_4split/samples/*/grid.png"
+	@echo "[cdm] router weights, unconditional (uniform, then one shard): $(ART)/experiments/$(UNCOND)/samples/classifier/weights.png"
+	@echo "[cdm] (conditional weights are flat: with by-class shards the label names the shard)"
+	@echo "[cdm] table: $(ART)/tables/demo/table.md; every artifact: cdm-list experiment=digits_4split paths.artifacts=$(ART)"
 
 table1: install  ## the paper's Table 1 on digits: 1/2/4/8 splits x classifier/average/random + paragon
 	$(VENV)/bin/cdm-table1 paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25

@@ -200,11 +200,12 @@ def run_evaluation(cfg: DictConfig) -> list[dict[str, Any]]:
     cards = []
     for name in cfg.evaluate.samples:
         card = evaluate_one(cfg, store, str(name), spaces, refs)
-        shown = ", ".join(
+        headline = [  # the first feature space's distances and label accuracy; all on the card
             f"{k}={v:.4g}"
             for k, v in card["metrics"].items()
-            if isinstance(v, float) and "std" not in k
-        )
+            if isinstance(v, float) and not k.startswith("mem_") and "std" not in k
+        ]
+        shown = ", ".join(headline[:3])
         log.info("%s/%s: %s", cfg.experiment_name, name, shown)
         cards.append(card)
     return cards

@@ -122,7 +122,7 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
 
 def summary_line(card: Mapping[str, Any]) -> str:
     """One line for a job's card, as a training command reports it:
-    ``shard-00 (shard/lora): 435 steps, heldout_loss=0.1743 train/loss=0.1189, 2m07s, data 089af21abc``."""
+    ``shard-00 (shard/lora): 435 steps, heldout_loss=0.1743 train/loss=0.1189, 2m07s``."""
     kind = str(card.get("kind", "-"))
     if card.get("adapter_kind") and card["adapter_kind"] != kind:
         kind = f"{kind}/{card['adapter_kind']}"
@@ -132,7 +132,6 @@ def summary_line(card: Mapping[str, Any]) -> str:
         f"{steps} steps" if steps is not None else None,
         _metrics_summary(metrics, limit=2),
         _format_seconds(card.get("wall_time_s")),
-        f"data {_prefix(card.get('manifest_hash'))}" if card.get("manifest_hash") else None,
     ]
     name = card.get("job") or card.get("name", "?")
     return f"{name} ({kind}): " + ", ".join(p for p in parts if p and p != "-")
