@@ -41,17 +41,20 @@ def cli():
 
 
 def run_inprocess(*overrides: str, artifacts: Path, config: str = "train"):
-    """Compose ``conf/<config>.yaml`` with overrides and run it in this process (fast path)."""
+    """Compose ``conf/<config>.yaml`` with overrides and run it in this process (fast path):
+    a training job, ``sample`` (cdm-sample) or ``forget`` (cdm-forget)."""
     from hydra import compose, initialize_config_dir
 
     from cdm.jobs.config import config_dir, register_resolvers
     from cdm.jobs.run import run_job
     from cdm.jobs.sample import run_sampling
+    from cdm.lifecycle.forget import run_forget
 
     register_resolvers()
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(config_name=config, overrides=[*overrides, f"paths.artifacts={artifacts}"])
-    return run_sampling(cfg) if config == "sample" else run_job(cfg)
+    run = {"sample": run_sampling, "forget": run_forget}.get(config, run_job)
+    return run(cfg)
 
 
 @pytest.fixture

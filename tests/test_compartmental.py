@@ -260,17 +260,8 @@ def test_composition_reads_only_the_composed_heads(root):
 
 
 def forget(root: Path, *overrides: str) -> dict:
-    from hydra import compose, initialize_config_dir
-
-    from cdm.jobs.config import config_dir, register_resolvers
-    from cdm.lifecycle.forget import run_forget
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "forget", overrides=[f"experiment={EXP}", *overrides, f"paths.artifacts={root}"]
-        )
-    return run_forget(cfg)
+    """Run cdm-forget's library entry point in this process."""
+    return run_inprocess(f"experiment={EXP}", *overrides, artifacts=root, config="forget")
 
 
 def test_forgetting_a_sample_retrains_one_adapter_and_one_head(root, tmp_path):

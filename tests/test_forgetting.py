@@ -18,7 +18,7 @@ import pytest
 
 from cdm.data.manifest import Manifest
 from cdm.lifecycle.downstream import schedule_cost
-from cdm.lifecycle.forget import ForgetError, run_forget
+from cdm.lifecycle.forget import ForgetError
 from cdm.store import ArtifactStore, StaleArtifactError, StoreError, load_checkpoint, sha256_file
 from cdm.store.records import (
     add_forgotten_ids,
@@ -71,16 +71,7 @@ def reference(trained, tmp_path_factory):
 
 def forget(root: Path, *overrides: str) -> dict:
     """Run cdm-forget's library entry point in this process."""
-    from hydra import compose, initialize_config_dir
-
-    from cdm.jobs.config import config_dir, register_resolvers
-
-    register_resolvers()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = compose(
-            "forget", overrides=[f"experiment={EXP}", *overrides, f"paths.artifacts={root}"]
-        )
-    return run_forget(cfg)
+    return run_inprocess(f"experiment={EXP}", *overrides, artifacts=root, config="forget")
 
 
 def ids_arg(ids: list[str]) -> str:
