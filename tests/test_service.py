@@ -19,7 +19,13 @@ import httpx
 import numpy as np
 import pytest
 
-from benchmarks.serve_load import run_load, running_service
+from benchmarks.serve_load import (
+    baseline_ratios,
+    in_process_worker,
+    run_load,
+    run_paired,
+    running_service,
+)
 from cdm.lifecycle.serving import (
     PolicyError,
     add_user,
@@ -299,6 +305,30 @@ def test_serve_load_benchmark_small(service, tmp_path):
     service.sent += 20
     assert result["failures"] == 0 and result["requests"] == 20
     assert result["audit_lines"] == 20 and result["p99_ms"] >= result["p50_ms"] > 0
+
+
+def test_serve_load_in_process_floor_answers_the_http_request(service, store_root):  # noqa: F811
+    # the benchmark's no-HTTP baseline runs the worker's code on the same request: same images
+    body = {"composition": "average", "steps": 2, "num_samples": 2, "format": "npz"}
+    overrides = [*TINY, *SERVED, "serve.policy=unused.yaml", f"paths.artifacts={store_root}"]
+    api, request = in_process_worker(overrides, body)
+    assert request["shards"] == [0, 1] and request["sampler"] == "ddim"
+    over_http = npz(service.post({**body, "seed": 3}, "bob"))
+    with np.load(io.BytesIO(bytes(api.predict({**request, "seed": 3}).body))) as floor:
+        np.testing.assert_array_equal(floor["images"], over_http["images"])
+        np.testing.assert_array_equal(floor["weights"], over_http["weights"])
+    lone, floor = run_paired(service.url, service.tokens["bob"], api, request, clients=2,
+                             requests=2, body=body, audit=service.audit)  # fmt: skip
+    service.sent += 4
+    assert lone["requests"] == lone["audit_lines"] == 4 and lone["failures"] == 0
+    assert (
+        floor["requests"] == 4 and floor["failures"] == 0 and floor["p99_ms"] >= floor["p50_ms"] > 0
+    )
+    http = {"requests_per_s": 10.0, "p50_ms": 2 * floor["p50_ms"]}
+    ratios = baseline_ratios(http, {"requests_per_s": 5.0, "p50_ms": floor["p50_ms"]}, http, floor)
+    assert ratios["requests_per_s_batched_over_unbatched"] == 2.0
+    assert ratios["p50_batched_over_unbatched"] == ratios["p50_http_lone_over_in_process"] == 2.0
+    assert ratios["http_overhead_ms_p50"] == floor["p50_ms"]
 
 
 def test_the_worker_caches_a_bounded_number_of_pipelines(store_root):  # noqa: F811
