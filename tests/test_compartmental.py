@@ -188,6 +188,9 @@ def test_trained_heads_give_the_exact_posterior_on_a_toy_mixture(one_thread):
 EXP = "digits_2split"
 TINY = [f"experiment={EXP}", "debug=tiny", "sharding.n_slices=3"]
 SAMPLE = ["num_samples=4", "steps=2", "progress=false"]
+# the heads' stopping rule decides past the last slice (no check improves by 100%: patience)
+HEAD_RULE = [f"router.convergence.{k}={v}" for k, v in
+             dict(min_steps=0, max_steps=60, patience=2, min_improvement=1.0).items()]  # fmt: skip
 
 
 def head_sha(root: Path, shard: str) -> str:
@@ -212,8 +215,8 @@ def heads(tmp_path_factory):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(SampleDataset, "__getitem__", recording)
-        card = run_inprocess(*TINY, "stage=head", artifacts=root)
-    run_inprocess(*TINY, "stage=head", "shard.index=1", artifacts=root)
+        card = run_inprocess(*TINY, *HEAD_RULE, "stage=head", artifacts=root)
+    run_inprocess(*TINY, *HEAD_RULE, "stage=head", "shard.index=1", artifacts=root)
     return root, card, read
 
 
@@ -229,11 +232,17 @@ def test_a_head_trains_on_its_shard_and_the_safe_split_only(heads):
     store = ArtifactStore(root)
     shard0, shard1, safe = (Manifest.from_json(store.load_manifest(EXP, n))
                             for n in ("shard-00", "shard-01", "safe"))  # fmt: skip
-    ids = load_digits_dataset().ids
-    seen = {ids[i] for i in read}
+    digits = load_digits_dataset()
+    ids = digits.ids
+    seen = {ids[i] for i in read if digits.splits[i] == "train"}
     assert set(shard0.ids) <= seen  # every positive was fed ...
     assert seen <= set(shard0.ids) | set(safe.ids)  # ... and nothing but shard 0 and safe data
     assert not seen & set(shard1.ids)
+    heldout = {ids[i] for i in read if digits.splits[i] != "train"}  # the stopping rule's pairs
+    assert {digits.splits[i] for i in read} == {"train", "test"} and heldout
+    assert not heldout & (set(shard0.ids) | set(shard1.ids) | set(safe.ids))
+    assert card["convergence"]["stopped_by"] == "patience" and card["convergence"]["checks"] == 3
+    assert card["metrics"]["epochs"] == 3 + 2  # 3 slices x 1 epoch, then the rule's 2 more
     assert card["kind"] == "head" and card["name"] == "shard-00" and card["shard_index"] == 0
     assert card["manifest_hash"] == shard0.hash  # the ids fed, checked by the ArtifactWriter
     assert card["parents"][0]["kind"] == "backbone"
@@ -289,8 +298,8 @@ def test_forgetting_a_sample_retrains_one_adapter_and_one_head(root, tmp_path):
     fresh = tmp_path / "fresh"  # the same head trained from scratch without the id
     shutil.copytree(root / "backbones", fresh / "backbones")
     add_forgotten_ids(ArtifactStore(fresh), EXP, ids, "reference")
-    run_inprocess(*TINY, "stage=head", artifacts=fresh)
-    assert head_sha(fresh, "shard-00") == head_sha(root, "shard-00")
+    run_inprocess(*TINY, *HEAD_RULE, "stage=head", artifacts=fresh)
+    assert head_sha(fresh, "shard-00") == head_sha(root, "shard-00")  # the same rule, same stop
 
 
 def test_a_head_is_stale_when_its_manifest_changes_and_leaves_with_its_source(root):

@@ -1,9 +1,11 @@
 """The compartmental router's heads: ``cdm-train stage=head shard.index=K router=compartmental``.
 
 Head K is trained like shard K's adapter, by ``cdm.jobs.train.fit_job`` (the shard's manifest,
-SISA slices, slice checkpoints, resume, forget restarts) with ``HeadTraining`` as its module, and
-stored beside the shard (``experiments/<exp>/heads/shard-KK/``) with a card naming the shard's
-manifest hash and the backbone. A composition reads the heads of exactly its shards
+SISA slices, slice checkpoints, resume, forget restarts) with ``HeadTraining`` as its module,
+stopped after its last slice by ``router.convergence`` (its logistic loss on held-out test
+images, ``cdm.jobs.train.build_convergence``), and stored beside the shard
+(``experiments/<exp>/heads/shard-KK/``) with a card naming the shard's manifest hash and the
+backbone. A composition reads the heads of exactly its shards
 (``load_heads``); softmax(h + log lambda) gives the w_i of Prop. 3.1
 (``cdm.models.compartmental``).
 """

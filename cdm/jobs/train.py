@@ -14,7 +14,9 @@ from cdm.core.names import job_name
 from cdm.data.datamodule import ManifestDataModule
 from cdm.data.datasets import SampleDataset
 from cdm.data.manifest import Manifest, Split, indices_of, slice_indices
+from cdm.data.sharding import id_fraction
 from cdm.eval.denoising_loss import heldout_denoising_loss
+from cdm.eval.head_loss import heldout_head_loss
 from cdm.jobs.context import (
     build_trainer,
     device_description,
@@ -101,28 +103,49 @@ def job_schedule(
 
 
 def stage_optim(cfg: DictConfig) -> DictConfig:
-    """The optimisation settings of this stage: ``pretrain`` (backbone), ``router`` (a head: no
-    ``convergence``, a fixed budget) or ``optim``."""
+    """The optimisation settings of this stage: ``pretrain`` (backbone), ``router`` (a head) or
+    ``optim``."""
     if cfg.stage == "head":
         return cfg.router
     return cfg.pretrain if cfg.stage == "backbone" else cfg.optim
+
+
+def test_rows(dataset: SampleDataset) -> list[int]:
+    """Indices of the config dataset's ``test`` images (not an added source's: those come after
+    the config's dataset), which no job trains on."""
+    base = getattr(dataset, "base", dataset)
+    return [i for i in range(len(base)) if base.splits[i] == "test"]
 
 
 def heldout_indices(
     cfg: DictConfig, dataset: SampleDataset, split: Split, slices: list[list[int]], limit: int
 ) -> list[int]:
     """The held-out set of the stopping rule, never a job's training data: the config dataset's
-    ``test`` images (not an added source's); without a test split, for a shard or the paragon,
-    the public safe split (the backbone's data, which no shard trains on). Of the classes this
-    job trains on when the data is conditional; the first ``limit`` in dataset order."""
-    base = getattr(dataset, "base", dataset)  # added sources come after the config's dataset
-    rows = [i for i in range(len(base)) if base.splits[i] == "test"]
-    if not rows and cfg.stage != "backbone":
+    ``test`` images; without a test split, for a shard or the paragon, the public safe split (the
+    backbone's data, which no shard trains on; not for a head, whose negatives it is). Of the
+    classes this job trains on when the data is conditional (always for a head: its positives);
+    the first ``limit`` in dataset order."""
+    rows = test_rows(dataset)
+    if not rows and cfg.stage not in ("backbone", "head"):
         rows = sorted(indices_of(dataset, split.safe))
-    if cfg.data.conditional:
+    if cfg.data.conditional or cfg.stage == "head":
         classes = {int(dataset.labels[i]) for s in slices for i in s}
         rows = [i for i in rows if int(dataset.labels[i]) in classes]
     return rows[:limit]
+
+
+def heldout_negatives(cfg: DictConfig, dataset: SampleDataset, limit: int) -> list[int]:
+    """A head's held-out negatives, test images standing in for the safe split (a per-class
+    uniform share of train, so test images are a held-out sample of p_safe; only the
+    ``sharding.safe_classes`` when the safe split is those classes alone): ``limit`` of them,
+    ordered by a keyed hash of each id (a uniform draw that no other id changes)."""
+    rows = test_rows(dataset)
+    s = cfg.sharding
+    if s.safe_classes and not s.safe_fraction:
+        wanted = {int(c) for c in s.safe_classes}
+        rows = [i for i in rows if int(dataset.labels[i]) in wanted]
+    seed = int(cfg.seed)
+    return sorted(rows, key=lambda i: id_fraction(seed, "heldout-safe", dataset.ids[i]))[:limit]
 
 
 def build_convergence(
@@ -136,25 +159,34 @@ def build_convergence(
     """The stage's stopping rule (``<pretrain|optim>.convergence``; null: the fixed schedule).
 
     Slices join every ``epochs_per_slice`` epochs as before; from the epoch the last one joins,
-    the held-out denoising loss (``cdm.eval.denoising_loss``, fixed noise) decides when to stop
-    (without held-out images: at ``min_steps``).
+    the held-out loss decides when to stop (without held-out images: at ``min_steps``): the
+    denoising loss (``cdm.eval.denoising_loss``, fixed noise), or for a head its logistic loss
+    on held-out shard vs safe images (``cdm.eval.head_loss``, fixed noise; no shard's training
+    data, so a SISA restart runs the same rule as training from scratch).
     """
     spec = stage_optim(cfg).get("convergence")
     if spec is None:
         return None
     held_out = heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples))
     alphas_cumprod = module.alphas_cumprod.detach().cpu()
-
-    evaluate = functools.partial(  # picklable: ddp_spawn sends the callbacks to its processes
-        heldout_denoising_loss, dataset=dataset, indices=held_out, alphas_cumprod=alphas_cumprod,
-        conditional=bool(cfg.data.conditional), repeats=int(spec.repeats), seed=int(cfg.seed),
-        batch_size=int(spec.batch_size),
-    )  # fmt: skip
+    common = dict(alphas_cumprod=alphas_cumprod, conditional=bool(cfg.data.conditional),
+                  repeats=int(spec.repeats), seed=int(cfg.seed), batch_size=int(spec.batch_size))  # fmt: skip
+    if cfg.stage == "head":
+        negatives = heldout_negatives(cfg, dataset, int(spec.heldout_samples))
+        held_out = held_out[: len(negatives)]  # pairs: as many negatives as positives
+        evaluate = functools.partial(  # picklable: ddp_spawn sends the callbacks to its processes
+            heldout_head_loss, dataset=dataset, positives=held_out, negatives=negatives, **common
+        )
+    else:
+        evaluate = functools.partial(
+            heldout_denoising_loss, dataset=dataset, indices=held_out, **common
+        )
     if not held_out:
         log.warning(
             "%s: dataset %r has no held-out images for the stopping rule (no 'test' split): "
             "training stops at %s.convergence.min_steps=%s",
-            cfg.stage, dataset.name, "pretrain" if cfg.stage == "backbone" else "optim",
+            cfg.stage, dataset.name,
+            {"backbone": "pretrain", "head": "router"}.get(cfg.stage, "optim"),
             int(spec.min_steps),
         )  # fmt: skip
     return Convergence(

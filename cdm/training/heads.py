@@ -6,7 +6,9 @@ code, and the ArtifactWriter checks that the ids fed hash to the shard's manifes
 of positives gets as many negatives from the safe (public) split, drawn by (seed, step, rank)
 alone, so a restart from a slice checkpoint continues bit for bit. Positives and negatives share
 their timesteps (balanced at every t); the loss is the logistic loss, whose optimum is
-h = log p_t^i(x) - log p_t^safe(x) (``cdm.models.compartmental``).
+h = log p_t^i(x) - log p_t^safe(x) (``cdm.models.compartmental``). Once the last slice joined,
+``router.convergence`` stops training when the same loss on held-out images stops improving
+(``cdm.jobs.train.build_convergence``, ``cdm.eval.head_loss``).
 """
 
 from __future__ import annotations
@@ -70,6 +72,11 @@ class HeadTraining(TrackedModule):
         self.weight_decay = weight_decay
         self.conditional = conditional
         self.seed = seed
+
+    @property
+    def model(self) -> torch.nn.Module:
+        """The head: what the stopping rule (``Convergence``) evaluates."""
+        return self.head
 
     @property
     def num_train_timesteps(self) -> int:
