@@ -439,3 +439,17 @@ def test_properties_measure_what_their_name_says():
     memorized = MemorizedShareProperty(space, train)
     assert memorized(images[:20]) == 1.0  # copies of training images
     assert memorized(images[20:]) < 0.5
+
+
+def test_fd_property_is_named_as_cdm_eval_names_it():
+    # FD in the digits classifier's features is FD_digits (cdm-eval's name), not the space's name
+    from types import SimpleNamespace
+
+    from cdm.attribution.properties import FrechetDistanceProperty
+    from cdm.eval.frechet import FeatureStats
+
+    space = SimpleNamespace(name="digits_net", metric_name="FD_digits", dim=2)
+    stats = FeatureStats(mu=np.zeros(2), sigma=np.eye(2), n=10)
+    assert FrechetDistanceProperty(space, stats).name == "FD_digits"
+    space = SimpleNamespace(name="pixels", dim=2)
+    assert FrechetDistanceProperty(space, stats).name == "FD_pixels"

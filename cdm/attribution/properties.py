@@ -20,6 +20,7 @@ import torch
 from cdm.eval.features import FeatureSpace, as_uint8_tensor, to_uint8
 from cdm.eval.frechet import FeatureStats, frechet_distance, stats_from_features
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
+from cdm.jobs.evaluate import metric_names
 
 
 @runtime_checkable
@@ -41,8 +42,9 @@ def as_uint8_images(images: torch.Tensor | np.ndarray) -> torch.Tensor:
 
 class FrechetDistanceProperty:
     """Frechet distance of the samples to ``reference`` statistics in ``feature_space``
-    (Heusel et al. 2017, via ``cdm.eval.frechet``). Named ``FD_<space>``: FID only when the space
-    is Inception. Lower is better."""
+    (Heusel et al. 2017, via ``cdm.eval.frechet``). Named as ``cdm-eval`` names it (``FD_<dataset>``
+    in the domain classifier's features, FID only for the clean-fid Inception protocol). Lower is
+    better."""
 
     def __init__(self, feature_space: FeatureSpace, reference: FeatureStats) -> None:
         if reference.dim != feature_space.dim:
@@ -53,7 +55,9 @@ class FrechetDistanceProperty:
             )
         self.feature_space = feature_space
         self.reference = reference
-        self.name = f"FD_{feature_space.name}"
+        self.name = metric_names(feature_space)[
+            0
+        ]  # FD_<dataset>, FID only for Inception: as cdm-eval
 
     def __call__(self, images: Any, weights: torch.Tensor | None = None) -> float:
         feats = self.feature_space(as_uint8_images(images))
