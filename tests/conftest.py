@@ -57,6 +57,14 @@ def run_inprocess(*overrides: str, artifacts: Path, config: str = "train"):
     return run(cfg)
 
 
+@pytest.fixture(scope="module")
+def tiny_digits_backbone(tmp_path_factory) -> Path:
+    """A store holding a tiny safe backbone for digits (trained once per test module)."""
+    root = tmp_path_factory.mktemp("artifacts")
+    run_inprocess("experiment=digits_4split", "debug=tiny", "stage=backbone", artifacts=root)
+    return root
+
+
 @pytest.fixture
 def train():
     return run_inprocess

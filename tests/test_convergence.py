@@ -16,13 +16,9 @@ TINY = ["experiment=digits_4split", "debug=tiny"]
 
 
 @pytest.fixture(scope="module")
-def store_root(tmp_path_factory) -> Path:
+def store_root(tiny_digits_backbone) -> Path:
     """A store holding a tiny safe backbone for digits (trained once for this module)."""
-    from tests.conftest import run_inprocess
-
-    root = tmp_path_factory.mktemp("artifacts")
-    run_inprocess(*TINY, "stage=backbone", artifacts=root)
-    return root
+    return tiny_digits_backbone
 
 
 def budget(min_steps: int, max_steps: int, **extra: object) -> list[str]:

@@ -88,10 +88,7 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
             )
             continue
         data_hash = card.get("manifest_hash")
-        kind = str(card.get("kind", "-"))
-        adapter_kind = card.get("adapter_kind")
-        if adapter_kind and adapter_kind != kind:
-            kind = f"{kind}/{adapter_kind}"
+        kind = kind_label(card)
         metrics = _metrics_summary(card.get("metrics"))
         if artifact == "manifest" and card.get("n_samples") is not None:
             metrics = f"n_samples={card['n_samples']}"
@@ -120,12 +117,17 @@ def format_table(cards: Iterable[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def kind_label(card: Mapping[str, Any]) -> str:
+    """``shard/lora``: the card's kind, with its adapter kind when that says more."""
+    kind = str(card.get("kind", "-"))
+    adapter_kind = card.get("adapter_kind")
+    return f"{kind}/{adapter_kind}" if adapter_kind and adapter_kind != kind else kind
+
+
 def summary_line(card: Mapping[str, Any]) -> str:
     """One line for a job's card, as a training command reports it:
     ``shard-00 (shard/lora): 435 steps, heldout_loss=0.1743 train/loss=0.1189, 2m07s``."""
-    kind = str(card.get("kind", "-"))
-    if card.get("adapter_kind") and card["adapter_kind"] != kind:
-        kind = f"{kind}/{card['adapter_kind']}"
+    kind = kind_label(card)
     steps = card.get("optimizer_steps") or (card.get("metrics") or {}).get("global_step")
     metrics = {k: v for k, v in (card.get("metrics") or {}).items() if k != "global_step"}
     parts = [

@@ -3,6 +3,7 @@ for resume tests."""
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -210,7 +211,7 @@ class ValidationStopping(pl.callbacks.EarlyStopping):
         best = self.best_score.item()
         return {"stopped_by": "patience" if self.stopped_epoch > 0 else "max_epochs",
                 "epochs": trainer.current_epoch, "max_epochs": self.max_epochs,
-                "monitor": self.monitor, "val_loss_best": best if best == best and abs(best) != float("inf") else None,
+                "monitor": self.monitor, "val_loss_best": best if math.isfinite(best) else None,
                 "patience": self.patience, "min_delta": abs(self.min_delta)}  # fmt: skip
 
 
