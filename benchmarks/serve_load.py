@@ -89,9 +89,9 @@ def running_service(args: list[str], log: Path, timeout: float = 300) -> Iterato
 
 
 def count_audit(audit: Path | None) -> int:
-    from cdm.lifecycle.serving import read_audit
+    from cdm.store.io import read_json_lines
 
-    return 0 if audit is None else len(read_audit(audit))
+    return 0 if audit is None else len(read_json_lines(audit))
 
 
 def latency_stats(latencies: list[float], failures: list[str], wall: float, clients: int) -> dict:

@@ -29,13 +29,13 @@ from benchmarks.serve_load import (
 from cdm.lifecycle.serving import (
     PolicyError,
     add_user,
-    append_audit,
     audit_path,
     authenticate,
-    read_audit,
-    rotated_logs,
 )
 from cdm.store import ArtifactStore
+from cdm.store.io import append_json_line as append_audit
+from cdm.store.io import read_json_lines as read_audit
+from cdm.store.io import rotated_logs
 from tests.test_serving import REPO, TINY, request, store_root  # noqa: F401 (the tiny store)
 
 SERVED = [

@@ -139,6 +139,7 @@ class Attribution:
     values: dict[str, Any]
     table: str
     files: dict[str, bytes] = field(default_factory=dict)
+    parents: list[dict[str, Any]] | None = None  # None: every adapter of the full composition
 
 
 @dataclass
@@ -474,7 +475,7 @@ def run_attribution(cfg: DictConfig) -> dict[str, Any]:
     final = store.attribution_dir(experiment, name)  # a bad name fails before any sampling
     ctx = AttributionContext(cfg, store, instantiate_option(cfg.attribution.divergence))
     result = instantiate_option(cfg.attribution.method).run(ctx)
-    parents = ctx.full.parents
+    parents = result.parents if result.parents is not None else ctx.full.parents
     card = make_card(
         kind="attribution", name=name, experiment=experiment,
         method=cfg.attribution.method.name, property=result.values.get("property"),

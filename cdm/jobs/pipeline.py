@@ -284,12 +284,12 @@ def allowed_shards(cfg: DictConfig, available: list[int]) -> list[int]:
     return wanted
 
 
-def sampling_device(cfg: DictConfig, composition: C.Composition) -> torch.device:
-    """``cfg.device`` (cpu | cuda | cuda:K), checked to exist here."""
+def sampling_device(cfg: DictConfig, composition: C.Composition | None = None) -> torch.device:
+    """``cfg.device`` (cpu | cuda | cuda:K), checked to exist here (and to suit ``composition``)."""
     device = torch.device(str(cfg.device))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={cfg.device}: no CUDA device on this machine; use device=cpu")
-    if device.type != "cpu" and composition.router == "knn":
+    if device.type != "cpu" and composition is not None and composition.router == "knn":
         raise ValueError("composition=knn samples on the CPU only for now: use device=cpu")
     return device
 

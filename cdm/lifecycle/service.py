@@ -6,7 +6,7 @@
 
 Every field is optional (``experiment`` must be the served one). A gate in front of LitServe
 (``ServiceGate``, an ASGI middleware in the API process) answers 401/403/4xx with a one-line
-``{"detail": ...}`` and writes one audit line per request (``cdm.lifecycle.serving.append_audit``)
+``{"detail": ...}`` and writes one audit line per request (``cdm.store.io.append_json_line``)
 before its response leaves. Admitted requests reach the inference worker (``CDMServiceAPI``) with
 the shards the policy grants; requests of one batch with the same (shards, composition,
 sampler, steps) are composed in one batched forward (``cdm.lifecycle.service_worker``).
@@ -30,7 +30,6 @@ from cdm.lifecycle.service_worker import FORMATS, CDMServiceAPI
 from cdm.lifecycle.serving import (
     AccessDenied,
     PolicyError,
-    append_audit,
     audit_path,
     authenticate,
     grant_shards,
@@ -38,6 +37,7 @@ from cdm.lifecycle.serving import (
     read_policy_file,
 )
 from cdm.store import ArtifactStore
+from cdm.store.io import append_json_line
 
 FIELDS = ("experiment", "sources", "composition", "sampler", "steps", "num_samples", "seed", "format")  # fmt: skip
 HEALTH = "/health"
@@ -267,7 +267,7 @@ class ServiceGate:
 
     async def write_audit(self, record: dict, status: int, started: float) -> None:
         record |= {"status": status, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}  # fmt: skip
-        await asyncio.to_thread(append_audit, self.audit, record, self.settings.audit_max_bytes)
+        await asyncio.to_thread(append_json_line, self.audit, record, self.settings.audit_max_bytes)
 
 
 async def read_body(scope: dict, receive: Any, limit: int) -> bytes:

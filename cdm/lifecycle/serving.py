@@ -15,7 +15,6 @@ refused, appends one JSON line to ``<artifacts>/audit/serve.jsonl`` (size-based 
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import hmac
 import json
@@ -32,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.names import ShardId
 from cdm.store import ArtifactStore, validate_name
-from cdm.store.io import atomic_write_bytes, fsync_dir
+from cdm.store.io import append_json_line, atomic_write_bytes
 
 POLICY_EXAMPLE = '{"users": {"alice": ["shard-00", "shard-02"], "bob": ["*"]}}'
 ALL = "*"
@@ -192,43 +191,6 @@ def audit_path(artifacts: str | Path) -> Path:
     return ArtifactStore(artifacts).audit_log_path("serve")
 
 
-def rotated_logs(path: Path) -> list[Path]:
-    """The rotated parts of the audit log ``path`` (``serve.jsonl.000001``, ...), oldest first."""
-    if not path.parent.is_dir():
-        return []
-    parts = [p for p in path.parent.iterdir() if re.fullmatch(re.escape(path.name) + r"\.\d{6}", p.name)]  # fmt: skip
-    return sorted(parts)
-
-
-def append_audit(path: Path, record: dict[str, Any], max_bytes: int | None = None) -> None:
-    """Append one JSON line to ``path`` and fsync it; earlier lines are never rewritten.
-
-    Writers (threads or processes) take an exclusive ``flock`` on ``<path>.lock``. With
-    ``max_bytes``, a log that would grow past it is first renamed to the next numbered part
-    (``serve.jsonl.000001``, ...); parts are never deleted, so rotation loses no line.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        size = path.stat().st_size if path.exists() else 0
-        if max_bytes is not None and size > 0 and size + len(line) > max_bytes:
-            parts = rotated_logs(path)
-            number = int(parts[-1].name.rsplit(".", 1)[1]) + 1 if parts else 1
-            os.rename(path, path.with_name(f"{path.name}.{number:06d}"))
-            fsync_dir(path.parent)
-        with open(path, "ab") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def read_audit(path: Path) -> list[dict]:
-    """Every audit record of ``path``, its rotated parts first (oldest to newest)."""
-    files = [*rotated_logs(path), *([path] if path.exists() else [])]
-    return [json.loads(line) for f in files for line in f.read_text("utf-8").splitlines()]
-
-
 def _names(labels: dict[int, list[str]], shards: list[int]) -> list[str]:
     """Human names of shards: ``source (shard-KK)`` where a source is known."""
     return [" ".join([labels[k][-1]] + ([f"({labels[k][0]})"] if len(labels[k]) > 1 else [])) for k in shards]  # fmt: skip
@@ -332,9 +294,9 @@ def serve(cfg: DictConfig, user: str, sources: list[str | int] | None = None) ->
         record["error"] = "".join(traceback.format_exception_only(e)).strip()
         status = 403 if isinstance(e, AccessDenied) else 400 if isinstance(e, PolicyError) else 500  # fmt: skip
         record |= {"status": status, "latency_ms": round(1000 * (time.perf_counter() - started), 2)}  # fmt: skip
-        append_audit(audit_path(cfg.paths.artifacts), record, max_bytes)
+        append_json_line(audit_path(cfg.paths.artifacts), record, max_bytes)
         raise
     record |= {"decision": "granted", "shards": shards, "samples": str(card["path"]), "status": 200}  # fmt: skip
     record["latency_ms"] = round(1000 * (time.perf_counter() - started), 2)
-    append_audit(audit_path(cfg.paths.artifacts), record, max_bytes)
+    append_json_line(audit_path(cfg.paths.artifacts), record, max_bytes)
     return card

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import sys
 import time
@@ -332,3 +334,41 @@ def clean_temp(root: Path, max_age_s: float = 3600.0) -> list[Path]:
             removed.append(path)
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
     return removed
+
+
+def rotated_logs(path: Path) -> list[Path]:
+    """The rotated parts of the JSON-lines log ``path`` (``serve.jsonl.000001``, ...), oldest first."""
+    if not path.parent.is_dir():
+        return []
+    parts = [p for p in path.parent.iterdir() if re.fullmatch(re.escape(path.name) + r"\.\d{6}", p.name)]  # fmt: skip
+    return sorted(parts)
+
+
+def append_json_line(path: Path, record: dict[str, Any], max_bytes: int | None = None) -> None:
+    """Append one JSON line to ``path`` and fsync it; earlier lines are never rewritten (the
+    service's audit log, an attribution run's measured models).
+
+    Writers (threads or processes) take an exclusive ``flock`` on ``<path>.lock``. With
+    ``max_bytes``, a log that would grow past it is first renamed to the next numbered part
+    (``serve.jsonl.000001``, ...); parts are never deleted, so rotation loses no line.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = (json.dumps(record, sort_keys=True, default=str) + "\n").encode("utf-8")
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        size = path.stat().st_size if path.exists() else 0
+        if max_bytes is not None and size > 0 and size + len(line) > max_bytes:
+            parts = rotated_logs(path)
+            number = int(parts[-1].name.rsplit(".", 1)[1]) + 1 if parts else 1
+            os.rename(path, path.with_name(f"{path.name}.{number:06d}"))
+            fsync_dir(path.parent)
+        with open(path, "ab") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def read_json_lines(path: Path) -> list[dict]:
+    """Every record of ``path``, its rotated parts first (oldest to newest)."""
+    files = [*rotated_logs(path), *([path] if path.exists() else [])]
+    return [json.loads(line) for f in files for line in f.read_text("utf-8").splitlines()]

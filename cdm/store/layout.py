@@ -360,6 +360,13 @@ class StoreLayout:
         folder = self.experiment_dir(experiment) / "attribution"
         return folder / validate_name(name, "attribution name")
 
+    def attribution_records_path(self, experiment: str, name: str, fingerprint: str) -> Path:
+        """``.../attribution/.records/<name>-<fingerprint>.jsonl``: the models a ``cdm-attribute``
+        run measured so far (one JSON line each); a rerun with the same settings reads them back
+        instead of training them again."""
+        folder = self.experiment_dir(experiment) / "attribution" / ".records"
+        return folder / f"{validate_name(name, 'attribution name')}-{fingerprint[:16]}.jsonl"
+
     def verify_dir(self, experiment: str, tag: str) -> Path:
         """``.../verify/<tag>/``: ``cdm-verify``'s sources file and report for certificate ``tag``."""
         return self.experiment_dir(experiment) / "verify" / validate_name(tag, "certificate name")

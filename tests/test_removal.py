@@ -1,0 +1,212 @@
+"""Removal-based attribution (issue 13, section 2): units, the retraining vs sparsified-unlearning
+datamodel experiment through cdm-attribute, and its LDS recomputed from what it stored."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import spearmanr
+
+from cdm.attribution.datamodels import fit_datamodel, sample_subsets
+from cdm.attribution.removal import class_groups, groups_from_file
+
+TINY = ["experiment=digits_4split", "debug=tiny"]
+SMALL_RUN = [
+    "attribution/method=datamodels", "attribution.property.space=pixels", "num_samples=8",
+    "batch_size=8", "steps=3", "attribution.method.units.n_groups=8",
+    "attribution.method.retrain_steps=8", "attribution.method.cost_ratio=4",
+    "attribution.method.budgets=[2,3]", "attribution.method.heldout_subsets=4",
+    "attribution.method.trak.enabled=false",
+]  # fmt: skip
+
+
+def test_class_groups_stay_inside_a_class_and_do_not_move_when_ids_are_removed():
+    ids = [f"s{i:03d}" for i in range(60)]
+    labels = [i % 3 for i in range(60)]
+    units = class_groups(ids, labels, n_groups=6, seed=0)
+    assert len(units) == 6
+    label_of = dict(zip(ids, labels, strict=True))
+    for name, members in zip(units.names, units.members, strict=True):
+        assert {label_of[i] for i in members} == {int(name[1])}
+    assert sorted(i for m in units.members for i in m) == ids
+    # removing some ids leaves every other id in its group (keyed hash order, not positions)
+    group_of = {i: n for n, m in zip(units.names, units.members, strict=True) for i in m}
+    kept = [i for i in ids if i not in {"s000", "s007", "s031"}]
+    again = class_groups(kept, [label_of[i] for i in kept], n_groups=6, seed=0)
+    moved = {
+        i for n, m in zip(again.names, again.members, strict=True) for i in m if group_of[i] != n
+    }
+    assert len(moved) <= 6  # only ids at the boundary of a shrunk class's chunks move
+    # another seed deals other groups
+    other = class_groups(ids, labels, n_groups=6, seed=1)
+    assert other.members != units.members
+
+
+def test_grouping_file_needs_every_training_id(tmp_path):
+    path = tmp_path / "groups.csv"
+    path.write_text("id,group\na,x\nb,y\n")
+    units = groups_from_file(path, ["a", "b"])
+    assert units.names == ("x", "y")
+    with pytest.raises(ValueError, match="no group"):
+        groups_from_file(path, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="not a file"):
+        groups_from_file(tmp_path / "missing.csv", ["a"])
+
+
+@pytest.fixture(scope="module")
+def experiment(tiny_digits_backbone):
+    """One small run of the datamodel experiment on a tiny backbone (FD in pixel space)."""
+    from cdm.attribution.composition import run_attribution
+    from tests.test_attribute_cli import compose_attribute
+
+    cfg = compose_attribute(tiny_digits_backbone, *TINY, *SMALL_RUN)
+    card = run_attribution(cfg)
+    values = json.loads(open(f"{card['path']}/values.json").read())
+    return card, values
+
+
+def test_the_experiment_reports_lds_of_both_datamodels_at_every_budget(experiment):
+    card, values = experiment
+    rows = values["lds"]
+    assert [(r["method"], r["budget"]) for r in rows] == [
+        ("retraining", 2), ("sparsified unlearning", 2),
+        ("retraining", 3), ("sparsified unlearning", 3),
+    ]  # fmt: skip
+    # unlearning gets cost_ratio times the subsets of retraining at each budget
+    assert [r["subsets"] for r in rows] == [2, 8, 3, 12]
+    assert values["unlearn_steps"] == 2 and values["step_ratio"] == 4
+    assert values["pruned_sparsity"] == pytest.approx(0.3, abs=0.02)
+    assert card["parents"][0]["kind"] == "backbone"
+    png = open(f"{card['path']}/lds-vs-compute.png", "rb").read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_stored_lds_is_the_spearman_correlation_of_the_stored_gammas(experiment):
+    _, values = experiment
+    n = values["n_units"]
+    heldout = np.array(values["subsets"]["heldout"], dtype=bool)
+    retrain = np.array(values["subsets"]["retrain"], dtype=bool)
+    unlearn = sample_subsets(n, len(values["gamma_unlearn"]), alpha=0.5, seed=values["seed"] + 1)
+    for row in values["lds"]:
+        masks, gammas = (
+            (retrain, values["gamma_retrain"]) if row["method"] == "retraining"
+            else (unlearn, values["gamma_unlearn"])
+        )  # fmt: skip
+        tau = fit_datamodel(masks[: row["subsets"]], gammas[: row["subsets"]]).tau
+        rho = spearmanr(values["gamma_heldout"], heldout @ tau).statistic
+        assert row["lds"]["value"] == pytest.approx(rho, abs=1e-12)
+
+
+def test_a_subset_retrained_twice_gives_the_same_gamma(tiny_digits_backbone):
+    """Every model starts from the same seed: gamma depends on the kept data only."""
+    from cdm.attribution.composition import AttributionContext
+    from cdm.attribution.removal import DatamodelMethod, RemovalExperiment
+    from cdm.jobs.pipeline import instantiate_option
+    from cdm.store import ArtifactStore
+    from tests.test_attribute_cli import compose_attribute
+
+    cfg = compose_attribute(tiny_digits_backbone, *TINY, *SMALL_RUN)
+    method = instantiate_option(cfg.attribution.method)
+    assert isinstance(method, DatamodelMethod)
+    ctx = AttributionContext(cfg, ArtifactStore(tiny_digits_backbone), None)
+    exp = RemovalExperiment(method, ctx)
+    mask = sample_subsets(len(exp.units), 1, seed=5)[0]
+    gammas, weights = [], []
+    for _ in range(2):
+        module = exp.trainer.fresh()
+        exp.trainer.fit(module, exp.retained(mask), 4)
+        gammas.append(exp.gamma(module))
+        weights.append(
+            torch.cat([p.detach().flatten() for p in module.parameters() if p.requires_grad])
+        )
+    assert gammas[0] == gammas[1]
+    assert torch.equal(weights[0], weights[1])
+    other = exp.trainer.fresh()
+    exp.trainer.fit(other, exp.retained(~mask), 4)
+    assert exp.gamma(other) != gammas[0]
+
+
+def test_bad_settings_fail_with_one_line(tiny_digits_backbone):
+    from cdm.attribution.removal import DatamodelMethod
+
+    with pytest.raises(ValueError, match="no unlearning step"):
+        DatamodelMethod(retrain_steps=8, cost_ratio=64)
+    with pytest.raises(ValueError, match="budgets"):
+        DatamodelMethod(budgets=[1, 2])
+
+
+def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone, monkeypatch):
+    """An interrupted or repeated run does not train again what it measured (records file)."""
+    from pathlib import Path
+
+    from cdm.attribution.composition import run_attribution
+    from cdm.attribution.removal import SubsetTrainer
+    from tests.test_attribute_cli import compose_attribute
+
+    card, values = experiment
+    (records,) = (Path(card["path"]).parent / ".records").glob("datamodels-fd-*.jsonl")
+    assert len(records.read_text().splitlines()) == 2 + 4 + 3 + 12  # full, pruned, K, R, U
+    fits = []
+    original = SubsetTrainer.fit
+
+    def counted(self, module, ids, steps):
+        fits.append(steps)
+        return original(self, module, ids, steps)
+
+    monkeypatch.setattr(SubsetTrainer, "fit", counted)
+    again = run_attribution(compose_attribute(tiny_digits_backbone, *TINY, *SMALL_RUN))
+    assert fits == [8]  # the full model only (pruning and TRAK need its weights)
+    rerun = json.loads(open(f"{again['path']}/values.json").read())
+    for key in ("gamma_heldout", "gamma_retrain", "gamma_unlearn", "lds", "gamma_full"):
+        assert rerun[key] == values[key]
+
+
+def test_trak_baseline_scores_units_on_the_same_heldout_subsets(tiny_digits_backbone):
+    """TRAK (D-TRAK and loss output functions) against FD in the domain feature net's space."""
+    from scipy.stats import spearmanr as rho
+
+    from cdm.attribution.composition import run_attribution
+    from tests.conftest import run_inprocess
+    from tests.test_attribute_cli import compose_attribute
+
+    run_inprocess(*TINY, "stage=feature_net", artifacts=tiny_digits_backbone)
+    overrides = [
+        o
+        for o in SMALL_RUN
+        if not o.startswith(("attribution.property.space", "attribution.method.trak"))
+    ]
+    overrides += ["attribution.method.trak.projection_dim=64", "attribution.method.budgets=[2]",
+                  "attribution.name=with-trak"]  # fmt: skip
+    card = run_attribution(compose_attribute(tiny_digits_backbone, *TINY, *overrides))
+    values = json.loads(open(f"{card['path']}/values.json").read())
+    assert values["property"].startswith("FD_")
+    rows = {r["output"]: r for r in values["trak"]}
+    assert set(rows) == {"dtrak", "loss"}
+    heldout = np.array(values["subsets"]["heldout"], dtype=bool)
+    for row in rows.values():
+        tau = np.array(row["tau"])
+        assert tau.shape == (values["n_units"],) and np.isfinite(tau).all() and np.ptp(tau) > 0
+        expected = rho(values["gamma_heldout"], heldout @ tau).statistic
+        assert row["lds"]["value"] == pytest.approx(expected, abs=1e-12)
+    assert not np.allclose(rows["dtrak"]["tau"], rows["loss"]["tau"])
+    table = open(f"{card['path']}/table.md").read()
+    assert "TRAK, D-TRAK output" in table
+
+
+def test_trak_baseline_refuses_a_property_it_cannot_differentiate(tiny_digits_backbone):
+    from cdm.attribution.composition import AttributionContext
+    from cdm.attribution.removal import RemovalExperiment
+    from cdm.jobs.pipeline import instantiate_option
+    from cdm.store import ArtifactStore
+    from tests.test_attribute_cli import compose_attribute
+
+    cfg = compose_attribute(tiny_digits_backbone, *TINY, *SMALL_RUN)
+    exp = RemovalExperiment(
+        instantiate_option(cfg.attribution.method),
+        AttributionContext(cfg, ArtifactStore(tiny_digits_backbone), None),
+    )
+    with pytest.raises(ValueError, match="no differentiable path"):
+        exp.trak_baseline(exp.trainer.fresh())
