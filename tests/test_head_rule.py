@@ -131,3 +131,44 @@ def test_killed_while_converging_head_resumes_bit_identical(store_root, cli, tra
     a, b = (load_file(store.head_dir(e, "shard-00") / "router.safetensors")
             for e in ("head-ref", "head-res"))  # fmt: skip
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_quality_band_heads_positives_are_held_out_images_of_its_band(tmp_path):
+    """sharding=by_score: every band holds every class, so positives by class alone would be the
+    safe distribution itself; they are the test images whose score lies in the shard's band."""
+    import numpy as np
+    from hydra import compose, initialize_config_dir
+
+    from cdm.jobs.config import config_dir, register_resolvers
+    from cdm.jobs.context import load_data, select_manifest, split_data
+    from cdm.jobs.train import heldout_indices, job_schedule
+
+    rng = np.random.default_rng(0)
+    n = 240
+    np.savez(
+        tmp_path / "scored.npz",
+        images=rng.integers(0, 256, size=(n, 8, 8), dtype=np.uint8),
+        labels=np.arange(n) % 3,
+        scores=rng.permutation(n).astype(float),
+        split=np.where(np.arange(n) % 4 == 0, "test", "train"),
+    )
+    register_resolvers()
+    overrides = ["experiment=digits_4split", "debug=tiny", "data=npz", f"data.root={tmp_path / 'scored.npz'}",
+                 "data.num_classes=3", "data.channels=1", "data.resolution=8", "sharding=by_score",
+                 "sharding.n_shards=3", "stage=head"]  # fmt: skip
+    bands = []
+    for index in range(3):
+        with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+            cfg = compose(config_name="train", overrides=[*overrides, f"shard.index={index}"])
+        dataset = load_data(cfg)
+        split = split_data(cfg, dataset)
+        manifest = select_manifest("head", split, index)
+        slices, _, _ = job_schedule(cfg, dataset, manifest)
+        positives = heldout_indices(cfg, dataset, split, slices, 10_000, manifest.meta)
+        low, high = manifest.meta["score_min"], manifest.meta["score_max"]
+        assert positives and all(low <= float(dataset.scores[i]) <= high for i in positives)
+        assert {dataset.splits[i] for i in positives} == {"test"}
+        everything = heldout_indices(cfg, dataset, split, slices, 10_000)
+        assert len(positives) < len(everything)  # without the band: every test image
+        bands.append(set(positives))
+    assert not (bands[0] & bands[1]) and not (bands[1] & bands[2])

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -118,19 +120,30 @@ def test_rows(dataset: SampleDataset) -> list[int]:
 
 
 def heldout_indices(
-    cfg: DictConfig, dataset: SampleDataset, split: Split, slices: list[list[int]], limit: int
+    cfg: DictConfig,
+    dataset: SampleDataset,
+    split: Split,
+    slices: list[list[int]],
+    limit: int,
+    band: Mapping[str, Any] | None = None,
 ) -> list[int]:
     """The held-out set of the stopping rule, never a job's training data: the config dataset's
     ``test`` images; without a test split, for a shard or the paragon, the public safe split (the
     backbone's data, which no shard trains on; not for a head, whose negatives it is). Of the
     classes this job trains on when the data is conditional (always for a head: its positives);
-    the first ``limit`` in dataset order."""
+    of the job's score band (``band``: a ``sharding=by_score`` shard's manifest meta,
+    ``score_min`` to ``score_max``) when the dataset has scores, so that a quality band's head
+    tells its own band from the safe distribution; the first ``limit`` in dataset order."""
     rows = test_rows(dataset)
     if not rows and cfg.stage not in ("backbone", "head"):
         rows = sorted(indices_of(dataset, split.safe))
     if cfg.data.conditional or cfg.stage == "head":
         classes = {int(dataset.labels[i]) for s in slices for i in s}
         rows = [i for i in rows if int(dataset.labels[i]) in classes]
+    scores = getattr(dataset, "scores", None)
+    if band and "score_min" in band and scores is not None:
+        low, high = float(band["score_min"]), float(band["score_max"])
+        rows = [i for i in rows if low <= float(scores[i]) <= high]
     return rows[:limit]
 
 
@@ -155,6 +168,7 @@ def build_convergence(
     module,
     slices: list[list[int]],
     epochs_per_slice: int,
+    band: Mapping[str, Any] | None = None,
 ) -> Convergence | None:
     """The stage's stopping rule (``<pretrain|optim>.convergence``; null: the fixed schedule).
 
@@ -167,7 +181,7 @@ def build_convergence(
     spec = stage_optim(cfg).get("convergence")
     if spec is None:
         return None
-    held_out = heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples))
+    held_out = heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples), band)
     alphas_cumprod = module.alphas_cumprod.detach().cpu()
     common = dict(alphas_cumprod=alphas_cumprod, conditional=bool(cfg.data.conditional),
                   repeats=int(spec.repeats), seed=int(cfg.seed), batch_size=int(spec.batch_size))  # fmt: skip
@@ -260,7 +274,9 @@ def fit_job(
         epochs_per_slice=epochs_per_slice,
         seed=int(cfg.seed),
     )
-    convergence = build_convergence(cfg, dataset, split, module, slices, epochs_per_slice)
+    convergence = build_convergence(
+        cfg, dataset, split, module, slices, epochs_per_slice, band=manifest.meta
+    )
     callbacks: list[pl.Callback] = [
         *(
             [] if convergence is None else [convergence]
