@@ -28,6 +28,7 @@ from cdm.data.manifest import Manifest, Split, with_shards, without_ids, without
 from cdm.data.sharding import make_split
 from cdm.models.backbone import (
     UNET_CLASSES,
+    class_embeds,
 )
 from cdm.store import ArtifactStore, StoreError
 from cdm.store.io import load_checkpoint
@@ -161,9 +162,9 @@ def load_backbone_for_shards(
             "Retrain it with stage=backbone retrain=true, or set backbone.id to the right backbone."
         )
     expected = cfg.data.num_classes + 1 if cfg.data.conditional else None
-    if unet.config.get("num_class_embeds") != expected:
+    if class_embeds(unet) != expected:
         raise StoreError(
-            f"backbone {cfg.backbone.id!r} has num_class_embeds={unet.config.get('num_class_embeds')} but "
+            f"backbone {cfg.backbone.id!r} has num_class_embeds={class_embeds(unet)} but "
             f"data.conditional={cfg.data.conditional} with {cfg.data.num_classes} classes needs {expected}: "
             "train a matching backbone under another backbone.id=..."
         )

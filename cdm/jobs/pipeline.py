@@ -43,6 +43,7 @@ from cdm.models.multi_adapter import (
     read_full_model,
     read_peft_adapter,
 )
+from cdm.models.prompts import MultiShardPrompt, merge_prompts, read_prompts
 from cdm.store import ArtifactStore, StoreError
 from cdm.store.knn import load_centroids
 
@@ -60,7 +61,8 @@ class CDMPipelineOutput(BaseOutput):
 
 @dataclass
 class StoredAdapter:
-    """A checked shard (or paragon) in the store: its folder and ``adapter_kind`` (lora | full)."""
+    """A checked shard (or paragon) in the store: its folder and ``adapter_kind`` (lora | full |
+    deep_prompt)."""
 
     directory: Path
     kind: str
@@ -322,13 +324,14 @@ def mixture(
     stored: list[StoredAdapter],
 ) -> tuple[torch.Tensor, torch.nn.Module]:
     """(lambda, model): the mixture prior (eq. 3) and the model that composes the shards: the
-    backbone with every LoRA adapter (``MultiShardUNet``), or the full fine-tuned copies
-    (``MultiShardFull``); weight_merge gives one model of the lambda-weighted weights."""
+    backbone with every LoRA adapter (``MultiShardUNet``), the full fine-tuned copies
+    (``MultiShardFull``) or every shard's deep prompts on the DiT (``MultiShardPrompt``);
+    weight_merge gives one model of the lambda-weighted weights."""
     kinds = sorted({a.kind for a in stored})
     if len(kinds) > 1:
         raise StoreError(
             f"the composed shards mix adapter kinds {kinds}: retrain them with one kind "
-            f"(cdm-train stage=shard adapter=<lora|full> retrain=true for each shard)"
+            f"(cdm-train stage=shard adapter=<lora|full|deep_prompt> retrain=true for each shard)"
         )
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     if composition.paragon:  # the monolithic model: one adapter trained on all private data
@@ -343,6 +346,11 @@ def mixture(
         if merge is not None:  # one model whose weights are the lambda-weighted shards' weights
             models = [merge_full(models, merge)]
         return prior, MultiShardFull(models)
+    if kinds == ["deep_prompt"]:
+        prompts = [read_prompts(a.directory) for a in stored]
+        if merge is not None:  # one prompt set: the lambda-weighted sum of the shards' tokens
+            prompts = [merge_prompts(prompts, merge)]
+        return prior, MultiShardPrompt(unet, prompts)
     adapters = [read_peft_adapter(a.directory) for a in stored]
     if merge is not None:  # one model whose LoRA delta is the lambda-weighted sum of the shards'
         adapters = [merge_adapters(adapters, merge)]

@@ -72,8 +72,8 @@ def full_adapter(unet: torch.nn.Module) -> torch.nn.Module:
 
 def prepare_shard_model(unet: torch.nn.Module, adapter_cfg: Mapping[str, Any]) -> torch.nn.Module:
     """The model whose trainable parameters belong to one shard: ``adapter_cfg["_target_"]``
-    (``lora_adapter`` | ``full_adapter``) called with the backbone and the other keys but ``kind``
-    (the stored layout). Shard cards store this config, so only cdm functions are accepted."""
+    (``lora_adapter`` | ``full_adapter`` | ``cdm.models.prompts.deep_prompt_adapter``) called
+    with the backbone and the other keys but ``kind`` (the stored layout). Shard cards store this config, so only cdm functions are accepted."""
     kwargs = {k: v for k, v in adapter_cfg.items() if k not in ("_target_", "kind")}
     attach = stored_target(adapter_cfg.get("_target_"), "the adapter config")
     return attach(unet, **kwargs)

@@ -1,17 +1,41 @@
-"""The shared backbone: a diffusers UNet built from a size preset or loaded from a local path."""
+"""The shared backbone: a diffusers UNet or DiT built from a size preset or loaded from a local path."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import DDPMScheduler, UNet2DConditionModel, UNet2DModel
+from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from cdm.core.hashing import hash_state_dict
 
-UNET_CLASSES: dict[str, type] = {"unet2d": UNet2DModel, "unet2d_condition": UNet2DConditionModel}
+
+class DiT(DiTTransformer2DModel):
+    """diffusers' ``DiTTransformer2DModel`` (Peebles & Xie, 2023) without its own label dropout.
+
+    diffusers drops 10% of the class labels in training mode with the *global* RNG, which
+    would make training depend on RNG history (no bit-identical resume) and double cdm's own
+    seeded ``optim.cond_drop_prob``; here that dropout is off, the weights and the config are
+    diffusers' own (a saved DiT loads into ``DiTTransformer2DModel`` too).
+    """
+
+    @functools.wraps(DiTTransformer2DModel.__init__)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for block in self.transformer_blocks:
+            block.norm1.emb.class_embedder.dropout_prob = 0.0
+
+
+UNET_CLASSES: dict[str, type] = {
+    "unet2d": UNet2DModel,
+    "unet2d_condition": UNet2DConditionModel,
+    "dit": DiT,
+}
+# the config key of each class's number of class-embedding rows (the null label is the last one)
+CLASS_EMBEDS_KEY = {DiT: "num_embeds_ada_norm"}
 
 
 def build_unet(
@@ -22,18 +46,25 @@ def build_unet(
     channels: int,
     num_classes: int | None,
 ) -> torch.nn.Module:
-    """A freshly initialised UNet. Class-conditional when ``num_classes`` is given.
+    """A freshly initialised UNet (or DiT, ``kind="dit"``). Class-conditional when ``num_classes``
+    is given; the output has the input's channels (epsilon only).
 
     The class embedding has ``num_classes + 1`` rows: the last one is the null label used for
-    classifier-free guidance (Ho & Salimans, 2022).
+    classifier-free guidance (Ho & Salimans, 2022). A DiT (adaLN-Zero) is always conditional.
     """
     if kind not in UNET_CLASSES:
         raise ValueError(f"unknown backbone kind {kind!r}: choose one of {sorted(UNET_CLASSES)}")
+    cls = UNET_CLASSES[kind]
     kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in dict(unet_kwargs).items()}
     kwargs.update(sample_size=sample_size, in_channels=channels, out_channels=channels)
+    if num_classes is None and cls in CLASS_EMBEDS_KEY:
+        raise ValueError(
+            f"backbone.kind={kind} is class-conditional only (adaLN-Zero): set data.conditional=true "
+            "or use a UNet backbone (backbone=tiny|small|base)"
+        )
     if num_classes is not None:
-        kwargs["num_class_embeds"] = num_classes + 1
-    return UNET_CLASSES[kind](**kwargs)
+        kwargs[CLASS_EMBEDS_KEY.get(cls, "num_class_embeds")] = num_classes + 1
+    return cls(**kwargs)
 
 
 def load_pretrained_unet(path: str | Path, kind: str = "unet2d") -> torch.nn.Module:
@@ -60,9 +91,17 @@ def build_scheduler(scheduler_kwargs: Mapping[str, Any]) -> DDPMScheduler:
     return DDPMScheduler(**dict(scheduler_kwargs))
 
 
+def class_embeds(unet: torch.nn.Module) -> int | None:
+    """Rows of the backbone's class embedding (classes + the null label), None if unconditional."""
+    if not hasattr(unet, "config"):
+        return None
+    n = unet.config.get("num_class_embeds")
+    return unet.config.get("num_embeds_ada_norm") if n is None else n
+
+
 def null_label(unet: torch.nn.Module) -> int | None:
     """Index of the null class (classifier-free guidance), or None for an unconditional UNet."""
-    n = unet.config.get("num_class_embeds") if hasattr(unet, "config") else None
+    n = class_embeds(unet)
     return None if n is None else int(n) - 1
 
 
@@ -73,7 +112,8 @@ def predict_epsilon(
     labels: torch.Tensor | None = None,
     encoder_hidden_states: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """epsilon_theta(x_t, t, c) for either UNet class (wrapped in peft or not).
+    """epsilon_theta(x_t, t, c) for either UNet class or a DiT (wrapped in peft or deep prompts
+    or not): each is called as ``model(x_t, t, class_labels=c, return_dict=False)[0]``.
 
     A UNet2DConditionModel without text gets a single all-zero token as its context, so the
     class-conditional path runs today and text conditioning can be plugged in later.

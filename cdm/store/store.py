@@ -44,7 +44,7 @@ from cdm.store.staleness import stale_reason
 
 __all__ = ["ADAPTER_KINDS", "ArtifactStore", "train_hint"]
 
-ADAPTER_KINDS = ("lora", "full")
+ADAPTER_KINDS = ("lora", "full", "deep_prompt")
 ROUTER_WEIGHTS = "router.safetensors"
 ROUTER_CONFIG = "router_config.json"
 # Commands named in error messages; kept here so they can follow the CLI.
@@ -181,7 +181,8 @@ class ArtifactStore(StoreLayout):
         ``kind="lora"``: ``model`` is a ``peft.PeftModel``; the adapter ``adapter_name`` (default:
         the active one) is written in the standard peft layout (``adapter_model.safetensors`` +
         ``adapter_config.json``) at the top of the dir. ``kind="full"``: a plain diffusers model,
-        diffusers ``save_pretrained`` layout. ``card`` must carry ``backbone_hash``; it gains
+        diffusers ``save_pretrained`` layout. ``kind="deep_prompt"``: a prompted model whose
+        ``save_pretrained`` writes its prompts alone (``cdm.models.prompts.PromptedDiT``). ``card`` must carry ``backbone_hash``; it gains
         ``adapter_kind`` (= ``kind``), ``kind`` (unless the card has one, e.g. "shard"), ``job``,
         ``experiment``, ``name`` (default ``job``), ``weights_file``, ``weights_sha256`` and
         ``created``. An existing artifact is replaced atomically. ``directory`` writes it
@@ -202,7 +203,7 @@ class ArtifactStore(StoreLayout):
             if name not in model.peft_config:
                 raise StoreError(f"adapter {name!r} not in model (has {list(model.peft_config)})")
         elif _is_peft_model(model):
-            raise StoreError("kind='full' needs a plain diffusers model, got a peft.PeftModel")
+            raise StoreError(f"kind={kind!r} needs a plain model, got a peft.PeftModel")
 
         def write(tmp: Path) -> None:
             if kind == "lora":
@@ -282,10 +283,16 @@ class ArtifactStore(StoreLayout):
         dir, adapter_name=adapter_name or "default")`` (``base_unet`` gets LoRA layers injected);
         if ``base_unet`` already is a PeftModel the adapter is added to it under ``adapter_name``
         (default: the job name) and it is returned. Full: ``type(base_unet).from_pretrained(dir)``
-        (``UNet2DModel`` if ``base_unet`` is None).
+        (``UNet2DModel`` if ``base_unet`` is None). Deep prompts are read by
+        ``cdm.models.prompts.read_prompts`` from ``checked_adapter``'s directory.
         """
         directory, card = self.checked_adapter(experiment, job, backbone_hash=backbone_hash)
         kind = self.adapter_kind(card)
+        if kind == "deep_prompt":
+            raise StoreError(
+                f"adapter {experiment}/{job} holds deep prompts: read them with "
+                "cdm.models.prompts.read_prompts(store.checked_adapter(...)[0])"
+            )
         if kind == "lora":
             from peft import PeftModel
 
@@ -313,8 +320,9 @@ class ArtifactStore(StoreLayout):
         return cls.from_pretrained(str(directory), local_files_only=True), card
 
     def adapter_kind(self, card: Mapping[str, Any]) -> str:
-        """The stored layout of a checked adapter card: ``lora`` (peft folder) or ``full`` (a
-        whole diffusers UNet); any other value is refused as a corrupt card."""
+        """The stored layout of a checked adapter card: ``lora`` (peft folder), ``full`` (a
+        whole diffusers model) or ``deep_prompt`` (``prompts.safetensors``); any other value is
+        refused as a corrupt card."""
         kind = card.get("adapter_kind", card.get("kind"))
         if kind not in ADAPTER_KINDS:
             experiment, job = card.get("experiment", "?"), card.get("job", "?")
