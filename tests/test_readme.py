@@ -366,6 +366,10 @@ COMPOSE_ONLY: list[tuple[Callable[[list[str]], bool], str]] = [
         "needs a SLURM cluster (tests/test_slurm.py renders the sbatch script)",
     ),
     (lambda a: "trainer=gpu" in a, "needs GPUs"),
+    (
+        lambda a: any(x.startswith("attribution/method=datamodels") for x in a),
+        "trains hundreds of models; tests/test_removal.py runs the experiment at tiny size",
+    ),
     (lambda a: "trainer=ddp_cpu" in a, "spawns 2 processes; tests/test_ddp.py runs it"),
     (
         lambda a: "logger=wandb" in a,
