@@ -210,3 +210,34 @@ def test_trak_baseline_refuses_a_property_it_cannot_differentiate(tiny_digits_ba
     )
     with pytest.raises(ValueError, match="no differentiable path"):
         exp.trak_baseline(exp.trainer.fresh())
+
+
+def test_sweep_names_differ_per_job_and_are_valid_store_names():
+    from cdm.cli.attribute import sweep_name
+    from cdm.store.layout import validate_name
+
+    common = ["experiment=digits_4split", "attribution/method=datamodels", "paths.artifacts=/x"]
+    a = sweep_name("datamodels-fd", [*common, "attribution.method.pruning_ratio=0.2"])
+    b = sweep_name("datamodels-fd", [*common, "attribution.method.pruning_ratio=0.5"])
+    assert a == "datamodels-fd-method=datamodels_pruning_ratio=0.2" and a != b
+    long = [*common, *(f"attribution.method.key{i}=value/{i}" for i in range(20))]
+    names = {sweep_name("datamodels-fd", [*long, f"seed={s}"]) for s in range(3)}
+    assert len(names) == 3 and all(validate_name(n) == n and len(n) <= 128 for n in names)
+
+
+@pytest.mark.slow
+def test_a_multirun_sweep_writes_one_result_per_job(tiny_digits_backbone, tmp_path):
+    """cdm-attribute -m: each job of a sweep gets its own folder (named by its overrides)."""
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "cdm.cli.attribute", "-m", *TINY, *SMALL_RUN,
+            "attribution.method.pruning_ratio=0.2,0.5", f"paths.artifacts={tiny_digits_backbone}",
+            f"hydra.sweep.dir={tmp_path}/sweep"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = tiny_digits_backbone / "experiments" / "digits_4split" / "attribution"
+    swept = [p for p in folder.iterdir() if p.name.startswith("datamodels-fd-")]
+    assert len(swept) == 2
+    sparsity = sorted(json.loads((p / "values.json").read_text())["pruned_sparsity"] for p in swept)
+    assert sparsity == [pytest.approx(0.2, abs=0.02), pytest.approx(0.5, abs=0.02)]
