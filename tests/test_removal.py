@@ -241,3 +241,35 @@ def test_a_multirun_sweep_writes_one_result_per_job(tiny_digits_backbone, tmp_pa
     assert len(swept) == 2
     sparsity = sorted(json.loads((p / "values.json").read_text())["pruned_sparsity"] for p in swept)
     assert sparsity == [pytest.approx(0.2, abs=0.02), pytest.approx(0.5, abs=0.02)]
+
+
+def test_a_whole_model_is_pruned_and_unlearned_with_its_masks_kept(tiny_digits_backbone):
+    """adapter=full: the attributed model is a whole UNet (the paragon as a full fine-tune)."""
+    import copy
+
+    from cdm.attribution.composition import AttributionContext
+    from cdm.attribution.removal import RemovalExperiment
+    from cdm.attribution.unlearning import magnitude_prune, sparsity
+    from cdm.jobs.pipeline import instantiate_option
+    from cdm.store import ArtifactStore
+    from tests.test_attribute_cli import compose_attribute
+
+    cfg = compose_attribute(tiny_digits_backbone, *TINY, *SMALL_RUN, "adapter=full")
+    exp = RemovalExperiment(
+        instantiate_option(cfg.attribution.method),
+        AttributionContext(cfg, ArtifactStore(tiny_digits_backbone), None),
+    )
+    full = exp.trainer.fresh()
+    backbone_params = sum(p.numel() for p in exp.trainer.backbone.parameters())
+    assert sum(p.numel() for p in full.parameters() if p.requires_grad) == backbone_params
+    exp.trainer.fit(full, exp.ids, 2)
+    pruned = copy.deepcopy(full)
+    magnitude_prune(pruned.model, ratio=0.3)
+    assert sparsity(pruned.model) == pytest.approx(0.3, abs=0.01)
+    mask = sample_subsets(len(exp.units), 1, seed=0)[0]
+    exp.trainer.fit(pruned, exp.retained(mask), 3)
+    for module_name, module in pruned.model.named_modules():
+        for buffer_name, keep in module.named_buffers(recurse=False):
+            if buffer_name.endswith("_mask"):
+                weight = getattr(module, buffer_name[: -len("_mask")])
+                assert torch.all(weight[keep == 0] == 0), module_name
