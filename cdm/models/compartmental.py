@@ -61,9 +61,9 @@ def head_logit(
 class CompartmentalRouter(nn.Module):
     """The logits [B, n] of n shard heads, in the order given: softmax(logits + log lambda) = w.
 
-    Heads on one frozen backbone (``BackboneHeadRouter``, n_shards=1) share it: its mid-block
-    features are computed once per call. ``takes_labels`` tells the composed denoiser to pass
-    the class labels of a class-conditional model.
+    Heads on one frozen backbone (``BackboneHeadRouter``, n_shards=1) share it: its features (a
+    UNet's mid block, a DiT's transformer block) are computed once per call. ``takes_labels``
+    tells the composed denoiser to pass the class labels of a class-conditional model.
     """
 
     takes_labels = True
@@ -75,7 +75,10 @@ class CompartmentalRouter(nn.Module):
         self.heads = nn.ModuleList(heads)
 
     def _shared_backbone(self) -> nn.Module | None:
-        backbones = {id(getattr(h, "backbone", None)) for h in self.heads}
+        # one feature pass serves every head that reads the same backbone at the same block
+        backbones = {
+            (id(getattr(h, "backbone", None)), getattr(h, "block", None)) for h in self.heads
+        }
         first = getattr(self.heads[0], "backbone", None)
         shared = len(backbones) == 1 and first is not None
         return first if shared and all(hasattr(h, "head_logits") for h in self.heads) else None

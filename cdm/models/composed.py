@@ -1,10 +1,10 @@
 """The compartmentalized model: shards composed by router weights at every denoising step.
 
-``ComposedDenoiser`` turns a ``MultiShardUNet`` and a composition method (a
-``cdm.core.composition.Composition``) into the ``denoise(x_t, t)`` callable of Prop. 3.1
-(eps = sum_i w_i(x_t, t) eps_i(x_t, t)); only (sample, shard) pairs with a non-zero weight are
-evaluated, all in ONE batched forward. ``draw`` runs a diffusers scheduler over it for one batch
-and records every sample's weights at every step (the trace).
+``ComposedDenoiser`` turns a ``MultiShardUNet`` (or ``MultiShardFull``, ``MultiShardPrompt``) and
+a composition method (a ``cdm.core.composition.Composition``) into the ``denoise(x_t, t)``
+callable of Prop. 3.1 (eps = sum_i w_i(x_t, t) eps_i(x_t, t)); only (sample, shard) pairs with
+a non-zero weight are evaluated, all in ONE batched forward. ``draw`` runs a diffusers scheduler
+over it for one batch and records every sample's weights at every step (the trace).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from cdm.core import composition as C
 from cdm.core.sampling import Callback
 from cdm.core.sampling import sample as run_sampler
 from cdm.models.multi_adapter import MultiShardFull, MultiShardUNet
+from cdm.models.prompts import MultiShardPrompt
 
 
 @dataclass
@@ -32,7 +33,8 @@ class ComposedDenoiser:
     (exact when each label lives in one shard, as with by-class shards).
     """
 
-    model: MultiShardUNet | MultiShardFull  # LoRA shards on one backbone | full copies
+    # LoRA shards on one backbone | full copies | deep prompts on one DiT
+    model: MultiShardUNet | MultiShardFull | MultiShardPrompt
     composition: C.Composition
     prior: torch.Tensor
     allowed: torch.Tensor | None = None

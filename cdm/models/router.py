@@ -4,9 +4,11 @@ At convergence ``softmax(f(x_t, t))_i = P(z = i | x_t)``, the weight of shard i'
 mixture score ``s(x_t, t) = sum_i w_i(x_t, t) s_i(x_t, t)`` (Prop. 3.1). Two architectures:
 
 - ``SmallRouter``: a small standalone conv net with a sinusoidal timestep embedding.
-- ``BackboneHeadRouter``: a head on the mid-block features of the frozen safe backbone (as in
-  the paper). The backbone is held outside the module's registered children, so it is not in the
-  router's ``state_dict`` / ``parameters()`` and never trains; it follows ``.to()`` and dtype casts.
+- ``BackboneHeadRouter``: a head on intermediate features of the frozen safe backbone (as in
+  the paper): a UNet's mid block (``router=backbone_head``) or a DiT's middle transformer block
+  (``router=dit_head``). The backbone is held outside the module's registered children, so it
+  is not in the router's ``state_dict`` / ``parameters()`` and never trains; it follows
+  ``.to()`` and dtype casts.
 """
 
 from __future__ import annotations
@@ -134,8 +136,55 @@ def _base_model(unet: nn.Module) -> nn.Module:
     return unet.get_base_model() if hasattr(unet, "get_base_model") else unet
 
 
-class _MidBlockReached(Exception):
-    """Raised by the mid-block hook to stop the UNet forward there: the up path is not needed."""
+class _FeaturesReached(Exception):
+    """Raised by a feature hook to stop the backbone's forward there (later blocks not needed)."""
+
+
+def _timesteps_and_labels(
+    backbone: nn.Module,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Timesteps [B] on x_t's device; the null label (unconditional branch) when none is given."""
+    timesteps = torch.as_tensor(timesteps, device=x_t.device)
+    if timesteps.dim() == 0:
+        timesteps = timesteps[None]
+    timesteps = timesteps.expand(x_t.shape[0])
+    null = null_label(backbone)
+    if class_labels is None and null is not None:
+        class_labels = torch.full_like(timesteps, null, dtype=torch.long)
+    return timesteps, class_labels
+
+
+def _output_of(
+    module: nn.Module,
+    backbone: nn.Module,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None,
+    encoder_hidden_states: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The output of ``module`` (a block of ``backbone``) in the backbone's own forward, which a
+    forward hook stops right there (no diffusers internals are re-implemented)."""
+    captured: list[torch.Tensor] = []
+
+    def stop_after(hooked: nn.Module, args: Any, output: torch.Tensor) -> None:
+        captured.append(output)
+        raise _FeaturesReached
+
+    handle = module.register_forward_hook(stop_after)
+    try:
+        predict_epsilon(backbone, x_t, timesteps, class_labels, encoder_hidden_states)
+    except _FeaturesReached:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(
+            f"{type(backbone).__name__}.forward never called {type(module).__name__}"
+        )
+    return captured[0]
 
 
 def unet_mid_features(
@@ -148,9 +197,9 @@ def unet_mid_features(
     """The mid-block output [B, C_mid, h, w] of a UNet, caught by a forward hook on ``mid_block``.
 
     The UNet's own ``forward`` runs (through ``predict_epsilon``) and the hook stops it after
-    the mid block, so the up blocks never run and no diffusers internals are re-implemented. A
-    class-conditional backbone gets its null label (the unconditional branch) unless
-    ``class_labels`` is given; a cross-attention one gets one all-zero context token.
+    the mid block, so the up blocks never run. A class-conditional backbone gets its null label
+    (the unconditional branch) unless ``class_labels`` is given; a cross-attention one gets one
+    all-zero context token.
     """
     unet = _base_model(unet)
     mid_block = getattr(unet, "mid_block", None)
@@ -159,38 +208,81 @@ def unet_mid_features(
             f"unet_mid_features needs a UNet with a mid_block, got {type(unet).__name__}; "
             "use router=small"
         )
-    timesteps = torch.as_tensor(timesteps, device=x_t.device)
-    if timesteps.dim() == 0:
-        timesteps = timesteps[None]
-    timesteps = timesteps.expand(x_t.shape[0])
-    null = null_label(unet)
-    if class_labels is None and null is not None:
-        class_labels = torch.full_like(timesteps, null, dtype=torch.long)
-    captured: list[torch.Tensor] = []
+    timesteps, class_labels = _timesteps_and_labels(unet, x_t, timesteps, class_labels)
+    return _output_of(mid_block, unet, x_t, timesteps, class_labels, encoder_hidden_states)
 
-    def stop_after_mid_block(module: nn.Module, args: Any, output: torch.Tensor) -> None:
-        captured.append(output)
-        raise _MidBlockReached
 
-    handle = mid_block.register_forward_hook(stop_after_mid_block)
-    try:
-        predict_epsilon(unet, x_t, timesteps, class_labels, encoder_hidden_states)
-    except _MidBlockReached:
-        pass
-    finally:
-        handle.remove()
-    if not captured:
-        raise RuntimeError(f"{type(unet).__name__}.forward never called its mid_block")
-    return captured[0]
+def dit_blocks(backbone: nn.Module) -> nn.ModuleList | None:
+    """The transformer blocks of a DiT-like backbone (None for a UNet)."""
+    blocks = getattr(_base_model(backbone), "transformer_blocks", None)
+    return blocks if isinstance(blocks, nn.ModuleList) else None
+
+
+def middle_block(n_blocks: int) -> int:
+    """The default feature block of a transformer: the middle one (U-ViT's mid block)."""
+    return n_blocks // 2
+
+
+def dit_block_features(
+    dit: nn.Module,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """The tokens [B, N, D] after transformer block ``block`` (default: the middle one) of a
+    DiT, caught by a forward hook that stops the DiT's own forward there. The timestep (and the
+    class: the null label unless ``class_labels`` is given) enter through the DiT's own adaLN
+    embedding, as in its forward. Deep-prompt tokens, if any, are already dropped."""
+    blocks = dit_blocks(dit)
+    if blocks is None:
+        raise TypeError(
+            f"dit_block_features needs a transformer backbone, got {type(dit).__name__}; "
+            "use router=backbone_head for a UNet"
+        )
+    index = middle_block(len(blocks)) if block is None else int(block)
+    if not 0 <= index < len(blocks):
+        raise ValueError(
+            f"router.model.block={block} but the backbone has {len(blocks)} transformer blocks: "
+            f"pick one in 0..{len(blocks) - 1} (null: the middle one)"
+        )
+    dit = _base_model(dit)
+    timesteps, class_labels = _timesteps_and_labels(dit, x_t, timesteps, class_labels)
+    return _output_of(blocks[index], dit, x_t, timesteps, class_labels)
+
+
+def backbone_tokens(
+    backbone: nn.Module,
+    x_t: torch.Tensor,
+    timesteps: torch.Tensor,
+    class_labels: torch.Tensor | None = None,
+    block: int | None = None,
+) -> torch.Tensor:
+    """The frozen backbone's intermediate features as tokens [B, N, C]: a DiT's tokens after
+    ``block`` (``dit_block_features``), or a UNet's mid-block map flattened to its h*w positions
+    (``unet_mid_features``; ``block`` must be None there)."""
+    if dit_blocks(backbone) is not None:
+        return dit_block_features(backbone, x_t, timesteps, class_labels, block)
+    if block is not None:
+        raise ValueError(
+            f"router.model.block={block} names a transformer block, but the backbone is a "
+            f"{type(_base_model(backbone)).__name__} (its mid block is read): "
+            "set router.model.block=null"
+        )
+    return unet_mid_features(backbone, x_t, timesteps, class_labels).flatten(2).transpose(1, 2)
 
 
 class BackboneHeadRouter(nn.Module):
-    """A classifier head on the frozen backbone's mid-block features (paper Sec. 3.4).
+    """A classifier head on the frozen backbone's intermediate features (paper Sec. 3.4: "a
+    linear layer plus an attention block on intermediate U-ViT features").
 
-    features -> per-token linear (+ learned position and time embeddings) -> one pre-norm
-    self-attention block over the h*w spatial tokens -> mean pool -> linear to n logits. The
-    backbone runs under ``no_grad`` in eval mode; it is not a registered child, so the router's
-    ``state_dict`` holds the head only (the card names the backbone hash it depends on).
+    The features (``backbone_tokens``): a UNet's mid-block map as h*w tokens, or a DiT's tokens
+    after transformer block ``block`` (null: the middle one; ``router=dit_head``), whose timestep
+    and class enter through the DiT's own adaLN embedding. Then: per-token linear (+ learned
+    position and time embeddings) -> one pre-norm self-attention block over the tokens -> mean
+    pool -> linear to n logits. The backbone runs under ``no_grad`` in eval mode; it is not a
+    registered child, so the router's ``state_dict`` holds the head only (the card names the
+    backbone hash it depends on).
     """
 
     def __init__(
@@ -205,22 +297,21 @@ class BackboneHeadRouter(nn.Module):
         mlp_ratio: int = 2,
         time_embed_dim: int = 64,
         num_classes: int | None = None,
+        block: int | None = None,
     ) -> None:
         super().__init__()
         if backbone is None:
-            raise ValueError("a backbone_head router needs the backbone UNet")
+            raise ValueError("a backbone-head router needs the backbone (UNet or DiT)")
         backbone.requires_grad_(False).eval()
         self.__dict__["backbone"] = backbone  # not registered: no state_dict, no parameters
         self.n_shards = int(n_shards)
-        with torch.no_grad():
-            probe = unet_mid_features(
-                backbone,
-                torch.zeros(1, channels, resolution, resolution, dtype=self._backbone_dtype()),
-                torch.zeros(1, dtype=torch.long),
-            )
-        _, c_mid, h, w = probe.shape
-        self.proj = nn.Linear(c_mid, dim)
-        self.pos = nn.Parameter(torch.zeros(1, h * w, dim))
+        self.block = None if block is None else int(block)
+        probe = self.features(
+            torch.zeros(1, channels, resolution, resolution), torch.zeros(1, dtype=torch.long)
+        )
+        _, n_tokens, c_features = probe.shape
+        self.proj = nn.Linear(c_features, dim)
+        self.pos = nn.Parameter(torch.zeros(1, n_tokens, dim))
         self.time = _TimeMLP(int(time_embed_dim))
         self.t_proj = nn.Linear(int(time_embed_dim), dim)
         self.norm1 = nn.LayerNorm(dim)
@@ -252,11 +343,11 @@ class BackboneHeadRouter(nn.Module):
     def features(
         self, x_t: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The frozen backbone's mid-block features, without gradient (of the label's branch
-        when ``class_labels`` is given, else of the unconditional one)."""
+        """The frozen backbone's feature tokens [B, N, C], without gradient (of the label's
+        branch when ``class_labels`` is given, else of the unconditional one)."""
         with torch.no_grad():
-            return unet_mid_features(
-                self.backbone, x_t.to(self._backbone_dtype()), timesteps, class_labels
+            return backbone_tokens(
+                self.backbone, x_t.to(self._backbone_dtype()), timesteps, class_labels, self.block
             )
 
     def forward(
@@ -268,9 +359,9 @@ class BackboneHeadRouter(nn.Module):
     def head_logits(
         self, feats: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """The logits from mid-block ``features`` (heads sharing one backbone compute them once)."""
-        feats = feats.to(self.proj.weight.dtype)
-        tokens = self.proj(feats.flatten(2).transpose(1, 2)) + self.pos
+        """The logits from feature tokens ``feats`` [B, N, C] (heads sharing one backbone and
+        block compute them once)."""
+        tokens = self.proj(feats.to(self.proj.weight.dtype)) + self.pos
         tokens = tokens + self.t_proj(self.time(timesteps))[:, None, :]
         if self.label is not None and class_labels is not None:
             tokens = tokens + self.label(class_labels.to(tokens.device).long())[:, None, :]
