@@ -162,6 +162,16 @@ def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone
     rerun = json.loads(open(f"{again['path']}/values.json").read())
     for key in ("gamma_heldout", "gamma_retrain", "gamma_unlearn", "lds", "gamma_full"):
         assert rerun[key] == values[key]
+    # other unlearning settings: only the unlearned models are new (the retrained ones are kept)
+    fits.clear()
+    other = compose_attribute(
+        tiny_digits_backbone, *TINY, *SMALL_RUN, "attribution.method.cost_ratio=2"
+    )
+    changed = json.loads(open(f"{run_attribution(other)['path']}/values.json").read())
+    assert fits == [8] + [4] * 6  # the full model, then 3 x 2 unlearned models of 8 / 2 steps
+    assert changed["gamma_heldout"] == values["gamma_heldout"]
+    assert changed["gamma_retrain"] == values["gamma_retrain"][:3]
+    assert len(changed["gamma_unlearn"]) == 6
 
 
 def test_trak_baseline_scores_units_on_the_same_heldout_subsets(tiny_digits_backbone):

@@ -66,6 +66,11 @@ from cdm.training.jobs import ShardTraining
 log = get_logger(__name__)
 
 FIG1_FILE = "lds-vs-compute.png"
+# method settings that are not in the records file's fingerprint: the TRAK baseline and the name
+# (no gamma depends on them), budgets and subset counts (prefix-stable draws), and what only some
+# models depend on (``RemovalExperiment.variant``)
+VARIANT_KEYS = ("trak", "name", "budgets", "heldout_subsets", "heldout_seeds", "cost_ratio",
+                "pruning_ratio", "pruning_scope")  # fmt: skip
 
 
 # ---- units -----------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ class RemovalExperiment:
             str(cfg.experiment_name), str(cfg.attribution.name), self.fingerprint(manifest.hash)
         )
         done = read_json_lines(self.records_path) if self.records_path.is_file() else []
-        self.measured = {(r["kind"], r["index"]): r for r in done}
+        self.measured = {(r["kind"], r["index"], r.get("variant", "")): r for r in done}
 
     def shard_index(self) -> int:
         """KK of ``target=shard-KK``."""
@@ -340,11 +345,14 @@ class RemovalExperiment:
         return float(self.ctx.prop(torch.cat(images), None))
 
     def fingerprint(self, manifest_hash: str) -> str:
-        """What a measured gamma depends on: the method (but the TRAK baseline), the property,
-        the sampling, the seed, the training settings, the backbone and the attributed data."""
+        """What every measured gamma depends on: the method's units, alpha and retraining steps,
+        the property, the sampling, the seed, the training settings, the backbone and the
+        attributed data. Budgets and subset counts are left out (subsets are prefix-stable draws:
+        more of them keep the first ones), and so are the settings only some models depend on
+        (``variant``)."""
         cfg = self.cfg
         method = {k: v for k, v in OmegaConf.to_container(cfg.attribution.method, resolve=True).items()
-                  if k not in ("trak", "name")}  # fmt: skip
+                  if k not in VARIANT_KEYS}  # fmt: skip
         keys = {
             "method": method, "manifest": manifest_hash, "backbone": self.backbone_parent["hash"],
             **{k: OmegaConf.to_container(cfg[k], resolve=True)
@@ -353,6 +361,14 @@ class RemovalExperiment:
             "sampling": [int(cfg.num_samples), int(cfg.steps), int(cfg.batch_size), int(cfg.seed)],
         }  # fmt: skip
         return sha256_bytes(json.dumps(keys, sort_keys=True, default=str).encode())
+
+    def variant(self, kind: str) -> str:
+        """The settings a model of ``kind`` depends on beyond the fingerprint: the pruning of the
+        pruned and unlearned models, the unlearning steps, the seeds of the held-out models."""
+        m = self.method
+        prune = f"prune={m.pruning_ratio},{m.pruning_scope}"
+        return {"pruned": prune, "unlearn": f"{prune};steps={m.unlearn_steps}",
+                "heldout": f"seeds={m.heldout_seeds}"}.get(kind, "")  # fmt: skip
 
     def measure(
         self,
@@ -363,13 +379,15 @@ class RemovalExperiment:
     ) -> None:
         """Record the mean gamma of the models ``train()`` returns (one per training seed) and
         their mean training seconds; a model the records file already holds is read back."""
-        done = self.measured.get((kind, index))
+        variant = self.variant(kind)
+        done = self.measured.get((kind, index, variant))
         if done is None:
             modules, seconds = train()
             gamma = float(np.mean([self.gamma(module) for module in modules]))
             done = {
                 "kind": kind,
                 "index": index,
+                "variant": variant,
                 "gamma": gamma,
                 "train_s": float(np.mean(seconds)),
             }
