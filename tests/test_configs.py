@@ -55,6 +55,7 @@ REQUIRED = {
     ("data", "oxford_pets"): {"data.root"},
     ("data", "image_folder"): {"data.root", "data.num_classes"},
     ("data", "npz"): {"data.root", "data.num_classes"},
+    ("data", "captioned_folder"): {"data.root"},
     ("sharding", "manifest"): {"sharding.manifest_path"},
     ("backbone", "pretrained"): {"backbone.pretrained_path"},
     ("knn", "clip"): {"knn.embedder.path"},
