@@ -147,7 +147,7 @@ def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone
     from tests.test_attribute_cli import compose_attribute
 
     card, values = experiment
-    (records,) = (Path(card["path"]).parent / ".records").glob("datamodels-fd-*.jsonl")
+    (records,) = (Path(card["path"]).parent / ".records").glob("*.jsonl")
     assert len(records.read_text().splitlines()) == 2 + 4 + 3 + 12  # full, pruned, K, R, U
     fits = []
     original = SubsetTrainer.fit

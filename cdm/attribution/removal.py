@@ -296,7 +296,7 @@ class RemovalExperiment:
         self.label_pool = torch.unique(labels) if cfg.data.conditional else None
         self.records: list[ModelRecord] = []
         self.records_path = ctx.store.attribution_records_path(
-            str(cfg.experiment_name), str(cfg.attribution.name), self.fingerprint(manifest.hash)
+            str(cfg.experiment_name), self.fingerprint(manifest.hash)
         )
         done = read_json_lines(self.records_path) if self.records_path.is_file() else []
         self.measured = {(r["kind"], r["index"], r.get("variant", "")): r for r in done}

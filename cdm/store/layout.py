@@ -360,12 +360,13 @@ class StoreLayout:
         folder = self.experiment_dir(experiment) / "attribution"
         return folder / validate_name(name, "attribution name")
 
-    def attribution_records_path(self, experiment: str, name: str, fingerprint: str) -> Path:
-        """``.../attribution/.records/<name>-<fingerprint>.jsonl``: the models a ``cdm-attribute``
-        run measured so far (one JSON line each); a rerun with the same settings reads them back
-        instead of training them again."""
+    def attribution_records_path(self, experiment: str, fingerprint: str) -> Path:
+        """``.../attribution/.records/<fingerprint>.jsonl``: the models ``cdm-attribute`` runs
+        measured with these settings (one JSON line each); any later run with the same settings
+        (another name, a sweep over the unlearning settings) reads them back instead of training
+        them again."""
         folder = self.experiment_dir(experiment) / "attribution" / ".records"
-        return folder / f"{validate_name(name, 'attribution name')}-{fingerprint[:16]}.jsonl"
+        return folder / f"{validate_name(fingerprint[:32], 'records fingerprint')}.jsonl"
 
     def verify_dir(self, experiment: str, tag: str) -> Path:
         """``.../verify/<tag>/``: ``cdm-verify``'s sources file and report for certificate ``tag``."""
