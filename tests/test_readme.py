@@ -367,6 +367,10 @@ COMPOSE_ONLY: list[tuple[Callable[[list[str]], bool], str]] = [
     ),
     (lambda a: "trainer=gpu" in a, "needs GPUs"),
     (
+        lambda a: "adapter=deep_prompt" in a and any(x.startswith("table1.") for x in a),
+        "trains a whole table (11 min); tests/test_prompts*.py run its jobs at tiny size",
+    ),
+    (
         lambda a: any(x.startswith("attribution/method=datamodels") for x in a),
         "trains hundreds of models; tests/test_removal.py runs the experiment at tiny size",
     ),
