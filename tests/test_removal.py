@@ -77,6 +77,7 @@ def test_the_experiment_reports_lds_of_both_datamodels_at_every_budget(experimen
     ]  # fmt: skip
     # unlearning gets cost_ratio times the subsets of retraining at each budget
     assert [r["subsets"] for r in rows] == [2, 8, 3, 12]
+    assert [r["compute_retrain_units"] for r in rows] == [2, 2, 3, 3]  # equal compute, in steps
     assert values["unlearn_steps"] == 2 and values["step_ratio"] == 4
     assert values["pruned_sparsity"] == pytest.approx(0.3, abs=0.02)
     assert card["parents"][0]["kind"] == "backbone"

@@ -475,11 +475,11 @@ class RemovalExperiment:
             ):
                 dm = fit_datamodel(masks[:count], gammas[:count])
                 lds = linear_datamodeling_score(h_masks, h_gamma, dm.tau, seed=int(self.cfg.seed))
-                cost = count * (
-                    seconds_per_retrain if method == "retraining" else seconds_per_unlearn
-                )
+                # compute in optimizer steps (one retraining = 1), independent of the machine's
+                # load while each model trained; the measured seconds are reported beside it
+                steps = m.retrain_steps if method == "retraining" else m.unlearn_steps
                 rows.append({"method": method, "budget": b, "subsets": count,
-                             "compute_retrain_units": cost / seconds_per_retrain,
+                             "compute_retrain_units": count * steps / m.retrain_steps,
                              "lds": lds_json(lds), "ridge_alpha": dm.alpha})  # fmt: skip
         full, pruned = (
             next(r.gamma for r in self.records if r.kind == k) for k in ("full", "pruned")
@@ -587,9 +587,9 @@ def lds_json(lds: LDSResult) -> dict[str, float]:
 
 
 def lds_table(values: dict[str, Any]) -> str:
-    """Markdown: LDS per method and budget, with the compute spent in retraining units."""
+    """Markdown: LDS per method and budget, with the compute spent in retrainings."""
     lines = [
-        "| method | budget (retrainings) | subsets | compute (retraining units) | LDS | 95% interval |",
+        "| method | budget (retrainings) | subsets | compute (retrainings, in steps) | LDS | 95% interval |",
         "|---|---|---|---|---|---|",
     ]
     for row in values["lds"]:
@@ -615,7 +615,9 @@ def lds_table(values: dict[str, Any]) -> str:
         f"pruning {values['pruned_sparsity']:.0%}, {values['seconds_per_unlearn']:.3f} s: cost ratio "
         f"{values['measured_cost_ratio']:.1f}x measured ({values['step_ratio']:.0f}x in steps). "
         f"gamma: full {values['gamma_full']:.4g}, pruned {values['gamma_pruned']:.4g}, held-out "
-        f"retrained sd {values['gamma_heldout_std']:.3g}, unlearned sd {values['gamma_unlearn_std']:.3g}."
+        f"retrained sd {values['gamma_heldout_std']:.3g}, unlearned sd {values['gamma_unlearn_std']:.3g}. "
+        "Compute: optimizer steps over one retraining's; for TRAK, its seconds over one "
+        "retraining's (measured seconds depend on the machine's load at the time)."
     )
     return "\n".join(lines)
 
@@ -640,7 +642,7 @@ def fig1_plot(values: dict[str, Any]) -> bytes:
                    label=f"TRAK ({row['output']})")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
-    ax.set_xlabel("compute (retraining units)")
+    ax.set_xlabel("compute (retrainings; TRAK: in seconds)")
     ax.set_ylabel("LDS (%)")
     ax.set_title(f"{values['property']} of {values['target']}: {values['n_units']} units")
     ax.legend(fontsize=7)
