@@ -250,6 +250,17 @@ def test_every_config_key_named_in_a_message_exists():
     register_resolvers()
     with initialize_config_module(config_module="cdm.conf", version_base="1.3"):
         configs = [OmegaConf.to_container(compose(config_name=c)) for _, c in COMMANDS.values()]
+        # a key of a non-default option counts too (attribution/method=datamodels, adapter=deep_prompt)
+        conf = REPO / "cdm" / "conf"
+        options = [
+            ("attribute", [f"attribution/method={p.stem}"])
+            for p in sorted((conf / "attribution" / "method").glob("*.yaml"))
+        ]
+        options += [
+            ("train", ["stage=shard", f"adapter={p.stem}"])
+            for p in sorted((conf / "adapter").glob("*.yaml"))
+        ]
+        configs += [OmegaConf.to_container(compose(config_name=c, overrides=o)) for c, o in options]
 
     def exists(key: str) -> bool:
         for cfg in configs:

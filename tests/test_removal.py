@@ -175,6 +175,7 @@ def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone
     assert len(changed["gamma_unlearn"]) == 6
 
 
+@pytest.mark.slow  # 16 s: trains the domain feature net; cdm.attribution.trak's math is in test_trak.py
 def test_trak_baseline_scores_units_on_the_same_heldout_subsets(tiny_digits_backbone):
     """TRAK (D-TRAK and loss output functions) against FD in the domain feature net's space."""
     from scipy.stats import spearmanr as rho

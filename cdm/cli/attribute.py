@@ -13,7 +13,6 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, open_dict
 
 from cdm.cli.errors import cdm_main
-from cdm.core.hashing import sha256_bytes
 from cdm.jobs.config import register_resolvers
 
 register_resolvers()
@@ -32,6 +31,8 @@ def sweep_name(name: str, overrides: list[str]) -> str:
     full = f"{name}-{suffix}" if suffix else name
     if len(full) <= 128:
         return full
+    from cdm.core.hashing import sha256_bytes  # noqa: PLC0415 (a bad override must not import torch)
+
     return f"{full[:111]}-{sha256_bytes(full.encode())[:16]}"  # still one folder per job
 
 
