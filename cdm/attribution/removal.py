@@ -317,27 +317,17 @@ class RemovalExperiment:
         """The property of ``num_samples`` samples of ``module`` from the run's fixed x_T (the
         same noise and labels for every model)."""
         cfg = self.cfg
-        n, steps, size = int(cfg.num_samples), int(cfg.steps), int(cfg.batch_size)
         model = module.model.eval()
-        labels = None if self.label_pool is None else cycle_labels(self.label_pool, n)
+        labels = self.sample_labels()
         images = []
-        for start in range(0, n, size):
-            count = min(size, n - start)
-            generator = batch_generator(int(cfg.seed), start)
-            shape = (
-                count,
-                int(cfg.data.channels),
-                int(cfg.data.resolution),
-                int(cfg.data.resolution),
-            )
-            x_T = torch.randn(shape, generator=generator).to(self.device)
-            y = None if labels is None else labels[start : start + count].to(self.device)
+        for start, x_T, generator in self.batches_of_noise():
+            y = None if labels is None else labels[start : start + len(x_T)]
 
             def denoise(x: torch.Tensor, t: torch.Tensor, y=y) -> torch.Tensor:
                 return predict_epsilon(model, x, t.expand(x.shape[0]).to(self.device), y)
 
             images.append(
-                run_sampler(denoise, self.scheduler, x_T, steps, generator=generator)
+                run_sampler(denoise, self.scheduler, x_T, int(cfg.steps), generator=generator)
                 .clamp(-1, 1)
                 .cpu()
             )
@@ -517,17 +507,26 @@ class RemovalExperiment:
             "wall_time_s": wall_s,
         }
 
-    def fixed_noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x_T [num_samples, C, H, W] and labels of every gamma (batch by batch, as ``gamma``)."""
+    def batches_of_noise(self) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """(start, x_T of the batch, its generator, which then serves the sampler's noise) of each
+        batch of ``batch_size``: the same for every model (``cdm-sample``'s seeding)."""
         cfg = self.cfg
         n, size = int(cfg.num_samples), int(cfg.batch_size)
         shape = (int(cfg.data.channels), int(cfg.data.resolution), int(cfg.data.resolution))
-        x_T = torch.cat([
-            torch.randn((min(size, n - start), *shape), generator=batch_generator(int(cfg.seed), start))
-            for start in range(0, n, size)
-        ])  # fmt: skip
-        labels = None if self.label_pool is None else cycle_labels(self.label_pool, n)
-        return x_T.to(self.device), None if labels is None else labels.to(self.device)
+        for start in range(0, n, size):
+            generator = batch_generator(int(cfg.seed), start)
+            x_T = torch.randn((min(size, n - start), *shape), generator=generator)
+            yield start, x_T.to(self.device), generator
+
+    def sample_labels(self) -> torch.Tensor | None:
+        """The class labels of every gamma's samples (cycling through the target's classes)."""
+        if self.label_pool is None:
+            return None
+        return cycle_labels(self.label_pool, int(self.cfg.num_samples)).to(self.device)
+
+    def fixed_noise(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x_T [num_samples, C, H, W] and labels of every gamma (on the run's device)."""
+        return torch.cat([x for _, x, _ in self.batches_of_noise()]), self.sample_labels()
 
     def trak_baseline(self, full: ShardTraining) -> list[dict[str, Any]]:
         """TRAK scores of every unit on the full model and their LDS on the held-out subsets:
