@@ -88,6 +88,32 @@ def test_unconditional_dit_is_refused_with_the_fix():
         build_unet("dit", TINY_DIT, sample_size=8, channels=1, num_classes=None)
 
 
+@pytest.mark.parametrize(("preset", "millions"), [("dit_small", 0.59), ("dit_base", 35.24)])
+def test_dit_presets_build_with_their_documented_size_and_shapes(preset, millions):
+    """The shipped presets as the backbone job builds them (dit_base: DiT-B/2's depth, heads of
+    64 and 2x2 patches at width 384, the UNet base's size; docs/architecture.md). The size counts
+    at any resolution (fixed sin-cos positions); dit_base runs on 8x8x3 to stay fast."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from cdm.jobs.config import config_dir, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        cfg = compose("train", overrides=[f"backbone={preset}", "stage=backbone"])
+    assert cfg.backbone.kind == "dit" and cfg.backbone.preset == preset
+    size, channels = (8, 1) if preset == "dit_small" else (8, 3)
+    torch.manual_seed(0)
+    dit = build_unet(cfg.backbone.kind, OmegaConf.to_container(cfg.backbone.unet),
+                     sample_size=size, channels=channels, num_classes=10).eval()  # fmt: skip
+    assert sum(p.numel() for p in dit.parameters()) / 1e6 == pytest.approx(millions, abs=0.01)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, channels, size, size, generator=g)
+    with torch.no_grad():
+        eps = predict_epsilon(dit, x, torch.tensor([10, 900]), torch.tensor([3, 10]))
+    assert eps.shape == x.shape and torch.isfinite(eps).all()
+
+
 # ---- deep prompts -------------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The transformer family downstream: the router on DiT features (``router=dit_head``, paper:
 "a linear layer plus an attention block on intermediate U-ViT features"), the compartmental
-heads on the same features, and cdm-sample, cdm-add-source, cdm-forget and cdm-serve on a
-dit_tiny + deep_prompt experiment."""
+heads on the same features, and cdm-sample (k-NN too), cdm-add-source, cdm-forget, cdm-serve
+and cdm-attribute on a dit_tiny + deep_prompt experiment."""
 
 from __future__ import annotations
 
@@ -264,3 +264,50 @@ def test_cdm_serve_once_with_deep_prompts(root, tmp_path):
         "shard-00", "shard-02"]  # fmt: skip
     with pytest.raises(AccessDenied):
         request("alice", ["shard-00"], "composition=average", "name=refused")
+
+
+def test_knn_centroids_then_knn_composition_with_deep_prompts(root):
+    """stage=knn on the prompted experiment, then cdm-sample composition=knn: the k-NN weights
+    (softmax over distances of the predicted x_0 to each shard's centroids) mix the prompts."""
+    cards = run_inprocess(*DIT, "stage=knn", artifacts=root)
+    assert [c["name"] for c in cards] == ["shard-00", "shard-01", "shard-02"]
+    samples = run_inprocess(*PROMPTS, *SAMPLES, "composition=knn", artifacts=root,
+                            config="sample")  # fmt: skip
+    parents = {(p["kind"], p["name"]): p["hash"] for p in samples["parents"]}
+    hashes = prompt_hashes(root)
+    assert {k: parents[("adapter", k)] for k in hashes} == hashes  # the stored prompts
+    assert {n for kind, n in parents if kind == "knn_centroids"} == {
+        f"pixels/shard-0{k}" for k in range(3)
+    }
+    weights = np.load(Path(samples["path"]) / "trace.npz")["weights"]
+    assert weights.shape[-1] == 3 and np.allclose(weights.sum(-1), 1, atol=1e-5)
+    assert weights.std() > 0  # the weights depend on x_t
+    images = np.load(Path(samples["path"]) / "samples.npz")["images"]
+    assert images.shape[0] == 4 and np.isfinite(images).all()
+
+
+def test_cdm_attribute_exact_shapley_and_eq6_credit_with_deep_prompts(root):
+    """cdm-attribute on prompted shards: exact Shapley of the mean router weight (v(S) samples
+    the coalition S only, v({}) the safe backbone) and paper eq. 6 credit on the same path."""
+    from hydra import compose, initialize_config_dir
+
+    from cdm.attribution.composition import run_attribution
+    from cdm.jobs.config import config_dir, register_resolvers
+
+    register_resolvers()
+    overrides = [*PROMPTS, "num_samples=4", "batch_size=4", "steps=2",
+                 "attribution.credit_samples=2", "attribution/property=router_weight",
+                 f"paths.artifacts={root}"]  # fmt: skip
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        card = run_attribution(compose(config_name="attribute", overrides=overrides))
+    assert {p["name"]: p["hash"] for p in card["parents"] if p["kind"] == "adapter"} == (
+        prompt_hashes(root)
+    )
+    values = json.loads((Path(card["path"]) / "values.json").read_text())
+    assert values["players"] == ["shard-00", "shard-01", "shard-02"]
+    assert len(values["coalitions"]) == 2**3 and values["v_empty"] == 0.0
+    shapley = values["shapley"]["values"]
+    assert sum(shapley.values()) == pytest.approx(values["v_all"] - values["v_empty"], abs=1e-9)
+    credit = np.array(values["eq6"]["credit_per_step"])
+    assert credit.shape == (2, 3) and np.allclose(credit.sum(1), 1.0)
+    assert np.array(values["eq6"]["per_sample"]).shape == (2, 3)

@@ -22,8 +22,9 @@ def attach_lora(
 ) -> PeftModel:
     """Wrap the backbone in a PeftModel whose only trainable weights are the LoRA factors.
 
-    ``target_modules`` may name attention projections (``to_q``, ``to_k``, ...) and conv layers
-    (``conv1``, ``conv2``, ``conv_shortcut``); names that match nothing raise a clear error.
+    ``target_modules`` may name attention projections (``to_q``, ``to_k``, ...), conv layers
+    (``conv1``, ``conv2``, ``conv_shortcut``) and a DiT's feed-forward linears (``ff.net.0.proj``,
+    ``ff.net.2``: ``adapter=lora_dit``); names that match nothing raise a clear error.
     """
     names = {name.rsplit(".", 1)[-1] for name, _ in unet.named_modules()}
     full_names = {name for name, _ in unet.named_modules()}
@@ -31,8 +32,9 @@ def attach_lora(
         t for t in target_modules if t not in names and not any(n.endswith(t) for n in full_names)
     ]
     if missing:
+        fix = "adapter=lora_dit" if hasattr(unet, "transformer_blocks") else "adapter=lora"
         raise ValueError(
-            f"adapter.target_modules {missing} match no layer of this backbone; "
+            f"adapter.target_modules {missing} match no layer of this backbone; use {fix} or "
             f"choose among e.g. {sorted(n for n in names if n.startswith(('to_', 'conv')))}"
         )
     config = LoraConfig(

@@ -76,7 +76,7 @@ def transformer_blocks(backbone: nn.Module) -> nn.ModuleList:
     if not isinstance(blocks, nn.ModuleList) or not hasattr(backbone, "inner_dim"):
         raise ValueError(
             f"deep prompts need a transformer backbone with transformer_blocks, got "
-            f"{type(backbone).__name__}: use backbone=dit_tiny|dit_small, or adapter=lora for a UNet"
+            f"{type(backbone).__name__}: use backbone=dit_tiny|dit_small|dit_base, or adapter=lora for a UNet"
         )
     return blocks
 
