@@ -58,6 +58,7 @@ REQUIRED = {
     ("data", "captioned_folder"): {"data.root"},
     ("sharding", "manifest"): {"sharding.manifest_path"},
     ("backbone", "pretrained"): {"backbone.pretrained_path"},
+    ("backbone", "sd_local"): {"backbone.pretrained_path"},
     ("knn", "clip"): {"knn.embedder.path"},
 }
 # The groups that only some stages use, and the stages that use each.
@@ -84,6 +85,8 @@ def missing_keys(cfg, prefix: str = "") -> set[str]:
         path = f"{prefix}{key}"
         if OmegaConf.is_missing(cfg, key):
             out.add(path)
+        elif OmegaConf.is_interpolation(cfg, key):  # ${backbone.pretrained_path}: counted there
+            continue
         elif OmegaConf.is_dict(cfg[key]):
             out |= missing_keys(cfg[key], path + ".")
     return out

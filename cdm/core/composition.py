@@ -405,7 +405,8 @@ class Composition:
     Class attributes tell the sampler what to load: ``router`` names the router whose logits
     ``step.logits`` holds ("classifier" | "knn" | None); ``dense`` allows a dense step (every pair
     evaluated, e.g. one CUDA graph); ``merged`` composes one lambda-weighted merge of the shards'
-    adapters; ``paragon`` samples the monolithic model trained on all private data.
+    adapters; ``paragon`` samples the monolithic model trained on all private data; ``base``
+    samples the safe backbone alone (no adapter).
     """
 
     name: str = "composition"
@@ -413,6 +414,7 @@ class Composition:
     dense: bool = True
     merged: bool = False
     paragon: bool = False
+    base: bool = False
 
     def weights(self, step: Step) -> torch.Tensor:
         """w [B, n] for this step."""
@@ -505,3 +507,10 @@ class Paragon(Average):
 
     name = "paragon"
     paragon = True
+
+
+class Base(Average):
+    """The base model: the safe backbone alone, no shard's adapter (paper Table 2's first row)."""
+
+    name = "base"
+    base = True

@@ -111,6 +111,7 @@ USED_BY: dict[str, tuple[str, ...]] = {
             "batch_size",
             "guidance_scale",
             "labels",
+            "prompts",  # text models' prompts (cdm.jobs.pipeline.prompt_list)
             "device",
             "cuda_graph",
         )
@@ -118,7 +119,10 @@ USED_BY: dict[str, tuple[str, ...]] = {
 }
 
 # Keys that hold a path to user files: they enter an identity by content.
-FILE_KEYS = ("data.root", "sharding.manifest_path", "backbone.pretrained_path", "knn.embedder.path")
+FILE_KEYS = (
+    "data.root", "sharding.manifest_path", "backbone.pretrained_path", "knn.embedder.path",
+    "backbone.text_encoder.path", "backbone.codec.path",  # e.g. an SD folder (backbone=sd_local)
+)  # fmt: skip
 
 # Callbacks that only measure or show a run (their ``_target_``), left out of identities.
 LOG_ONLY_CALLBACKS = frozenset(

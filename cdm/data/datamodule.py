@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pytorch_lightning as pl
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from cdm.data.sharding import epoch_order
@@ -107,3 +108,37 @@ class ManifestDataModule(pl.LightningDataModule):
             world_size=world,
         )
         return DataLoader(self.dataset, batch_size=self.batch_size, sampler=sampler, num_workers=0)
+
+
+class JobDataset(Dataset):
+    """A dataset as a text or latent-space job feeds it (docs/text.md): sample i's ``label`` is
+    ``rows[i]`` (the row of its caption in the job's context table) and its ``image`` is
+    ``latents[i]`` (the codec's encoding, made once per job). Every other attribute (ids,
+    content hashes, labels, splits, scores) is the wrapped dataset's."""
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        *,
+        rows: Mapping[int, int] | None = None,
+        latents: Mapping[int, torch.Tensor] | Sequence[torch.Tensor] | None = None,
+    ) -> None:
+        self.dataset = dataset
+        self.rows = rows
+        self.latents = latents
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> dict:
+        item = dict(self.dataset[i])
+        if self.rows is not None:
+            item["label"] = torch.tensor(self.rows[int(i)], dtype=torch.long)
+        if self.latents is not None:
+            item["image"] = self.latents[int(i)]
+        return item
+
+    def __getattr__(self, name: str):
+        if name in ("dataset", "rows", "latents") or name.startswith("__"):
+            raise AttributeError(name)  # not set yet (unpickling): no recursion
+        return getattr(self.dataset, name)

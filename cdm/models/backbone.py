@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMScheduler, DiTTransformer2DModel, UNet2DConditionModel, UNet2DModel
 
 from cdm.core.hashing import hash_state_dict
+from cdm.models.text import contexts_of
 
 
 class DiT(DiTTransformer2DModel):
@@ -68,13 +69,16 @@ def build_unet(
 
 
 def load_pretrained_unet(path: str | Path, kind: str = "unet2d") -> torch.nn.Module:
-    """Load any diffusers UNet from a local ``save_pretrained`` directory; never downloads."""
+    """Load any diffusers UNet from a local ``save_pretrained`` directory, or the ``unet/`` of a
+    pipeline folder (``model_index.json``: e.g. Stable Diffusion, backbone=sd_local); never downloads."""
     path = Path(path).expanduser()
+    if (path / "model_index.json").is_file():
+        path = path / "unet"
     if not (path / "config.json").is_file():
         raise FileNotFoundError(
             f"no diffusers UNet at {path}: expected a directory made by `unet.save_pretrained(dir)` "
-            "holding config.json and diffusion_pytorch_model.safetensors (for a full pipeline, "
-            "point backbone.pretrained_path at its unet/ subfolder). Nothing is downloaded."
+            "holding config.json and diffusion_pytorch_model.safetensors, or a pipeline folder "
+            "(model_index.json) with a unet/ subfolder. Nothing is downloaded."
         )
     if kind not in UNET_CLASSES:
         raise ValueError(f"unknown backbone kind {kind!r}: choose one of {sorted(UNET_CLASSES)}")
@@ -100,7 +104,12 @@ def class_embeds(unet: torch.nn.Module) -> int | None:
 
 
 def null_label(unet: torch.nn.Module) -> int | None:
-    """Index of the null class (classifier-free guidance), or None for an unconditional UNet."""
+    """Index of the null class (classifier-free guidance), or None for an unconditional UNet; a
+    text UNet's null caption: the last row of its context table (``cdm.models.text``)."""
+    base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
+    table = contexts_of(base)
+    if table is not None:
+        return int(table.shape[0]) - 1
     n = class_embeds(unet)
     return None if n is None else int(n) - 1
 
@@ -115,11 +124,17 @@ def predict_epsilon(
     """epsilon_theta(x_t, t, c) for either UNet class or a DiT (wrapped in peft or deep prompts
     or not): each is called as ``model(x_t, t, class_labels=c, return_dict=False)[0]``.
 
-    A UNet2DConditionModel without text gets a single all-zero token as its context, so the
-    class-conditional path runs today and text conditioning can be plugged in later.
+    A text UNet2DConditionModel (a context table attached, ``cdm.models.text``) reads its labels
+    as caption rows: the context is ``table[labels]`` (labels None: the null caption) and no class
+    label is passed. Without a table it gets a single all-zero token as its context.
     """
     base = unet.get_base_model() if hasattr(unet, "get_base_model") else unet
     kwargs: dict[str, Any] = {"class_labels": labels}
+    table = contexts_of(base)
+    if table is not None and encoder_hidden_states is None:
+        rows = labels if labels is not None else torch.full((x_t.shape[0],), len(table) - 1)
+        encoder_hidden_states = table[rows.to(table.device)].to(x_t.dtype)
+        kwargs["class_labels"] = None
     if isinstance(base, UNet2DConditionModel):
         if encoder_hidden_states is None:
             dim = base.config.cross_attention_dim

@@ -140,6 +140,7 @@ def draw(
     device: torch.device | str = "cpu",
     callback: Callback | None = None,
     latents: torch.Tensor | None = None,
+    clamp: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_0 [B, C, H, W] clamped to [-1, 1], trace [B, steps, n]), both on the CPU: one batch of
     the CDM's reverse process (paper eq. 2 with the eps of Prop. 3.1).
@@ -148,6 +149,7 @@ def draw(
     ``device``, so a seed gives the same x_T on every device; the same generator then serves the
     composition's draws (random selection) and the scheduler's noise, in that order per step.
     ``latents`` (shape ``shape``) replaces the x_T draw (e.g. one seed per request of a batch).
+    ``clamp=False`` keeps x_0 as sampled: latents of a codec (an SD VAE) are not in [-1, 1].
     """
     denoiser.generator = generator
     denoiser.trace = []
@@ -158,4 +160,5 @@ def draw(
         lambda x, t: denoiser(x, t, y), scheduler, x_T, steps, generator=generator,
         callback=callback,
     )  # fmt: skip
-    return x0.clamp(-1, 1).cpu(), torch.stack(denoiser.trace, dim=1).cpu()
+    x0 = x0.clamp(-1, 1) if clamp else x0
+    return x0.cpu(), torch.stack(denoiser.trace, dim=1).cpu()
