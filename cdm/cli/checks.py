@@ -2,7 +2,7 @@
 
 Config groups (``composition=``, ``sampler=``, ``stage=``, ...) are checked by Hydra itself; this
 module checks the free-form values (``prior=``, ``device=``, ``shards=``, ``labels=``,
-``evaluate.*``, ``table1.*``, ``fig2.*``). Torch-free: a typo is reported in well under a second.
+``evaluate.*``, ``table1.*``, ``fig2.*``, ``table2.*``). Torch-free: a typo is reported in well under a second.
 Values that only the store knows (which shards exist) are checked by ``check_store``.
 """
 
@@ -43,7 +43,8 @@ def check_choices(cfg: DictConfig) -> None:
     index = OmegaConf.select(cfg, "shard.index")
     if index is not None and not (isinstance(index, int) and index >= 0):
         raise ChoiceError(f"shard.index={index} is not a shard index: use shard.index=0, 1, ...")
-    for key in ("evaluate.feature_spaces", "table1.feature_space", "fig2.feature_space"):
+    for key in ("evaluate.feature_spaces", "table1.feature_space", "fig2.feature_space",
+                "table2.feature_space"):  # fmt: skip
         check_one_of(cfg, key, FEATURE_SPACES)
     check_one_of(cfg, "evaluate.memorization_space", FEATURE_SPACES)
     check_one_of(cfg, "evaluate.reference", REFERENCES)

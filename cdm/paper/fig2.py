@@ -40,16 +40,18 @@ from cdm.core.names import ShardId
 from cdm.eval.features import to_uint8
 from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
 from cdm.jobs.context import load_data
-from cdm.jobs.evaluate import build_feature_space, load_samples, reference_features, run_evaluation
+from cdm.jobs.evaluate import build_feature_space, load_samples, reference_features
 from cdm.jobs.pipeline import shard_indices
-from cdm.jobs.sample import run_sampling
 from cdm.paper.table1 import (
     METHOD_TITLES,
-    current_adapter,
+    checked_choices,
     dataset_name,
+    evaluated_space,
     experiment_config,
     forwarded_overrides,
+    sample_and_evaluate,
     save_table,
+    train_backbone_and_shards,
     train_missing,
 )
 from cdm.store import ArtifactStore, make_card
@@ -76,20 +78,13 @@ def sample_names(name: str, n: int, methods: list[str]) -> dict[tuple[int, str],
 def check_spec(cfg: DictConfig) -> tuple[list[str], str, str]:
     """(methods, statistic, feature space) of ``cfg.fig2``, with a clear error for a bad one."""
     spec = cfg.fig2
-    methods = [str(m) for m in spec.compositions]
-    unknown = [m for m in methods if m not in COMPOSITIONS]
-    if unknown or not methods:
-        raise ValueError(
-            f"fig2.compositions={methods}: unknown {unknown}; choose from {list(COMPOSITIONS)}"
-        )
-    statistic, space = str(spec.metric), str(spec.feature_space)
+    methods = checked_choices(
+        "fig2.compositions", [str(m) for m in spec.compositions], COMPOSITIONS
+    )
+    statistic = str(spec.metric)
     if statistic not in STATISTICS:
         raise ValueError(f"fig2.metric={statistic}: choose one of {list(STATISTICS)}")
-    if space not in cfg.evaluate.feature_spaces:
-        raise ValueError(
-            f"fig2.feature_space={space} is not evaluated: add it to evaluate.feature_spaces"
-        )
-    return methods, statistic, space
+    return methods, statistic, evaluated_space(cfg, "fig2.feature_space")
 
 
 def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
@@ -114,26 +109,20 @@ def run_fig2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         )
     store = ArtifactStore(cfg.paths.artifacts)
     log.info("fig2: %s (%s shards): train what is missing", experiment, n)
-    train_missing(experiment, overrides, [("backbone", 0)], 1)
-    missing = [k for k in range(n) if cfg.retrain or not current_adapter(store, stored, k)]
-    train_missing(experiment, overrides, [("shard", k) for k in missing], int(spec.n_jobs))
+    train_backbone_and_shards(
+        experiment, overrides, store, stored, n, bool(cfg.retrain), int(spec.n_jobs), False
+    )
     if any(m in ROUTED for m in methods):
         train_missing(experiment, overrides, [("router", 0)], 1)
     train_missing(experiment, overrides, [("feature_net", 0)], 1)
     order = shard_indices(store, stored)  # shard k of the sweep is order[k]
     names = sample_names(str(spec.name), n, methods)
-    draws: dict[str, tuple[int, str]] = {}
-    for (k, method), name in names.items():
-        draws.setdefault(name, (k, "average" if k == 1 else method))  # one shard: weight 1 anyway
-    for name, (k, composition) in draws.items():
-        shards = ",".join(str(s) for s in order[:k])
-        run_sampling(experiment_config(
-            experiment, overrides, [f"composition={composition}", f"shards=[{shards}]", f"name={name}",
-                                  "overwrite=true"]
-        ))  # fmt: skip
+    draws: dict[str, list[str]] = {}
+    for (k, method), name in names.items():  # one shard: weight 1 anyway
+        draws.setdefault(name, [f"composition={'average' if k == 1 else method}",
+                                f"shards=[{','.join(str(s) for s in order[:k])}]"])  # fmt: skip
+    cards, ecfg = sample_and_evaluate(experiment, overrides, draws)
     unique = list(draws)
-    ecfg = experiment_config(experiment, overrides, [f"evaluate.samples=[{','.join(unique)}]"])
-    cards = dict(zip(unique, run_evaluation(ecfg), strict=True))
     metric = cards[unique[0]]["metric_names"][space][statistic]
     own, floor = (
         own_reference_values(ecfg, store, order, names, space, statistic)

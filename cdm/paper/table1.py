@@ -17,6 +17,7 @@ import io
 import json
 import re
 import time
+from collections.abc import Callable
 from typing import Any
 
 from hydra import compose
@@ -149,6 +150,59 @@ def current_adapter(
     return stale_reason(store, experiment, card) is None
 
 
+def train_backbone_and_shards(
+    experiment: str, overrides: list[str], store: ArtifactStore, stored: str, n: int,
+    retrain: bool, n_jobs: int, check_job: bool = True,
+) -> list[int]:  # fmt: skip
+    """Train ``experiment``'s backbone and those of its shards 0..n-1 that the store (where the
+    experiment is named ``stored``) lacks or holds stale (every shard with ``retrain``);
+    ``check_job``: a stored shard must also have been made by this config's job
+    (``current_adapter``). Returns the shards trained."""
+    train_missing(experiment, overrides, [("backbone", 0)], 1)
+    missing = [
+        k for k in range(n)
+        if retrain or not current_adapter(
+            store, stored, k,
+            stage_config(experiment, overrides, "shard", k) if check_job else None,
+        )
+    ]  # fmt: skip
+    if len(missing) < n:
+        log.info("%s of %s shards of %s are in the store already", n - len(missing), n, experiment)
+    train_missing(experiment, overrides, [("shard", k) for k in missing], n_jobs)
+    return missing
+
+
+def sample_and_evaluate(
+    experiment: str, overrides: list[str], draws: dict[str, list[str]]
+) -> tuple[dict[str, dict], DictConfig]:
+    """Draw each samples set ``{name: its overrides}`` (e.g. ``composition=...``, ``shards=[...]``;
+    the table's own sets, redrawn only when stale, replaced when drawn with other settings) and
+    evaluate them all: ``({name: evaluation card}, the evaluation's config)``."""
+    for name, extra in draws.items():
+        run_sampling(
+            experiment_config(experiment, overrides, [*extra, f"name={name}", "overwrite=true"])
+        )
+    ecfg = experiment_config(experiment, overrides, [f"evaluate.samples=[{','.join(draws)}]"])
+    return dict(zip(draws, run_evaluation(ecfg), strict=True)), ecfg
+
+
+def checked_choices(key: str, values: list[str], allowed: tuple[str, ...]) -> list[str]:
+    """``values`` (the setting ``key``) when there is one and each is ``allowed``, else a clear
+    error."""
+    unknown = [v for v in values if v not in allowed]
+    if unknown or not values:
+        raise ValueError(f"{key}={values}: unknown {unknown}; choose from {list(allowed)}")
+    return values
+
+
+def evaluated_space(cfg: DictConfig, key: str) -> str:
+    """The feature space the setting ``key`` names, checked to be in ``evaluate.feature_spaces``."""
+    space = str(OmegaConf.select(cfg, key))
+    if space not in cfg.evaluate.feature_spaces:
+        raise ValueError(f"{key}={space} is not evaluated: add it to evaluate.feature_spaces")
+    return space
+
+
 def _run_resolved(config: dict) -> None:
     console_logging()  # a loky worker: Hydra configured logging in the parent only
     run_job(OmegaConf.create(config))
@@ -180,28 +234,15 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     overrides = [*forwarded_overrides(cfg), *overrides]
     experiments = list(dict.fromkeys(c["experiment"] for c in cells))  # in table order
     timings: dict[str, float] = {}
-    statistic, space = str(table.metric), str(table.feature_space)
-    if space not in cfg.evaluate.feature_spaces:
-        raise ValueError(
-            f"table1.feature_space={space} is not evaluated: add it to evaluate.feature_spaces"
-        )
+    statistic, space = str(table.metric), evaluated_space(cfg, "table1.feature_space")
     for experiment in experiments:
         t0 = time.perf_counter()
         mine = [c for c in cells if c["experiment"] == experiment]
         n = mine[-1]["n"]
         log.info("table1: %s (%s shard(s)): train what is missing", experiment, n)
-        train_missing(experiment, overrides, [("backbone", 0)], 1)
-        missing = [
-            k for k in range(n)
-            if cfg.retrain or not current_adapter(
-                store, experiment, k, stage_config(experiment, overrides, "shard", k)
-            )
-        ]  # fmt: skip
-        if len(missing) < n:
-            log.info(
-                "%s of %s shards of %s are in the store already", n - len(missing), n, experiment
-            )
-        train_missing(experiment, overrides, [("shard", k) for k in missing], int(table.n_jobs))
+        train_backbone_and_shards(
+            experiment, overrides, store, experiment, n, bool(cfg.retrain), int(table.n_jobs)
+        )
         if n > 1 and any(c["method"] in ("classifier", "topk") for c in mine):
             train_missing(experiment, overrides, [("router", 0)], 1)
         if n > 1 and any(c["method"] == "compartmental" for c in mine):  # one head per shard
@@ -212,18 +253,9 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
         train_missing(
             experiment, overrides, [("feature_net", 0)], 1
         )  # shared by the dataset's experiments
-        for c in mine:
-            run_sampling(
-                experiment_config(
-                    experiment,
-                    overrides,  # the table's own sets: redrawn for its settings
-                    [f"composition={c['method']}", f"name={c['samples']}", "overwrite=true"],
-                )
-            )
-        ecfg = experiment_config(
-            experiment, overrides, [f"evaluate.samples=[{','.join(c['samples'] for c in mine)}]"]
-        )
-        for c, card in zip(mine, run_evaluation(ecfg), strict=True):
+        draws = {c["samples"]: [f"composition={c['method']}"] for c in mine}
+        evals, ecfg = sample_and_evaluate(experiment, overrides, draws)
+        for c, card in zip(mine, evals.values(), strict=True):
             c["metrics"] = card["metrics"]
             c["metric_name"] = card["metric_names"][space][statistic]
             c["value"] = card["metrics"][c["metric_name"]]
@@ -355,10 +387,22 @@ def save_table(
     )
 
 
-def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str) -> list[str]:
+def cell_label(cell: dict) -> str:
+    """A Table 1 cell as W&B names it: ``digits 4-split classifier`` or ``digits paragon``."""
+    if cell["n"]:
+        return f"{cell['dataset']} {cell['n']}-split {cell['method']}"
+    return f"{cell['dataset']} paragon"
+
+
+def log_wandb(
+    cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric: str,
+    name: str | None = None, job_type: str = "table1",
+    label: Callable[[dict], str] = cell_label, plot: str | None = None,
+) -> list[str]:  # fmt: skip
     """W&B (offline unless WANDB_API_KEY is set): one run per experiment in the experiment's group
-    with its sample grids, router-weight plots and metrics; one run with Table 1 as a table and
-    the metric per method. Returns the run directories."""
+    with its sample grids, router-weight plots and metrics; one run (``job_type``, named ``name``,
+    default ``table1.name``) with the table, the metric (each cell's ``value``) per cell named by
+    ``label``, and the ``plot`` PNG when given. Returns the run directories."""
     if not (cfg.logger and cfg.logger.get("wandb")):
         return []
     import os
@@ -384,13 +428,15 @@ def log_wandb(cfg: DictConfig, cells: list[dict], rows: list[list[str]], metric:
             run.log(logged)
         run_dirs.append(run.dir)
         run.finish()
-    run = wandb.init(project=spec.project, group="table1", job_type="table1", mode=mode,
-                     name=str(cfg.table1.name), dir=str(store.root), reinit="create_new")  # fmt: skip
-    run.log({"table1": wandb.Table(columns=rows[0], data=rows[1:])})
-    per_method = wandb.Table(columns=["cell", metric], data=[
-        [f"{c['dataset']} {c['n']}-split {c['method']}" if c["n"] else f"{c['dataset']} paragon", c.get("value")]
-        for c in cells
-    ])  # fmt: skip
+    name = str(cfg.table1.name) if name is None else name
+    run = wandb.init(project=spec.project, group=job_type, job_type=job_type, mode=mode,
+                     name=name, dir=str(store.root), reinit="create_new")  # fmt: skip
+    run.log({job_type: wandb.Table(columns=rows[0], data=rows[1:])})
+    if plot is not None:
+        run.log({f"{job_type}_plot": wandb.Image(plot)})
+    per_method = wandb.Table(
+        columns=["cell", metric], data=[[label(c), c.get("value")] for c in cells]
+    )
     run.log(
         {
             "metric_per_method": wandb.plot.bar(
