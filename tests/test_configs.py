@@ -26,6 +26,7 @@ STAGES = sorted(p.stem for p in (CONF / "stage").glob("*.yaml"))
 GROUP_CONTEXT = {
     "data": ("train", []),
     "sharding": ("train", []),
+    "sharding/scorer": ("train", ["sharding=by_score"]),  # nested: by_score's score source
     "backbone": ("train", []),
     "stage": ("train", []),
     "trainer": ("train", []),
@@ -57,6 +58,7 @@ REQUIRED = {
     ("data", "npz"): {"data.root", "data.num_classes"},
     ("data", "captioned_folder"): {"data.root"},
     ("sharding", "manifest"): {"sharding.manifest_path"},
+    ("sharding/scorer", "file"): {"sharding.scorer.path"},
     ("backbone", "pretrained"): {"backbone.pretrained_path"},
     ("backbone", "sd_local"): {"backbone.pretrained_path"},
     ("knn", "clip"): {"knn.embedder.path"},
@@ -126,7 +128,11 @@ def test_there_are_configs_to_check():
 
 def test_every_group_is_checked():
     """A new config group must be added to GROUP_CONTEXT (or it is never composed here)."""
-    groups = {p.name for p in CONF.iterdir() if p.is_dir() and any(p.glob("*.yaml"))}
+    groups = {
+        str(p.parent.relative_to(CONF))
+        for p in CONF.rglob("*.yaml")
+        if p.parent != CONF and not str(p.parent.relative_to(CONF)).startswith(("debug/", "attribution", "hydra/"))
+    }
     assert groups - NOT_CHOSEN_ALONE == set(GROUP_CONTEXT)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from cdm.core.names import ShardId
 from cdm.data.manifest import Manifest, Split, abbreviate
+from cdm.data.scores import DatasetScores
 
 STRATEGIES = ("by_class", "random", "by_score", "manifest")
 _TAG_SHARD = 2  # the RNG stream of by_class's class permutation
@@ -118,14 +119,16 @@ def _group_random(dataset, private: list[int], n_shards: int, seed: int):
     return [(g, {}) for g in groups]
 
 
-def _group_by_score(dataset, private: list[int], n_shards: int, score_key: str):
-    scores = getattr(dataset, score_key, None)
+def _group_by_score(dataset, private: list[int], n_shards: int, scores):
     if scores is None:
+        scores = DatasetScores()(dataset)
+    scores = np.asarray(scores, dtype=np.float64)
+    if scores.shape != (len(dataset),):
         raise ValueError(
-            f"sharding=by_score: dataset {dataset.name!r} has no {score_key!r} column; "
-            "provide scores (e.g. a 'scores' array in an npz dataset) or use sharding=random/by_class"
+            f"sharding=by_score: {scores.shape[0] if scores.ndim else 0} scores for "
+            f"{len(dataset)} samples of {dataset.name!r}; the scorer must give one per sample"
         )
-    s = np.asarray(scores, dtype=np.float64)[private]
+    s = scores[private]
     if np.isnan(s).any():
         raise ValueError(
             f"sharding=by_score: {int(np.isnan(s).sum())} private samples have NaN scores"
@@ -248,7 +251,7 @@ def make_split(
     safe_fraction: float = 0.0,
     safe_classes: Sequence[int] | None = None,
     n_slices: int = 1,
-    score_key: str = "scores",
+    scores: Sequence[float] | np.ndarray | None = None,
     manifest_path: str | None = None,
     split: str = "train",
 ) -> Split:
@@ -274,7 +277,7 @@ def make_split(
     elif strategy == "random":
         groups = _group_random(dataset, private, n_shards, seed)
     elif strategy == "by_score":
-        groups = _group_by_score(dataset, private, n_shards, score_key)
+        groups = _group_by_score(dataset, private, n_shards, scores)
     else:
         groups = _group_manifest(dataset, private, safe, pool, manifest_path, n_shards, split)
 

@@ -75,8 +75,10 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
     (``cdm-forget forget.source``), minus forgotten ids (``cdm-forget``: each loses them from its
     slice, the rest is unchanged)."""
     s = cfg.sharding
+    base = getattr(dataset, "base", dataset)  # added sources' samples are in no config split
+    scorer = s.get("scorer") if s.strategy == "by_score" else None
     split = make_split(
-        getattr(dataset, "base", dataset),  # added sources' samples are in no config split
+        base,
         strategy=s.strategy,
         n_shards=s.n_shards,
         seed=cfg.seed,
@@ -84,6 +86,7 @@ def split_data(cfg: DictConfig, dataset: SampleDataset) -> Split:
         safe_classes=None if s.safe_classes is None else list(s.safe_classes),
         n_slices=s.n_slices,
         manifest_path=s.manifest_path,
+        scores=None if scorer is None else instantiate(scorer)(base),
     )
     store = experiment_store(cfg)
     if store is not None:
