@@ -334,3 +334,29 @@ def test_codec_hook_trains_and_samples_in_latent_space(train, tmp_path):
     images = np.load(Path(card["path"]) / "samples.npz")["images"]
     assert images.shape == (2, 3, 32, 32)
     assert (images[:, :, ::2] == images[:, :, 1::2]).all()  # nearest upsampling of the latents
+
+
+def test_knn_router_on_clip_embeddings_of_x0_hat_with_text(train, tmp_path):
+    """Section 4: per-shard centroids of a local (tiny random) CLIP's image embeddings, and the
+    k-NN composition routing text-conditioned samples by CLIP embeddings of Tweedie's x0-hat."""
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                              num_attention_heads=2, image_size=32, patch_size=8, projection_dim=8)  # fmt: skip
+    torch.manual_seed(0)
+    CLIPVisionModelWithProjection(config).save_pretrained(tmp_path / "clip")
+    clip = ["knn=clip", f"knn.embedder.path={tmp_path / 'clip'}"]
+    train(*TINY_TEXT, "stage=backbone", artifacts=tmp_path)
+    for k in (0, 1):
+        train(*TINY_TEXT, "stage=shard", f"shard.index={k}", artifacts=tmp_path)
+    train(*TINY_TEXT, "stage=knn", *clip, artifacts=tmp_path)
+    centroids = list((tmp_path / "experiments" / "captioned_3band").rglob("*clip*"))
+    assert centroids, "no CLIP centroids stored"
+    card = train(
+        *TINY_TEXT, "composition=knn", *clip, "shards=[0,1]", "num_samples=4", "batch_size=4",
+        "steps=3", "progress=false", artifacts=tmp_path, config="sample",
+    )  # fmt: skip
+    weights = np.load(Path(card["path"]) / "trace.npz")["weights"]  # [N, steps, shards]
+    assert weights.shape == (4, 3, 2) and np.allclose(weights.sum(-1), 1.0)
+    assert np.abs(weights - 0.5).max() > 1e-3  # routed by the centroids, not averaged
+    assert "clip" in json.dumps(card["parents"]).lower()  # the centroids are a parent
