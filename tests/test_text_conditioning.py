@@ -360,3 +360,12 @@ def test_knn_router_on_clip_embeddings_of_x0_hat_with_text(train, tmp_path):
     assert weights.shape == (4, 3, 2) and np.allclose(weights.sum(-1), 1.0)
     assert np.abs(weights - 0.5).max() > 1e-3  # routed by the centroids, not averaged
     assert "clip" in json.dumps(card["parents"]).lower()  # the centroids are a parent
+
+
+def test_text_samples_get_no_label_accuracy():
+    """A text sample's label is a caption row, not a class: cdm-eval must not score it as one."""
+    from cdm.jobs.evaluate import text_samples
+
+    assert text_samples({"config": {"data": {"conditioning": "text"}}})
+    assert not text_samples({"config": {"data": {"conditional": True}}})
+    assert not text_samples({})

@@ -122,6 +122,13 @@ def load_samples(
         return npz["images"], npz["labels"], card
 
 
+def text_samples(card: dict) -> bool:
+    """Whether the samples were drawn from captions: their labels are caption rows, not classes,
+    so there is no label accuracy (TIFA-domain scores them: ``cdm-table2``)."""
+    data = (card.get("config") or {}).get("data") or {}
+    return data.get("conditioning") == "text"
+
+
 def label_accuracy(space: FeatureSpace, images: np.ndarray, labels: np.ndarray) -> float | None:
     """Share of class-conditional samples that the domain classifier assigns to their label."""
     if labels.size == 0 or not hasattr(space, "predict"):
@@ -154,7 +161,7 @@ def evaluate_one(
         names[space_name] = {"FD": fd_name, "KID": kid_name}
         parents.append({"kind": "ref_stats", "name": ref_card["name"], "feature_space": space.name,
                         "hash": ref_card["weights_sha256"]})  # fmt: skip
-        if space_name == "domain":
+        if space_name == "domain" and not text_samples(samples_card):
             accuracy = label_accuracy(space, images, labels)
             if accuracy is not None:
                 metrics["label_accuracy"] = accuracy
