@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy import linalg
-from threadpoolctl import threadpool_limits
 
 from cdm.core.logging import get_logger
 
@@ -110,8 +109,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
     ):  # singular (e.g. constant pixels): the eps offset of clean-fid / pytorch-fid
         log.debug("frechet_distance: singular covariance product; adding %s to the diagonals", eps)
         offset = np.eye(s1.shape[0]) * eps
-        with threadpool_limits(limits=1, user_api="blas"):
-            covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
+        covmean = linalg.sqrtm((s1 + offset) @ (s2 + offset))
     if np.iscomplexobj(covmean):
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
             raise ValueError(
@@ -124,10 +122,7 @@ def frechet_distance(a: FeatureStats, b: FeatureStats, *, eps: float = 1e-6) -> 
 def _sqrtm_or_none(matrix: np.ndarray) -> np.ndarray | None:
     """``scipy.linalg.sqrtm(matrix)``, or None when scipy finds it singular or the root is not
     finite (then the caller retries with an offset instead of printing scipy's warning)."""
-    # One BLAS thread: the matrices are small (feature dim <= 2048), and in a process where torch's
-    # OpenMP pool has run (a text encoder, a training job) threaded OpenBLAS crawled here (minutes
-    # per call instead of 0.1 s on the 2-core VM).
-    with warnings.catch_warnings(), threadpool_limits(limits=1, user_api="blas"):
+    with warnings.catch_warnings():
         warnings.simplefilter("error", linalg.LinAlgWarning)
         try:
             root = linalg.sqrtm(matrix)
