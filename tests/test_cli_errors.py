@@ -265,6 +265,10 @@ def test_every_config_key_named_in_a_message_exists():
         options += [  # backbone=sd_local: backbone.codec.path, backbone.text_encoder.path
             ("train", [f"backbone={p.stem}"]) for p in sorted((conf / "backbone").glob("*.yaml"))
         ]
+        options += [  # sharding/scorer=file: sharding.scorer.path
+            ("train", ["sharding=by_score", f"sharding/scorer={p.stem}"])
+            for p in sorted((conf / "sharding" / "scorer").glob("*.yaml"))
+        ]
         configs += [OmegaConf.to_container(compose(config_name=c, overrides=o)) for c, o in options]
 
     def exists(key: str) -> bool:
