@@ -125,7 +125,13 @@ def fake_cells():
         c["label"] = c["row"]
         c["value"], c["fd"], c["n_questions"] = values[c["samples"]], 10 * values[c["samples"]], 8
         c["per_element_type"] = {"color": values[c["samples"]] / 2, "object": 1.0}
+        c["per_caption"] = per_caption(c["value"], spread=0.01)
     return cells
+
+
+def per_caption(mean: float, spread: float, n: int = 24) -> dict[str, float]:
+    """n caption scores with this mean, alternating +/- spread around it."""
+    return {f"{j:06d}": mean + (spread if j % 2 else -spread) for j in range(n)}
 
 
 def test_format_table2_holds_each_cells_numbers():
@@ -148,8 +154,15 @@ def test_format_table2_holds_each_cells_numbers():
         assert float(r[header.index("FD_x")]) == pytest.approx(c["fd"])
     for c in cells:  # the paragon above every CDM: the verdict says so
         if len(c["shards"]) > 1:
-            c["value"] = 0.1
+            c["value"], c["per_caption"] = 0.1, per_caption(0.1, spread=0.01)
     assert "does not hold" in T.verdict(cells, "TIFA-domain")
+    for c in cells:  # above on average, but per caption the difference is noise: no claim
+        if len(c["shards"]) > 1:
+            c["value"], c["per_caption"] = 0.75, per_caption(0.75, spread=0.5)
+    assert "cannot be told apart" in T.verdict(cells, "TIFA-domain")
+    assert T.paired_difference({"a": 1.0, "b": 0.5}, {"a": 0.5, "b": 0.5}) == pytest.approx(
+        (0.25, 0.25)
+    )
     png = T.plot_png(cells, ["classifier", "average"], "TIFA-domain", 0.95, "t")
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
