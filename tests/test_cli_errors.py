@@ -12,6 +12,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -178,18 +179,25 @@ def test_every_command_reports_user_errors_in_one_line(store_root, tmp_path):
         ("list_artifacts", ["experiment=nope"], ["experiment=nope"]),
     ]
     before = snapshot(store_root)
-    for module, args, words in cases:
-        cwd = tmp_path / f"cwd-{module}"
-        cwd.mkdir(exist_ok=True)
-        proc = run(module, *args, store, cwd=cwd)
+
+    def refuse(index: int, module: str, args: list[str]):
+        cwd = tmp_path / f"cwd-{index}-{module}"
+        cwd.mkdir()
+        return cwd, run(module, *args, store, cwd=cwd)
+
+    # independent processes (each its own cwd; none may write to the store): run two at a time
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        outcomes = list(pool.map(lambda c: refuse(c[0], *c[1][:2]), enumerate(cases)))
+    for (module, args, words), (cwd, proc) in zip(cases, outcomes, strict=True):
         assert_one_line_exit_2(proc, COMMANDS[module][0], *words)
         assert list(cwd.iterdir()) == [], (module, args, list(cwd.rglob("*")))
-        after = snapshot(store_root)
-        if module == "serve":  # a refusal is audited (the one record it writes), nothing else
-            audit = store_root / "audit" / "serve.jsonl"
-            assert "bob" in audit.read_text()
-            before.update({p: s for p, s in after.items() if p.startswith(str(audit.parent))})
-        assert after == before, (module, args)
+    after = snapshot(store_root)
+    audit = (
+        store_root / "audit" / "serve.jsonl"
+    )  # a refusal is audited (its one record), nothing else
+    assert "bob" in audit.read_text()
+    before.update({p: s for p, s in after.items() if p.startswith(str(audit.parent))})
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
 
 
 def test_full_error_still_gives_the_traceback(tmp_path):
