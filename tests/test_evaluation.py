@@ -72,9 +72,17 @@ def test_eval_card_has_named_metrics_and_parents(store_root):
         assert "FID" not in m  # only the Inception protocol may be called FID
         assert 0 <= m["label_accuracy"] <= 1
         assert m["mem_feature_space"] == "pixels" and m["mem_nn_distance_mean"] > 0
+        # pixels is the memorization space only: no FD there unless feature_spaces names it
+        assert "FD_pixels" not in m and set(card["metric_names"]) == {"domain"}
         kinds = [p["kind"] for p in card["parents"]]
         assert kinds[0] == "samples" and kinds.count("ref_stats") == 2
     assert read_card(cards[2]["path"])["composition"] == "paragon"
+    both = evaluate(
+        store_root, "evaluate.samples=[average]", "evaluate.feature_spaces=[domain,pixels]"
+    )
+    m = both[0]["metrics"]
+    assert np.isfinite(m["FD_pixels"]) and m["FD_pixels"] > 0
+    assert m["FD_digits"] == cards[1]["metrics"]["FD_digits"]
 
 
 def _store_as_samples(root, name: str, images: np.ndarray, labels: np.ndarray) -> None:

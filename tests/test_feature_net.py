@@ -71,6 +71,24 @@ def test_feature_net_shapes_at_every_resolution(resolution, channels):
         net(torch.zeros(2, channels + 1, resolution, resolution))
 
 
+def test_batch_norm_net_is_a_fixed_function_in_eval_mode_and_rebuilds_from_its_config():
+    """feature_net=canvas (norm=batch): features use the running statistics, so one image's features
+    do not depend on the rest of its batch, and the stored config + state rebuild it exactly."""
+    torch.manual_seed(0)
+    net = FeatureNet(channels=3, resolution=32, n_classes=5, feature_dim=16, norm="batch")
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in net.modules())
+    x = torch.rand(6, 3, 32, 32) * 2 - 1
+    net.train()(x)  # moves the running statistics off their initial values
+    net.eval()
+    torch.testing.assert_close(net.features(x[:2]), net.features(x)[:2], rtol=1e-5, atol=1e-6)
+    rebuilt = feature_net_from_config(json.loads(json.dumps(net.config())))
+    rebuilt.load_state_dict(net.state_dict())
+    assert torch.equal(rebuilt.eval()(x), net(x))
+    with pytest.raises(ValueError, match="norm='layer'"):
+        FeatureNet(channels=1, resolution=8, n_classes=2, norm="layer")
+
+
 def test_downsample_steps():
     assert [downsample_steps(r) for r in (4, 8, 16, 28, 32, 64)] == [0, 1, 2, 3, 3, 4]
 

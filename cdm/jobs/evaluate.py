@@ -3,7 +3,8 @@ memorization; the library behind ``cdm-eval``.
 
 Feature spaces: ``domain`` (penultimate features of the dataset's own classifier, reported as
 ``FD_<dataset>`` / ``KID_<dataset>``), ``inception`` (clean-fid's protocol with Inception-v3: the only
-one reported as ``FID`` / ``KID``; see docs/fid.md) and ``pixels`` (``FD_pixels``). The reference
+one reported as ``FID`` / ``KID``; see docs/fid.md) and ``pixels`` (``FD_pixels``): distances in the spaces of ``evaluate.feature_spaces`` only (the
+``memorization_space`` alone gets nearest-neighbour distances, no FD). The reference
 set is the data the CDM models: the union of its shards (``reference=private``), or the dataset's
 whole train or test split. Reference features are computed once and cached in the store.
 """
@@ -146,21 +147,24 @@ def evaluate_one(
     metrics: dict[str, Any] = {"n_samples": int(images.shape[0])}
     parents = [{"kind": "samples", "name": name, "hash": samples_card["files"]["samples.npz"]}]
     names: dict[str, dict[str, str]] = {}  # feature space -> {"FD": "FD_digits", "KID": ...}
+    distance_spaces = {str(s) for s in cfg.evaluate.feature_spaces}
     for space_name, space in spaces.items():
         ref_features, ref_card = refs[space_name]
         features = space(images)
-        fd_name, kid_name = metric_names(space)
-        metrics[fd_name] = frechet_distance(
-            stats_from_features(features), stats_from_features(ref_features)
-        )
-        kid_mean, kid_std = kernel_distance(
-            features, ref_features, num_subsets=int(cfg.evaluate.kid_subsets),
-            max_subset_size=int(cfg.evaluate.kid_subset_size), seed=int(cfg.seed),
-        )  # fmt: skip
-        metrics[kid_name], metrics[f"{kid_name}_std"] = kid_mean, kid_std
-        names[space_name] = {"FD": fd_name, "KID": kid_name}
         parents.append({"kind": "ref_stats", "name": ref_card["name"], "feature_space": space.name,
                         "hash": ref_card["weights_sha256"]})  # fmt: skip
+        if space_name in distance_spaces:  # a memorization-only space gets no FD: sqrtm of a
+            # 3072-d pixel covariance (32x32 RGB) costs ~45 s on 2 cores and nobody asked for it
+            fd_name, kid_name = metric_names(space)
+            metrics[fd_name] = frechet_distance(
+                stats_from_features(features), stats_from_features(ref_features)
+            )
+            kid_mean, kid_std = kernel_distance(
+                features, ref_features, num_subsets=int(cfg.evaluate.kid_subsets),
+                max_subset_size=int(cfg.evaluate.kid_subset_size), seed=int(cfg.seed),
+            )  # fmt: skip
+            metrics[kid_name], metrics[f"{kid_name}_std"] = kid_mean, kid_std
+            names[space_name] = {"FD": fd_name, "KID": kid_name}
         if space_name == "domain" and not text_samples(samples_card):
             accuracy = label_accuracy(space, images, labels)
             if accuracy is not None:

@@ -175,6 +175,7 @@ def fit_feature_net(
         widths=model.get("widths", (32, 64, 128)),
         feature_dim=int(model.get("feature_dim", 128)),
         norm_groups=int(model.get("norm_groups", 8)),
+        norm=str(model.get("norm", "group")),
     )
     module = FeatureNetTraining(
         net,
