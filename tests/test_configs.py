@@ -108,9 +108,20 @@ def targets(node, path: str = "") -> dict[str, str]:
     return found
 
 
+def resolved_or_raw(cfg, key: str):
+    """``cfg[key]`` as a plain container: resolved, or as written when it points at a ``???``."""
+    if not OmegaConf.is_config(cfg[key]):
+        return cfg[key]
+    try:
+        return OmegaConf.to_container(cfg[key], resolve=True)
+    except Exception:  # noqa: BLE001 - an interpolation to a required (???) key
+        return OmegaConf.to_container(cfg[key], resolve=False)
+
+
 def assert_targets_resolve(cfg) -> dict[str, str]:
-    """Each ``_target_`` names an importable object (nothing is built)."""
-    found = targets(OmegaConf.to_container(cfg, resolve=False))
+    """Each ``_target_`` names an importable object (nothing is built); a section is read resolved
+    where it resolves (knn=default's keys come from a resolver), else as written."""
+    found = targets({key: resolved_or_raw(cfg, key) for key in cfg})
     for path, target in found.items():
         try:
             get_object(target)

@@ -57,7 +57,7 @@ from cdm.core.names import ShardId
 from cdm.core.sampling import sample as run_sampler
 from cdm.data.sharding import id_hash
 from cdm.jobs.context import load_backbone_for_shards, load_data, select_manifest, split_data
-from cdm.jobs.pipeline import cycle_labels, instantiate_option, sampling_device
+from cdm.jobs.pipeline import build_sampler, cycle_labels, sampling_device
 from cdm.jobs.sample import batch_generator
 from cdm.models.backbone import build_scheduler, predict_epsilon
 from cdm.store.io import append_json_line, read_json_lines
@@ -283,7 +283,7 @@ class RemovalExperiment:
             "hash": bcard["backbone_hash"],
         }
         schedule = OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
-        self.scheduler = instantiate_option(cfg.sampler, **schedule)
+        self.scheduler = build_sampler(cfg.sampler, schedule)
         self.device = sampling_device(cfg)
         images = torch.stack([dataset.image(r) for r in rows]).float().to(self.device)
         self.trainer = SubsetTrainer(

@@ -124,6 +124,10 @@ FILE_KEYS = (
     "backbone.text_encoder.path", "backbone.codec.path",  # e.g. an SD folder (backbone=sd_local)
 )  # fmt: skip
 
+# Keys that may name a text file of captions (one a line; else a list): such a file enters an
+# identity by the captions it holds, not by its path or name (``captions_digest``).
+CAPTION_FILE_KEYS = ("prompts",)
+
 # Callbacks that only measure or show a run (their ``_target_``), left out of identities.
 LOG_ONLY_CALLBACKS = frozenset(
     f"{package}.callbacks.{name}"
@@ -176,6 +180,11 @@ def job_identity(config: Mapping[str, Any], stage: str) -> JobIdentity:
         parent = _lookup(sections, head)
         if isinstance(parent, dict) and parent.get(leaf) is not None:
             parent[leaf] = path_digest(str(parent[leaf]))
+    for key in CAPTION_FILE_KEYS:
+        head, _, leaf = key.rpartition(".")
+        parent = _lookup(sections, head)
+        if isinstance(parent, dict) and isinstance(parent.get(leaf), str):
+            parent[leaf] = captions_digest(parent[leaf])
     return JobIdentity(stage, sections, _digest(sections))
 
 
@@ -240,6 +249,22 @@ def path_digest(path: str) -> dict[str, str]:
     for file in sorted(p for p in root.rglob("*") if p.is_file()):
         digest.update(f"{file.relative_to(root).as_posix()} {file_digest(file)}\n".encode())
     return {"sha256": digest.hexdigest(), "name": root.name}
+
+
+def read_captions(path: str | os.PathLike) -> list[str]:
+    """The captions of a prompts file: one a line, stripped, blank lines skipped."""
+    text = Path(path).expanduser().read_text(encoding="utf-8")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def captions_digest(path: str) -> dict[str, str]:
+    """The captions a prompts file holds, ``{"captions_sha256": ...}`` (sha256 of their JSON list:
+    two files with the same captions are one, an edited file another), or ``{"missing": path}``
+    so that the code reading it reports the problem."""
+    if not Path(path).expanduser().is_file():
+        return {"missing": str(path)}
+    captions = json.dumps(read_captions(path), ensure_ascii=False)
+    return {"captions_sha256": hashlib.sha256(captions.encode()).hexdigest()}
 
 
 def _digest(sections: Mapping[str, Any]) -> str:

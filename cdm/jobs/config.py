@@ -4,6 +4,7 @@ before anything heavy; the pipeline calls `register_resolvers` itself)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -11,18 +12,36 @@ from cdm.core.identity import job_identity
 from cdm.core.names import job_name
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "conf"
+# knn=default: the k-NN option each data.conditioning defaults to (any other: KNN_FALLBACK)
+KNN_DEFAULTS = {"text": "feature_net"}  # captions: the domain embedder, offline (issue 14)
+KNN_FALLBACK = "pixels"  # class-conditional and unconditional data (Table 1)
 
 
 def register_resolvers() -> None:
     """``${job_name:stage,index}`` -> ``backbone`` | ``paragon`` | ``shard-03``;
     ``${identity:backbone}`` -> 8 hex of that job's identity (``identity_hash``);
-    ``${slurm_gpus:accelerator,devices}`` -> GPUs per SLURM node (``slurm_gpus``)."""
+    ``${slurm_gpus:accelerator,devices}`` -> GPUs per SLURM node (``slurm_gpus``);
+    ``${knn_default:key}`` -> the data's default k-NN option's ``key`` (``knn_default``)."""
     if not OmegaConf.has_resolver("job_name"):
         OmegaConf.register_new_resolver("job_name", lambda stage, index: job_name(stage, index))
     if not OmegaConf.has_resolver("identity"):
         OmegaConf.register_new_resolver("identity", identity_hash)
     if not OmegaConf.has_resolver("slurm_gpus"):
         OmegaConf.register_new_resolver("slurm_gpus", slurm_gpus)
+    if not OmegaConf.has_resolver("knn_default"):
+        OmegaConf.register_new_resolver("knn_default", knn_default)
+
+
+def knn_option(conditioning: str | None) -> str:
+    """The ``knn`` option ``knn=default`` stands for on data with this ``data.conditioning``."""
+    return KNN_DEFAULTS.get(str(conditioning), KNN_FALLBACK)
+
+
+def knn_default(key: str, *, _root_: DictConfig) -> Any:
+    """``${knn_default:key}``: ``key`` of the data's default k-NN option (``knn_option``), read
+    from its file in ``conf/knn``, so ``knn=default`` composes exactly as that option does."""
+    option = knn_option(OmegaConf.select(_root_, "data.conditioning"))
+    return OmegaConf.load(Path(config_dir()) / "knn" / f"{option}.yaml")[key]
 
 
 def slurm_gpus(accelerator: str, devices: int | str) -> int:

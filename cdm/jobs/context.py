@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import shutil
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from cdm.core.identity import (
 )
 from cdm.core.logging import get_logger, quiet_libraries
 from cdm.core.names import ShardId, job_name
+from cdm.data.datamodule import JobDataset
 from cdm.data.datasets import SampleDataset, UnionDataset, dataset_from_config
 from cdm.data.loaders import load_npz
 from cdm.data.manifest import Manifest, Split, with_shards, without_ids, without_shards
@@ -30,6 +32,7 @@ from cdm.models.backbone import (
     UNET_CLASSES,
     class_embeds,
 )
+from cdm.models.text import encode_images, latent_codec, model_shape
 from cdm.store import ArtifactStore, StoreError
 from cdm.store.io import load_checkpoint
 from cdm.store.layout import last_checkpoint
@@ -346,3 +349,31 @@ def check_backbone_config(cfg: DictConfig, backbone_card: dict) -> None:
             f"({describe_differences(theirs, ours)}): set backbone.* to the backbone's settings, "
             "or train a backbone for these (cdm-train stage=backbone)"
         )
+
+
+def job_dataset(
+    cfg: DictConfig,
+    dataset: SampleDataset,
+    rows: Mapping[int, int] | None,
+    fed: Sequence[int] | None = None,
+) -> SampleDataset:
+    """The dataset as a job feeds it: caption rows as labels (text data), latents as images
+    (a backbone with a codec: each image the job feeds, encoded once: ``fed``, else the keys of
+    ``rows``, else all). A router and a head see what the sampler gives them: latents x_t."""
+    codec = latent_codec(cfg.backbone)
+    if codec is None and rows is None:
+        return dataset
+    latents = None
+    if codec is not None:
+        if fed is None:
+            fed = sorted(rows) if rows is not None else range(len(dataset))
+        fed = sorted(set(fed))
+        encoded = encode_images(codec, torch.stack([dataset.image(i) for i in fed]))
+        latents = dict(zip(fed, encoded, strict=True))
+    return JobDataset(dataset, rows=rows, latents=latents)
+
+
+def denoised_shape(cfg: DictConfig) -> tuple[int, int, int]:
+    """(channels, height, width) of what the backbone denoises, and so of the x_t a router sees
+    at sampling time: the data's images, or their latents when ``backbone.codec`` is set."""
+    return model_shape(latent_codec(cfg.backbone), cfg.data.channels, cfg.data.resolution)

@@ -12,7 +12,8 @@ that name their class by ``_target_``; ``cdm-sample`` (``cdm.jobs.sample``) is a
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+import inspect
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from cdm.core import composition as C
+from cdm.core.identity import read_captions
 from cdm.core.names import ShardId, job_name
 from cdm.jobs.config import register_resolvers
 from cdm.jobs.context import check_backbone_config, load_data
@@ -49,6 +51,8 @@ from cdm.models.text import (
     TextEncoder,
     attach_contexts,
     caption_table,
+    conditioned_unets,
+    contexts_of,
     is_text_data,
     latent_codec,
     model_shape,
@@ -113,6 +117,7 @@ class CDMPipeline(DiffusionPipeline):
         self.prompts: list[dict] | None = None  # text data: label k = prompts[k] (prompt_list)
         self.codec: LatentCodec | None = None  # latent space: samples are decoded by it
         self.text_encoder: TextEncoder | None = None  # text models: encodes prompts
+        self.base_contexts: torch.Tensor | None = None  # the table before prompt_labels added rows
         self.parents: list[dict] = []  # filled by from_config: card parents of the samples
         self.prior = denoiser.prior
 
@@ -191,9 +196,10 @@ class CDMPipeline(DiffusionPipeline):
         schedule = OmegaConf.to_container(cfg.backbone.scheduler, resolve=True)
         codec = latent_codec(cfg.backbone)
         shape = model_shape(codec, cfg.data.channels, cfg.data.resolution)
-        pipe = cls(denoiser, instantiate_option(cfg.sampler, **schedule), shape, label_pool, shards)
+        pipe = cls(denoiser, build_sampler(cfg.sampler, schedule), shape, label_pool, shards)
         pipe.prior, pipe.adapter_names = prior, jobs or ["backbone"]
         pipe.prompts, pipe.codec, pipe.text_encoder = prompts, codec, encoder
+        pipe.base_contexts = table if prompts is not None else None
         pipe.parents = parents + routed.parents
         return pipe
 
@@ -250,9 +256,27 @@ class CDMPipeline(DiffusionPipeline):
             raise ValueError("prompt=... with cuda_graph=true: the graph holds the old captions")
         table = caption_table(self.text_encoder, captions)
         attach_contexts(self.denoiser.model, table)
+        self.base_contexts = table
         self.denoiser.null_label = len(captions)
         self.prompts = [{"caption": c, "test_row": None, "id": None} for c in captions]
         self.label_pool = torch.arange(len(captions))
+
+    def prompt_labels(self, captions: Sequence[str]) -> torch.Tensor:
+        """Labels of ``captions`` for the next calls, the pipeline's own prompts kept: their
+        contexts follow the pipeline's table rows (labels 0..len(prompts) - 1 unchanged), the null
+        caption stays last; each call replaces the previous call's captions. (``set_prompts``
+        replaces the prompts instead.)"""
+        if self.text_encoder is None:
+            raise ValueError("prompts need a text model (data.conditioning=text)")
+        if self.denoiser.dense is not None:
+            raise ValueError("prompts with cuda_graph=true: the graph holds the old captions")
+        base = self.base_contexts
+        if base is None:  # a pipeline built by hand: the table its model carries
+            base = self.base_contexts = contexts_of(conditioned_unets(self.denoiser.model)[0])
+        table = torch.cat([base[:-1], self.text_encoder.encode(list(captions)).to(base), base[-1:]])
+        attach_contexts(self.denoiser.model, table)
+        self.denoiser.null_label = len(table) - 1
+        return torch.arange(len(base) - 1, len(base) - 1 + len(captions))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -290,6 +314,21 @@ def instantiate_option(node: DictConfig, **kwargs: Any) -> Any:
     spec = OmegaConf.to_container(node, resolve=True)
     spec.pop("name", None)
     return instantiate(spec, _convert_="all", **kwargs)
+
+
+def build_sampler(node: DictConfig | Mapping[str, Any], schedule: Mapping[str, Any]) -> Any:
+    """The diffusers scheduler of a ``sampler`` option (``_target_`` + its keys) on the backbone's
+    noise schedule (``backbone.scheduler``; the option's own keys win). Only the keys its class
+    accepts are passed, through ``SchedulerClass.from_config`` as diffusers carries a schedule
+    over: DPM-Solver++ takes no ``clip_sample`` (``backbone=sd_local`` sets it)."""
+    spec = (
+        OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node)
+    )
+    spec.pop("name", None)
+    scheduler_class = get_class(spec.pop("_target_"))
+    accepted = inspect.signature(scheduler_class.__init__).parameters
+    config = {k: v for k, v in {**schedule, **spec}.items() if k in accepted}
+    return scheduler_class.from_config(config)
 
 
 def postprocess(images: torch.Tensor, output_type: str) -> list | np.ndarray | torch.Tensor:
@@ -450,7 +489,7 @@ def prompt_list(cfg: DictConfig, dataset: Any) -> list[dict]:
         path = Path(spec).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"prompts={spec}: no such file (one caption a line)")
-        captions = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        captions = read_captions(path)
     else:
         captions = [str(c) for c in spec]
     if not captions:
@@ -529,7 +568,8 @@ def classifier_router(
 def knn_router(
     cfg: DictConfig, store: ArtifactStore, shards: list[int], manifests: dict[int, dict]
 ) -> RouterParts:
-    """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone."""
+    """k-NN router over the allowed shards' centroids; Tweedie's x_0 from the bare backbone (a
+    text model's: with the null caption), decoded to pixels when the backbone has a codec."""
     centroids, parents, cards = [], [], []
     for k in shards:
         c, card = load_centroids(store, cfg.experiment_name, cfg.knn.name, job_name("shard", k))
@@ -558,13 +598,19 @@ def knn_router(
                 f"recompute with cdm-train experiment={cfg.experiment_name} stage=knn "
                 f"knn={cfg.knn.name} retrain=true"
             )
+    if is_text_data(cfg.data):  # x0_hat from the null caption, as guidance's unconditional eps
+        attach_contexts(bare, caption_table(text_encoder_of(cfg.backbone), []))
     null = null_label(bare)
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         labels = None if null is None else torch.full((x.shape[0],), null, device=x.device)
         return predict_epsilon(bare, x, t, labels)
 
-    router = KNNRouter(embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature))
+    codec = latent_codec(cfg.backbone)  # latent x0_hat is decoded to the centroids' pixels
+    router = KNNRouter(
+        embedder, centroids, eps_fn, alphas, float(cfg.knn.temperature),
+        decode=None if codec is None else codec.decode,
+    )  # fmt: skip
     return RouterParts(router, None, parents + embedder_parents)
 
 

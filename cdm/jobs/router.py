@@ -26,9 +26,11 @@ from cdm.data.manifest import Split, held_out, indices_of
 from cdm.jobs.context import (
     build_trainer,
     check_backbone_config,
+    denoised_shape,
     device_description,
     fit_resumable,
     identity_of,
+    job_dataset,
     load_backbone_for_shards,
     load_data,
     record_manifests,
@@ -182,7 +184,8 @@ def fit_router(
         dataset, split, seed=int(cfg.seed), val_fraction=float(rcfg.get("val_fraction", 0.1))
     )
     n_shards = len(split.shards)
-    shapes = dict(n_shards=n_shards, channels=cfg.data.channels, resolution=cfg.data.resolution)
+    channels, resolution, _ = denoised_shape(cfg)  # latents x_t when the backbone has a codec
+    shapes = dict(n_shards=n_shards, channels=channels, resolution=resolution)
     router_config = router_model_config(rcfg, **shapes)
     router_config["num_train_timesteps"] = int(alphas_cumprod.shape[0])
     torch.manual_seed(int(cfg.seed))
@@ -205,8 +208,10 @@ def fit_router(
         [dataset.content_hashes[i] for g in data.train_groups for i in g],
     )
     epochs = int(rcfg["epochs"])
+    fed = [i for g in data.train_groups for i in g] + [i for i, _ in data.val_items]
+    seen = job_dataset(cfg, dataset, None, fed=fed)  # a codec's latents: what x_t is at sampling
     datamodule = RouterDataModule(
-        dataset, data.train_groups, data.val_items, batch_size=int(rcfg["batch_size"]),
+        seen, data.train_groups, data.val_items, batch_size=int(rcfg["batch_size"]),
         sampling=sampling, seed=int(cfg.seed),
     )  # fmt: skip
     ckpt_dir = store.checkpoint_dir(experiment, name)

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.logging import get_logger
 from cdm.core.names import job_name
-from cdm.data.datamodule import JobDataset, ManifestDataModule
+from cdm.data.datamodule import ManifestDataModule
 from cdm.data.datasets import SampleDataset
 from cdm.data.manifest import Manifest, Split, indices_of, slice_indices
 from cdm.data.sharding import id_fraction
@@ -24,6 +24,7 @@ from cdm.jobs.context import (
     device_description,
     fit_resumable,
     identity_of,
+    job_dataset,
     load_backbone_for_shards,
 )
 from cdm.jobs.head import build_head_module
@@ -36,7 +37,6 @@ from cdm.models.stable_diffusion import check_pretrained_pipeline
 from cdm.models.text import (
     attach_contexts,
     caption_table,
-    encode_images,
     is_text_data,
     latent_codec,
     model_shape,
@@ -90,22 +90,6 @@ def with_contexts(
         text_encoder_of(cfg.backbone), [captions[r] for r in range(len(captions))]
     )
     attach_contexts(unet, table)
-
-
-def job_dataset(
-    cfg: DictConfig, dataset: SampleDataset, rows: Mapping[int, int] | None
-) -> SampleDataset:
-    """The dataset as this job feeds it: caption rows as labels (text data), latents as images
-    (a codec: each image the job feeds, all of them without ``rows``, encoded once)."""
-    codec = latent_codec(cfg.backbone)
-    if codec is None and rows is None:
-        return dataset
-    latents = None
-    if codec is not None:
-        fed = sorted(rows) if rows is not None else list(range(len(dataset)))
-        encoded = encode_images(codec, torch.stack([dataset.image(i) for i in fed]))
-        latents = dict(zip(fed, encoded, strict=True))
-    return JobDataset(dataset, rows=rows, latents=latents)
 
 
 def build_module(

@@ -3,6 +3,7 @@
     POST /sample   Authorization: Bearer <token>   (cdm-serve add-user NAME prints one)
     {"sources": ["shard-00"], "composition": "average", "sampler": "ddim", "steps": 25,
      "num_samples": 8, "seed": 0, "format": "png"}          -> image/png (or npz bytes)
+    text models also take "prompts": ["two red 7s on the left", ...] (cycled over the samples)
 
 Every field is optional (``experiment`` must be the served one). A gate in front of LitServe
 (``ServiceGate``, an ASGI middleware in the API process) answers 401/403/4xx with a one-line
@@ -39,7 +40,7 @@ from cdm.lifecycle.serving import (
 from cdm.store import ArtifactStore
 from cdm.store.io import append_json_line
 
-FIELDS = ("experiment", "sources", "composition", "sampler", "steps", "num_samples", "seed", "format")  # fmt: skip
+FIELDS = ("experiment", "sources", "composition", "sampler", "steps", "num_samples", "seed", "format", "prompts")  # fmt: skip
 HEALTH = "/health"
 
 
@@ -60,6 +61,7 @@ class Limits:
     max_body_bytes: int
     samplers: tuple[str, ...]
     compositions: tuple[str, ...]
+    max_prompt_chars: int = 200  # characters per caption of a text request (at most max_samples)
 
 
 @dataclass(frozen=True)
@@ -74,6 +76,7 @@ class ServiceSettings:
     joint: dict[str, bool] = field(default_factory=dict)  # composition -> joint router
     api_path: str = "/sample"
     audit_max_bytes: int | None = None
+    text: bool = False  # a text model: requests may carry prompts
 
 
 def settings_from_config(cfg: DictConfig, configs: dict[tuple[str, str], DictConfig]) -> ServiceSettings:  # fmt: skip
@@ -83,13 +86,15 @@ def settings_from_config(cfg: DictConfig, configs: dict[tuple[str, str], DictCon
         experiment=str(cfg.experiment_name), artifacts=str(cfg.paths.artifacts),
         policy=str(cfg.serve.policy),
         limits=Limits(int(limits.max_samples), int(limits.max_steps), int(limits.max_body_bytes),
-                      tuple(limits.samplers), tuple(limits.compositions)),
+                      tuple(limits.samplers), tuple(limits.compositions),
+                      int(limits.max_prompt_chars)),
         defaults={"experiment": str(cfg.experiment_name), "sources": None,
                   "composition": cfg.composition.name, "sampler": cfg.sampler.name,
                   "steps": int(cfg.steps), "num_samples": min(int(cfg.num_samples), int(limits.max_samples)),
-                  "seed": int(cfg.seed), "format": "png"},
+                  "seed": int(cfg.seed), "format": "png", "prompts": None},
         joint={c: joint_router(v) for (c, _), v in configs.items()},
         api_path=str(cfg.serve.api_path), audit_max_bytes=cfg.serve.get("audit_max_bytes"),
+        text=cfg.data.get("conditioning") == "text",  # is_text_data, without diffusers in the gate
     )  # fmt: skip
 
 
@@ -120,6 +125,7 @@ def parse_request(body: bytes, settings: ServiceSettings) -> dict[str, Any]:
     ):
         raise RequestError(400, "sources must be null or a list of shard/source names (or * for all)")  # fmt: skip
     limits = settings.limits
+    check_prompts(request["prompts"], settings)
     if request["experiment"] != settings.experiment:
         raise RequestError(404, f"experiment {request['experiment'][:80]!r} is not served here: this server serves {settings.experiment!r}")  # fmt: skip
     checks = [
@@ -150,6 +156,23 @@ def parse_request(body: bytes, settings: ServiceSettings) -> dict[str, Any]:
         if not ok:
             raise RequestError(422, f"{key}={json.dumps(request[key])[:80]} is not served: {allowed}")  # fmt: skip
     return request
+
+
+def check_prompts(prompts: Any, settings: ServiceSettings) -> None:
+    """``prompts``: null, or 1 to ``max_samples`` captions of at most ``max_prompt_chars`` each,
+    for a text model only; raises ``RequestError`` (400/422)."""
+    if prompts is None:
+        return
+    limits = settings.limits
+    if not (isinstance(prompts, list) and prompts and all(isinstance(p, str) for p in prompts)):
+        raise RequestError(400, f"prompts must be null or a non-empty list of captions (strings), got {json.dumps(prompts)[:80]}")  # fmt: skip
+    if not settings.text:
+        raise RequestError(422, f"prompts are for text models: {settings.experiment!r} is not conditioned on captions; drop prompts")  # fmt: skip
+    if len(prompts) > limits.max_samples:
+        raise RequestError(422, f"{len(prompts)} prompts is not served: 1 to {limits.max_samples} (serve.limits.max_samples)")  # fmt: skip
+    long = [p for p in prompts if not 0 < len(p.strip()) <= limits.max_prompt_chars]
+    if long:
+        raise RequestError(422, f"prompt {json.dumps(long[0])[:80]} is not served: 1 to {limits.max_prompt_chars} characters (serve.limits.max_prompt_chars)")  # fmt: skip
 
 
 def json_reply(status: int, detail: str) -> tuple[int, list[tuple[bytes, bytes]], bytes]:

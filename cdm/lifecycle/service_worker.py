@@ -99,7 +99,8 @@ class CDMServiceAPI(ls.LitAPI):
         latents = [torch.randn((r["num_samples"], *pipe.sample_shape), generator=g) for r, g in zip(requests, generators, strict=True)]  # fmt: skip
         labels = None
         if pipe.label_pool is not None:
-            labels = torch.cat([cycle_labels(pipe.label_pool, r["num_samples"]) for r in requests])
+            pools = request_label_pools(pipe, requests)
+            labels = torch.cat([cycle_labels(p, r["num_samples"]) for p, r in zip(pools, requests, strict=True)])  # fmt: skip
         out = pipe(
             batch_size=sum(r["num_samples"] for r in requests), class_labels=labels,
             num_inference_steps=requests[0]["steps"], generator=generators[0],
@@ -112,6 +113,26 @@ class CDMServiceAPI(ls.LitAPI):
             encode(r, pipe, x, w, y, batched=len(requests))
             for r, x, w, y in zip(requests, images, weights, label_parts, strict=True)
         ]
+
+
+def request_label_pools(pipe: Any, requests: list[dict]) -> list[torch.Tensor]:
+    """Each request's labels to cycle over: the pipeline's own (classes, or a text model's
+    default prompts), or the rows of the request's ``prompts`` (``CDMPipeline.prompt_labels``:
+    one encoding for the whole group, the pipeline's own rows kept)."""
+    asked = [list(r.get("prompts") or []) for r in requests]
+    if not any(asked):
+        return [pipe.label_pool] * len(requests)
+    rows = pipe.prompt_labels([c for captions in asked for c in captions]).split([len(a) for a in asked])  # fmt: skip
+    return [pipe.label_pool if not a else r for a, r in zip(asked, rows, strict=True)]
+
+
+def captions_of(pipe: Any, labels: torch.Tensor, request: dict) -> list[str]:
+    """The caption each of a text request's samples was drawn for: its ``prompts`` cycled (as its
+    labels cycle over their rows), else the pipeline's own prompts of its labels."""
+    asked = list(request.get("prompts") or [])
+    if asked:
+        return [asked[i % len(asked)] for i in range(len(labels))]
+    return [pipe.prompts[int(k)]["caption"] for k in labels]
 
 
 def group_key(request: dict) -> tuple:
@@ -133,10 +154,11 @@ def encode(request: dict, pipe: Any, images: torch.Tensor, weights: torch.Tensor
         content = grid_png(images, labels=labels, title=title)
     else:
         buffer = io.BytesIO()
+        text = {} if labels is None or pipe.prompts is None else {"captions": np.array(captions_of(pipe, labels, request))}  # fmt: skip
         np.savez(
             buffer, images=to_uint8(images).numpy(), weights=weights.numpy(),
             labels=np.array([] if labels is None else labels.numpy()),
-            shards=np.array(pipe.shards),
+            shards=np.array(pipe.shards), **text,
         )  # fmt: skip
         content = buffer.getvalue()
     return Response(content, media_type=FORMATS[request["format"]], headers=headers)

@@ -132,7 +132,9 @@ class KNNRouter(nn.Module):
     """``forward(x_t, t) -> logits [B, n]`` from per-shard centroids of x0_hat embeddings.
 
     ``eps_fn(x_t, t)`` gives the epsilon used for Tweedie's estimate (the bare backbone by default
-    in cdm-sample); ``alphas_cumprod`` is the backbone's noise schedule.
+    in cdm-sample); ``alphas_cumprod`` is the backbone's noise schedule. ``decode`` (a latent
+    model's codec decoder, e.g. SD's VAE) maps the latent x0_hat to the pixels the embedder and
+    the centroids live in (``cdm-train stage=knn`` embeds the clean images).
     """
 
     def __init__(
@@ -142,6 +144,7 @@ class KNNRouter(nn.Module):
         eps_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
         alphas_cumprod: torch.Tensor,
         temperature: float = 1.0,
+        decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         super().__init__()
         if not centroids:
@@ -151,11 +154,13 @@ class KNNRouter(nn.Module):
         self.eps_fn = eps_fn
         self.register_buffer("alphas_cumprod", alphas_cumprod.float(), persistent=False)
         self.temperature = temperature
+        self.decode = decode
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         abar = self.alphas_cumprod[timesteps.long()]
-        x0 = tweedie_x0(x_t, self.eps_fn(x_t, timesteps), abar).clamp(-1, 1)
+        x0 = tweedie_x0(x_t, self.eps_fn(x_t, timesteps), abar)
+        x0 = (x0 if self.decode is None else self.decode(x0)).clamp(-1, 1)
         z = self.embedder(x0).float()
         d2 = torch.stack(
             [torch.cdist(z, c.to(z.device)).min(dim=1).values ** 2 for c in self.centroids], dim=1
