@@ -286,7 +286,9 @@ def trak_scores(
     residual for least squares, 1 when phi_j is already the gradient of the training loss, the
     default). So tau_j > 0 means that training on j raises gamma. For an FD target (lower is
     better) a helpful sample has tau_j < 0. Exact leave-one-out for a quadratic loss divides
-    tau_j by 1 - h_jj, h_jj = phi_j^T H^{-1} phi_j (Sherman-Morrison); TRAK omits it.
+    tau_j by 1 - h_jj, h_jj = phi_j^T H^{-1} phi_j (Sherman-Morrison); TRAK omits it. The sign is
+    checked end to end (loss features, the target through DDIM, group sums, LDS) against exact
+    refits of a convex denoiser in ``tests/test_trak_sign.py`` (issue 13).
 
     ``damping`` is relative: lambda = damping * tr(Phi^T Phi) / d (the mean eigenvalue), so
     one value fits any gradient scale; with N < d the kernel is singular and damping > 0 is
