@@ -337,3 +337,23 @@ def test_the_http_service_draws_a_requests_captions(text_store, tmp_path):
     tests = [c for c, split in zip(data.captions, data.splits, strict=True) if split == "test"]
     assert default == tests[:3]  # without prompts: the test captions in order
     assert long.status_code == 422 and "max_prompt_chars" in long.json()["detail"]
+
+
+def test_compartmental_heads_train_and_route_on_the_codecs_latents(sd_store):
+    """Heads with a codec: built for pixels [3, 16, 16] with pixel negatives while the positives
+    and the sampler's x_t are latents [4, 8, 8]. Now head, negatives and held-out pairs are all
+    latents, and composition=compartmental samples."""
+    root, common, _ = sd_store
+    rule = [f"router.convergence.{k}={v}" for k, v in
+            dict(min_steps=0, max_steps=20, patience=1, min_improvement=1.0).items()]  # fmt: skip
+    for k in (0, 1):
+        run_inprocess(*common, "stage=head", "router=compartmental", f"shard.index={k}", *rule,
+                      artifacts=root)  # fmt: skip
+    heads = sorted((root / "experiments" / EXP / "heads").glob("shard-*/router_config.json"))
+    assert len(heads) == 2
+    for path in heads:
+        config = json.loads(path.read_text())
+        assert (config["channels"], config["resolution"]) == (4, 8)
+    card = sample(root, common, "composition=compartmental", "shards=[0,1]", "name=heads")
+    weights = np.load(Path(card["path"]) / "trace.npz")["weights"]
+    assert weights.shape == (3, 2, 2) and np.allclose(weights.sum(-1), 1.0)

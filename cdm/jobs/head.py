@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from cdm.core.names import ShardId
 from cdm.data.datasets import SampleDataset
 from cdm.data.manifest import Split, indices_of
-from cdm.jobs.context import load_backbone_for_shards
+from cdm.jobs.context import denoised_shape, job_dataset, load_backbone_for_shards
 from cdm.models.backbone import build_scheduler
 from cdm.models.compartmental import CompartmentalRouter
 from cdm.models.router import build_router, router_from_artifact, router_model_config
@@ -34,9 +34,8 @@ def head_model_config(cfg: DictConfig) -> dict[str, Any]:
     """What rebuilds a head: ``router.model`` with one output (and ``num_classes`` for a
     class-conditional model when the class takes it)."""
     rcfg = OmegaConf.to_container(cfg.router, resolve=True)
-    spec = router_model_config(
-        rcfg, n_shards=1, channels=cfg.data.channels, resolution=cfg.data.resolution
-    )
+    channels, resolution, _ = denoised_shape(cfg)  # a codec's latents: what x_t is at sampling
+    spec = router_model_config(rcfg, n_shards=1, channels=channels, resolution=resolution)
     target = spec["model"]["_target_"]
     cls = get_object(target) if isinstance(target, str) else target
     if cfg.data.conditional and "num_classes" in inspect.signature(cls).parameters:
@@ -59,9 +58,12 @@ def build_head_module(
     torch.manual_seed(int(cfg.seed))  # the head's initial weights: the same in every run
     head = build_router(spec, n_shards=1, channels=spec["channels"], resolution=spec["resolution"],
                         backbone=unet)  # fmt: skip
+    safe = sorted(indices_of(dataset, split.safe))
+    # the safe negatives as the job feeds its positives: a codec's latents when it has one
+    negatives = job_dataset(cfg, dataset, None, fed=safe)
     module = HeadTraining(
-        head, build_scheduler(cfg.backbone.scheduler).alphas_cumprod, negatives=dataset,
-        safe_indices=sorted(indices_of(dataset, split.safe)), head_config=spec,
+        head, build_scheduler(cfg.backbone.scheduler).alphas_cumprod, negatives=negatives,
+        safe_indices=safe, head_config=spec,
         dataset_size=len(dataset), lr=float(cfg.router.lr),
         weight_decay=float(cfg.router.get("weight_decay", 0.0)),
         conditional=bool(cfg.data.conditional), seed=int(cfg.seed),
