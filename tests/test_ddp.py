@@ -45,12 +45,14 @@ def test_shard_trains_on_two_cpu_processes(tmp_path, cli, train):
 
 @pytest.mark.slow
 def test_forgetting_under_ddp_equals_training_from_scratch_under_ddp(tmp_path, cli, train):
-    """cdm-forget retrains a shard trained on 2 processes under the same DDP config (its card's):
-    bit-identical to that shard trained from scratch on 2 processes without the id."""
+    """cdm-forget retrains a shard and its compartmental-router head, both trained on 2 processes,
+    under the same DDP config (their cards'): bit-identical to that shard and head trained from
+    scratch on 2 processes without the id."""
     exp, args = "digits_2split", ["experiment=digits_2split", "debug=tiny", "sharding.n_slices=2"]
     root, fresh = tmp_path / "store", tmp_path / "fresh"
     train(*args, "stage=backbone", artifacts=root)
     cli(*args, "stage=shard", "shard.index=1", "trainer=ddp_cpu", artifacts=root)
+    cli(*args, "stage=head", "shard.index=1", "trainer=ddp_cpu", artifacts=root)
     store = ArtifactStore(root)
     sid = Manifest.from_json(store.load_manifest(exp, "shard-01")).slice_ids(1)[0]
 
@@ -63,15 +65,25 @@ def test_forgetting_under_ddp_equals_training_from_scratch_under_ddp(tmp_path, c
     assert proc.returncode == 0, proc.stderr[-4000:]
     (path,) = list_certificates(store, exp)
     cert = json.loads(path.read_text())
-    (retrained,) = cert["retrained"]
-    assert retrained["restarted_from"]["kind"] == "slice_checkpoint", retrained["restarted_from"]
+    assert [r["artifact"] for r in cert["retrained"]] == ["adapter shard-01", "head shard-01"]
+    for retrained in cert["retrained"]:
+        assert retrained["restarted_from"]["kind"] == "slice_checkpoint", retrained
     card = read_card(store.adapter_dir(exp, "shard-01"))
-    assert card["world_size"] == 2
+    head = store.read_head_card(exp, "shard-01")
+    assert card["world_size"] == head["world_size"] == 2
+    assert head["forget"]["certificate"] == cert["name"]
 
     shutil.copytree(root / "backbones", fresh / "backbones")
     add_forgotten_ids(ArtifactStore(fresh), exp, [sid], "reference")
     cli(*args, "stage=shard", "shard.index=1", "trainer=ddp_cpu", artifacts=fresh)
+    cli(*args, "stage=head", "shard.index=1", "trainer=ddp_cpu", artifacts=fresh)
     weights = "adapter_model.safetensors"
     assert sha256_file(store.adapter_dir(exp, "shard-01") / weights) == sha256_file(
         ArtifactStore(fresh).adapter_dir(exp, "shard-01") / weights
+    )
+    scratch = ArtifactStore(fresh).read_head_card(exp, "shard-01")
+    assert head["manifest_hash"] == scratch["manifest_hash"]
+    assert head["weights_sha256"] == scratch["weights_sha256"]
+    assert head["weights_sha256"] != next(  # the retrain changed the head
+        r["old_weights_sha256"] for r in cert["retrained"] if r["artifact"] == "head shard-01"
     )

@@ -42,6 +42,18 @@ def test_schedule_from_a_card_reads_the_steps_it_ran():
     assert schedule.cost(start_slice=2)["optimizer_steps"] == 7
 
 
+def test_a_heads_schedule_is_read_from_its_router_settings():
+    # a compartmental head trains on router.epochs_per_slice / router.batch_size, not optim's
+    m = SimpleNamespace(slices=[(0, 3), (3, 5), (5, 6)])
+    config = {"optim": {"epochs_per_slice": 8, "batch_size": 32},
+              "router": {"epochs_per_slice": 2, "batch_size": 4}}  # fmt: skip
+    head = JobSchedule.from_card({"kind": "head", "config": config, "optimizer_steps": 13}, m)
+    assert (head.epochs_per_slice, head.batch_size, head.final_steps) == (2, 4, 13 - (2 + 4))
+    assert head.cost(start_slice=1)["optimizer_steps"] == 13 - 2
+    adapter = JobSchedule.from_card({"kind": "shard", "config": config}, m)
+    assert (adapter.epochs_per_slice, adapter.batch_size) == (8, 32)
+
+
 def test_expected_forget_cost_is_the_mean_over_a_uniform_sample():
     # two equal one-slice shards that ran 10 steps each, a paragon that ran 30: every forget
     # retrains one shard (10 steps), so the ideal ratio is 3
@@ -125,7 +137,7 @@ class _Trainer:
         self.current_epoch, self.saved = 0, []
 
     def save_checkpoint(self, path, weights_only: bool = False) -> None:
-        Path(path).write_text("ckpt")
+        Path(path).write_text(f"state after epoch {self.current_epoch}")
         self.saved.append((self.current_epoch, Path(path).name.split(".tmp")[0].lstrip(".")))
 
 
@@ -139,12 +151,16 @@ def test_last_checkpoint_is_not_rewritten_every_short_epoch(tmp_path):
         callback.on_train_epoch_end(trainer, None)
     assert trainer.saved == [
         (0, "last.ckpt"),  # the first epoch: a kill can always resume
-        (2, "slice-00.ckpt"), (2, "last.ckpt"),
-        (5, "slice-01.ckpt"), (5, "last.ckpt"),
+        (2, "slice-00.ckpt"),  # and last.ckpt as a byte copy of it (one serialization)
+        (5, "slice-01.ckpt"),
     ]  # fmt: skip
-    every = SliceCheckpoint(tmp_path, epochs_per_slice=3, n_slices=2)  # the default: every epoch
+    assert (tmp_path / "last.ckpt").read_bytes() == (tmp_path / "slice-01.ckpt").read_bytes()
+    assert (tmp_path / "slice-00.ckpt").read_text() == "state after epoch 2"
+    assert not list(tmp_path.glob(".*tmp*"))  # no temporary file left behind
+    every = SliceCheckpoint(tmp_path / "every", epochs_per_slice=3, n_slices=2)  # every epoch
     trainer = _Trainer()
     for epoch in range(4):
         trainer.current_epoch = epoch
         every.on_train_epoch_end(trainer, None)
-    assert [name for _, name in trainer.saved].count("last.ckpt") == 4
+        assert (tmp_path / "every/last.ckpt").read_text() == f"state after epoch {epoch}"
+    assert [name for _, name in trainer.saved].count("last.ckpt") == 3  # epoch 2: the copy

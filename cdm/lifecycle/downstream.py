@@ -81,9 +81,11 @@ class JobSchedule:
         cls, card: dict, trained_on: Manifest, runs_on: Manifest | None = None
     ) -> JobSchedule:
         """The schedule of the job on ``card`` (trained on ``trained_on``), run on ``runs_on``
-        (default the same): its optimizer settings, and as final steps its ``optimizer_steps``
-        minus those of the slices before the last one."""
-        optim = (card.get("config") or {}).get("optim") or {}
+        (default the same): its stage's settings (``router`` for a compartmental head, else
+        ``optim``), and as final steps its ``optimizer_steps`` minus those of the slices before
+        the last one."""
+        stage = "router" if card.get("kind") == "head" else "optim"
+        optim = (card.get("config") or {}).get(stage) or {}
         fixed = cls(tuple(slice_sizes(trained_on)), int(optim["epochs_per_slice"]),
                     int(optim["batch_size"]), world_size=int(card.get("world_size") or 1))  # fmt: skip
         if card.get("optimizer_steps") is not None:

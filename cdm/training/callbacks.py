@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -61,12 +62,17 @@ class SliceCheckpoint(pl.Callback):
                 )
             )  # fmt: skip
 
-    def _save(self, trainer: pl.Trainer, name: str) -> None:
+    def _save(self, trainer: pl.Trainer, name: str, also: str | None = None) -> None:
+        """Write the checkpoint ``name`` (and a byte copy of it as ``also``) atomically."""
         final = self.dirpath / name
         tmp = self.dirpath / f".{name}.tmp-{os.getpid()}"
         trainer.save_checkpoint(tmp, weights_only=False)
         if trainer.is_global_zero:
             os.replace(tmp, final)
+            if also is not None:  # after ``name``: a resume from ``also`` never skips it
+                copy = self.dirpath / f".{also}.tmp-{os.getpid()}"
+                shutil.copyfile(final, copy)
+                os.replace(copy, self.dirpath / also)
         trainer.strategy.barrier("slice_checkpoint")
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -80,12 +86,15 @@ class SliceCheckpoint(pl.Callback):
         boundary = (epoch + 1) % self.epochs_per_slice == 0 and (
             self.n_slices is None or index < self.n_slices
         )
-        if boundary:
-            self._save(trainer, f"slice-{index:02d}.ckpt")
         now = time.monotonic()
+        if boundary:
+            # last.ckpt is the same state: a copy of the file, not a second serialization
+            self._save(trainer, f"slice-{index:02d}.ckpt", also="last.ckpt")
+            self.last_saved = now
+            return
         due = self.last_saved is None or now - self.last_saved >= self.last_every_s
         due = trainer.strategy.broadcast(due, src=0)  # every rank saves, or none (barriers)
-        if boundary or due:
+        if due:
             self._save(trainer, "last.ckpt")
             self.last_saved = now
 
