@@ -11,7 +11,10 @@ One run (``cdm-attribute attribution/method=datamodels``):
    pruned by weight magnitude (``pruning_ratio``, paper: 0.3) once.
 3. Unlearning: for each of ``max(budgets) * cost_ratio`` subsets S_i (alpha N units each), a copy of
    the pruned model is fine-tuned on S_i with the training objective for
-   ``retrain_steps / cost_ratio`` steps (paper eq. 2 and alg. 1); its gamma is measured.
+   ``retrain_steps / cost_ratio`` steps (paper eq. 2 and alg. 1); its gamma is measured. Its
+   batches visit S_i in a seeded shuffle (``unlearn_order=shuffled``) or sorted by a keyed hash of
+   each id (``keyed``: removing a unit leaves the others' order, so gamma varies more smoothly with
+   the subset); retraining always shuffles.
 4. Retraining: ``max(budgets)`` subsets retrained from scratch for ``retrain_steps`` (the
    baseline), and ``heldout_subsets`` more (K, another seed) for the LDS (paper eq. 3).
 5. For each budget b (in retraining units): a ridge datamodel on the first b retrained subsets and
@@ -55,7 +58,7 @@ from cdm.core.hashing import sha256_bytes
 from cdm.core.logging import get_logger
 from cdm.core.names import ShardId
 from cdm.core.sampling import sample as run_sampler
-from cdm.data.sharding import id_hash
+from cdm.data.sharding import epoch_order, id_hash
 from cdm.jobs.context import load_backbone_for_shards, load_data, select_manifest, split_data
 from cdm.jobs.pipeline import build_sampler, cycle_labels, sampling_device
 from cdm.jobs.sample import batch_generator
@@ -70,7 +73,8 @@ FIG1_FILE = "lds-vs-compute.png"
 # (no gamma depends on them), budgets and subset counts (prefix-stable draws), and what only some
 # models depend on (``RemovalExperiment.variant``)
 VARIANT_KEYS = ("trak", "name", "budgets", "heldout_subsets", "heldout_seeds", "cost_ratio",
-                "pruning_ratio", "pruning_scope")  # fmt: skip
+                "pruning_ratio", "pruning_scope", "unlearn_order")  # fmt: skip
+ORDERS = ("shuffled", "keyed")  # SubsetTrainer.order
 
 
 # ---- units -----------------------------------------------------------------------------------
@@ -153,6 +157,7 @@ class SubsetTrainer:
     conditional: bool
     seed: int
     position: dict[str, int] = field(default_factory=dict)  # id -> row of images
+    order: str = "shuffled"  # shuffled | keyed: how each epoch orders the kept ids (``batches``)
 
     def fresh(self) -> ShardTraining:
         """A new adapter on the frozen backbone, initialised from ``seed`` (the same every time)."""
@@ -167,18 +172,28 @@ class SubsetTrainer:
             )  # fmt: skip
         return module
 
-    def batches(self, ids: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
-        """Endless batches of ``optim.batch_size`` over ``ids``: epoch e visits them in the order
-        of a generator seeded by (seed, e), so the order depends on the subset and the seed only."""
+    def epoch_rows(self, ids: Sequence[str], epoch: int) -> torch.Tensor:
+        """Rows of ``images`` in epoch ``epoch``'s order. ``shuffled``: a permutation seeded by
+        (seed, epoch), so two subsets that share most ids get unrelated orders. ``keyed``: sorted by
+        a keyed hash of (seed, epoch, id) (``cdm.data.sharding.epoch_order``), so removing ids keeps
+        the others' relative order (common random numbers: the model is a smoother function of
+        the subset)."""
         rows = torch.as_tensor([self.position[i] for i in ids], dtype=torch.long)
-        size = min(int(self.optim["batch_size"]), len(rows))
+        if self.order == "keyed":
+            return rows[torch.as_tensor(epoch_order(ids, self.seed, epoch), dtype=torch.long)]
+        if self.order != "shuffled":
+            raise ValueError(f"SubsetTrainer.order={self.order!r}: choose one of {ORDERS}")
+        generator = torch.Generator().manual_seed(self.seed * 7919 + epoch)
+        return rows[torch.randperm(len(rows), generator=generator)]
+
+    def batches(self, ids: Sequence[str]) -> Iterator[dict[str, torch.Tensor]]:
+        """Endless batches of ``optim.batch_size`` over ``ids``, epoch e in ``epoch_rows(ids, e)``
+        (the last incomplete batch of an epoch is dropped): the order depends on the subset, the
+        seed and ``order`` only."""
+        size = min(int(self.optim["batch_size"]), len(ids))
         epoch = 0
         while True:
-            order = rows[
-                torch.randperm(
-                    len(rows), generator=torch.Generator().manual_seed(self.seed * 7919 + epoch)
-                )
-            ]
+            order = self.epoch_rows(ids, epoch)
             for start in range(0, len(order) - size + 1, size):
                 take = order[start : start + size]
                 yield {"image": self.images[take], "label": self.labels[take]}
@@ -231,8 +246,13 @@ class DatamodelMethod:
     heldout_seeds: int = 1
     budgets: Sequence[int] = (2, 4, 8)
     trak: Any = None
+    unlearn_order: str = "shuffled"
 
     def __post_init__(self) -> None:
+        if self.unlearn_order not in ORDERS:
+            raise ValueError(
+                f"attribution.method.unlearn_order={self.unlearn_order!r}: choose one of {ORDERS}"
+            )
         if self.retrain_steps < self.cost_ratio:
             raise ValueError(
                 f"attribution.method: retrain_steps={self.retrain_steps} < cost_ratio="
@@ -354,10 +374,13 @@ class RemovalExperiment:
 
     def variant(self, kind: str) -> str:
         """The settings a model of ``kind`` depends on beyond the fingerprint: the pruning of the
-        pruned and unlearned models, the unlearning steps, the seeds of the held-out models."""
+        pruned and unlearned models, the unlearning steps and batch order (``unlearn_order``), the
+        seeds of the held-out models."""
         m = self.method
         prune = f"prune={m.pruning_ratio},{m.pruning_scope}"
-        return {"pruned": prune, "unlearn": f"{prune};steps={m.unlearn_steps}",
+        # shuffled (the first order) adds nothing, so models stored before the option stay valid
+        order = "" if m.unlearn_order == "shuffled" else f";order={m.unlearn_order}"
+        return {"pruned": prune, "unlearn": f"{prune};steps={m.unlearn_steps}{order}",
                 "heldout": f"seeds={m.heldout_seeds}"}.get(kind, "")  # fmt: skip
 
     def measure(
@@ -425,6 +448,7 @@ class RemovalExperiment:
                     trainer = dataclasses.replace(self.trainer, seed=seed + offset)
                     if kind == "unlearn":
                         module, steps = copy.deepcopy(pruned), m.unlearn_steps
+                        trainer = dataclasses.replace(trainer, order=m.unlearn_order)
                     else:
                         module, steps = trainer.fresh(), m.retrain_steps
                     seconds.append(trainer.fit(module, self.retained(mask), steps))
