@@ -82,8 +82,8 @@ bench-train: install  ## our shard training step vs a bare PyTorch loop (writes 
 bench-compose: install  ## one composed denoising step for 1-8 shards vs one adapter (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/compose_step.py
 
-bench-forget: install  ## forget one sample vs train the paragon, 8 shards, 1/2/4/8 SISA slices, fixed schedule, vs the ideal (writes docs/benchmarks/forget_cost-fixed-cpu.json)
-	$(PY) benchmarks/forget_cost.py --threads 1 --no-paragon-retrain
+bench-forget: install  ## forget one sample vs train the paragon, 8 shards, 1/2/4/8 SISA slices, fixed schedule, digits_8split's backbone, vs the ideal (~1 h on 2 cores; writes docs/benchmarks/forget_cost-fixed-small-cpu.json)
+	$(PY) benchmarks/forget_cost.py --threads 1 --no-paragon-retrain --backbone small --repeats 16 --out docs/benchmarks/forget_cost-fixed-small-cpu.json
 
 bench-prompts: install  ## one composed step with deep prompts (1-8 shards, B=16 each) vs one prompted shard and vs LoRA (writes docs/benchmarks/compose_prompts-cpu.json)
 	$(PY) benchmarks/compose_prompts.py
