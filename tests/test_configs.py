@@ -142,7 +142,8 @@ def test_every_group_is_checked():
     groups = {
         str(p.parent.relative_to(CONF))
         for p in CONF.rglob("*.yaml")
-        if p.parent != CONF and not str(p.parent.relative_to(CONF)).startswith(("debug/", "attribution", "hydra/"))
+        if p.parent != CONF
+        and not str(p.parent.relative_to(CONF)).startswith(("debug/", "attribution", "hydra/"))
     }
     assert groups - NOT_CHOSEN_ALONE == set(GROUP_CONTEXT)
 
