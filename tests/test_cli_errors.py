@@ -277,6 +277,14 @@ def test_every_config_key_named_in_a_message_exists():
             ("train", ["sharding=by_score", f"sharding/scorer={p.stem}"])
             for p in sorted((conf / "sharding" / "scorer").glob("*.yaml"))
         ]
+        options += [  # the groups a stage adds: feature_net.epochs, router.convergence, knn.*
+            ("train", [f"stage={p.stem}"]) for p in sorted((conf / "stage").glob("*.yaml"))
+        ]
+        options += [  # knn=clip: knn.embedder.path; router=backbone_head: router.model.block
+            ("train", [f"stage={group}", f"{group}={p.stem}"])
+            for group in ("knn", "router")
+            for p in sorted((conf / group).glob("*.yaml"))
+        ]
         configs += [OmegaConf.to_container(compose(config_name=c, overrides=o)) for c, o in options]
 
     def exists(key: str) -> bool:

@@ -41,7 +41,10 @@ def knn_default(key: str, *, _root_: DictConfig) -> Any:
     """``${knn_default:key}``: ``key`` of the data's default k-NN option (``knn_option``), read
     from its file in ``conf/knn``, so ``knn=default`` composes exactly as that option does."""
     option = knn_option(OmegaConf.select(_root_, "data.conditioning"))
-    return OmegaConf.load(Path(config_dir()) / "knn" / f"{option}.yaml")[key]
+    option_file = Path(
+        config_dir(), "knn", f"{option}.yaml"
+    )  # the config group, not the store's knn/
+    return OmegaConf.load(option_file)[key]
 
 
 def slurm_gpus(accelerator: str, devices: int | str) -> int:
