@@ -72,7 +72,7 @@ def test_feature_net_shapes_at_every_resolution(resolution, channels):
 
 
 def test_batch_norm_net_is_a_fixed_function_in_eval_mode_and_rebuilds_from_its_config():
-    """feature_net=canvas (norm=batch): features use the running statistics, so one image's features
+    """feature_net.model.norm=batch (captioned_3band): features use the running statistics, so one image's features
     do not depend on the rest of its batch, and the stored config + state rebuild it exactly."""
     torch.manual_seed(0)
     net = FeatureNet(channels=3, resolution=32, n_classes=5, feature_dim=16, norm="batch")

@@ -3,6 +3,8 @@ before anything heavy; the pipeline calls `register_resolvers` itself)."""
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -41,10 +43,14 @@ def knn_default(key: str, *, _root_: DictConfig) -> Any:
     """``${knn_default:key}``: ``key`` of the data's default k-NN option (``knn_option``), read
     from its file in ``conf/knn``, so ``knn=default`` composes exactly as that option does."""
     option = knn_option(OmegaConf.select(_root_, "data.conditioning"))
-    option_file = Path(
-        config_dir(), "knn", f"{option}.yaml"
-    )  # the config group, not the store's knn/
-    return OmegaConf.load(option_file)[key]
+    return copy.deepcopy(knn_option_config(option)[key])  # the cached file stays as it was
+
+
+@functools.cache
+def knn_option_config(option: str) -> DictConfig:
+    """``conf/knn/<option>.yaml`` (the config group, not the store's ``knn/``), read once: OmegaConf
+    resolves ``${knn_default:...}`` on every access."""
+    return OmegaConf.load(Path(config_dir(), "knn", f"{option}.yaml"))
 
 
 def slurm_gpus(accelerator: str, devices: int | str) -> int:

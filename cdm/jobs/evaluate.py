@@ -3,8 +3,9 @@ memorization; the library behind ``cdm-eval``.
 
 Feature spaces: ``domain`` (penultimate features of the dataset's own classifier, reported as
 ``FD_<dataset>`` / ``KID_<dataset>``), ``inception`` (clean-fid's protocol with Inception-v3: the only
-one reported as ``FID`` / ``KID``; see docs/fid.md) and ``pixels`` (``FD_pixels``): distances in the spaces of ``evaluate.feature_spaces`` only (the
-``memorization_space`` alone gets nearest-neighbour distances, no FD). The reference
+one reported as ``FID`` / ``KID``; see docs/fid.md) and ``pixels`` (``FD_pixels``). Distances are
+computed in the spaces of ``evaluate.feature_spaces`` only (the ``memorization_space`` alone gets
+nearest-neighbour distances, no FD). The reference
 set is the data the CDM models: the union of its shards (``reference=private``), or the dataset's
 whole train or test split. Reference features are computed once and cached in the store.
 """
