@@ -173,6 +173,23 @@ def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone
     assert changed["gamma_heldout"] == values["gamma_heldout"]
     assert changed["gamma_retrain"] == values["gamma_retrain"][:3]
     assert len(changed["gamma_unlearn"]) == 6
+    # a second training seed for the held-out subsets: only the 4 new models train, and each
+    # held-out gamma is the mean of its two seeds' records (the first seed's read back)
+    fits.clear()
+    seeded = compose_attribute(
+        tiny_digits_backbone, *TINY, *SMALL_RUN, "attribution.method.heldout_seeds=2"
+    )
+    averaged = json.loads(open(f"{run_attribution(seeded)['path']}/values.json").read())
+    assert fits == [8] + [8] * 4
+    second = {
+        r["index"]: r["gamma"]
+        for r in map(json.loads, records.read_text().splitlines())
+        if r["kind"] == "heldout" and r["variant"] == "seeds=1;seed+1"
+    }
+    assert sorted(second) == [0, 1, 2, 3]
+    expected = [(g + second[i]) / 2 for i, g in enumerate(values["gamma_heldout"])]
+    assert averaged["gamma_heldout"] == pytest.approx(expected, rel=1e-12)
+    assert averaged["gamma_heldout"] != values["gamma_heldout"]
 
 
 @pytest.mark.slow  # 16 s: trains the domain feature net; cdm.attribution.trak's math is in test_trak.py

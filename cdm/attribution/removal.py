@@ -372,40 +372,51 @@ class RemovalExperiment:
         }  # fmt: skip
         return sha256_bytes(json.dumps(keys, sort_keys=True, default=str).encode())
 
-    def variant(self, kind: str) -> str:
+    def variant(self, kind: str, seed_offset: int = 0) -> str:
         """The settings a model of ``kind`` depends on beyond the fingerprint: the pruning of the
         pruned and unlearned models, the unlearning steps and batch order (``unlearn_order``), the
-        seeds of the held-out models."""
+        training seed of a held-out model (one record per seed, so ``heldout_seeds=3`` reuses the
+        models of a run with fewer seeds)."""
         m = self.method
         prune = f"prune={m.pruning_ratio},{m.pruning_scope}"
         # shuffled (the first order) adds nothing, so models stored before the option stay valid
         order = "" if m.unlearn_order == "shuffled" else f";order={m.unlearn_order}"
+        # the first seed keeps the key of the records written before per-seed records
+        heldout = "seeds=1" + (f";seed+{seed_offset}" if seed_offset else "")
         return {"pruned": prune, "unlearn": f"{prune};steps={m.unlearn_steps}{order}",
-                "heldout": f"seeds={m.heldout_seeds}"}.get(kind, "")  # fmt: skip
+                "heldout": heldout}.get(kind, "")  # fmt: skip
 
     def measure(
         self,
         kind: str,
         index: int,
         mask: np.ndarray,
-        train: Callable[[], tuple[list[ShardTraining], list[float]]],
+        train: Callable[[int], tuple[ShardTraining, float]],
+        seeds: int = 1,
     ) -> None:
-        """Record the mean gamma of the models ``train()`` returns (one per training seed) and
-        their mean training seconds; a model the records file already holds is read back."""
-        variant = self.variant(kind)
-        done = self.measured.get((kind, index, variant))
-        if done is None:
-            modules, seconds = train()
-            gamma = float(np.mean([self.gamma(module) for module in modules]))
-            done = {
-                "kind": kind,
-                "index": index,
-                "variant": variant,
-                "gamma": gamma,
-                "train_s": float(np.mean(seconds)),
-            }
-            append_json_line(self.records_path, done)
-        self.records.append(ModelRecord(kind, mask, float(done["gamma"]), float(done["train_s"])))
+        """Record the gamma of the model ``train(offset)`` returns for each training seed
+        ``seed + offset`` (offset < ``seeds``), and their mean gamma and training seconds (D-TRAK's
+        held-out protocol averages over seeds); a model the records file holds is read back."""
+        gammas, seconds = [], []
+        for offset in range(seeds):
+            variant = self.variant(kind, offset)
+            done = self.measured.get((kind, index, variant))
+            if done is None:
+                module, train_s = train(offset)
+                done = {
+                    "kind": kind,
+                    "index": index,
+                    "variant": variant,
+                    "gamma": self.gamma(module),
+                    "train_s": float(train_s),
+                }
+                append_json_line(self.records_path, done)
+                self.measured[(kind, index, variant)] = done
+            gammas.append(float(done["gamma"]))
+            seconds.append(float(done["train_s"]))
+        self.records.append(
+            ModelRecord(kind, mask, float(np.mean(gammas)), float(np.mean(seconds)))
+        )
 
     def retained(self, mask: np.ndarray) -> list[str]:
         return self.units.retained_ids(mask)
@@ -425,10 +436,10 @@ class RemovalExperiment:
         everything = np.ones(n, dtype=bool)
         full = self.trainer.fresh()
         full_s = self.trainer.fit(full, self.ids, m.retrain_steps)
-        self.measure("full", 0, everything, lambda: ([full], [full_s]))
+        self.measure("full", 0, everything, lambda _: (full, full_s))
         pruned = copy.deepcopy(full)
         magnitude_prune(pruned.model, ratio=m.pruning_ratio, scope=m.pruning_scope)
-        self.measure("pruned", 0, everything, lambda: ([pruned], [0.0]))
+        self.measure("pruned", 0, everything, lambda _: (pruned, 0.0))
         unlearn_masks = sample_subsets(n, top * m.cost_ratio, alpha=m.alpha, seed=seed + 1)
         retrain_masks = sample_subsets(n, top, alpha=m.alpha, seed=seed + 2)
         heldout_masks = sample_subsets(n, m.heldout_subsets, alpha=m.alpha, seed=seed + 3)
@@ -442,20 +453,16 @@ class RemovalExperiment:
         bar = tqdm(jobs, desc="datamodels", unit="model", disable=not bool(cfg.get("progress")))
         for kind, index, mask, seeds in bar:
 
-            def train(kind=kind, mask=mask, seeds=seeds) -> tuple[list[ShardTraining], list[float]]:
-                modules, seconds = [], []
-                for offset in range(seeds):  # D-TRAK's protocol: gamma averaged over seeds
-                    trainer = dataclasses.replace(self.trainer, seed=seed + offset)
-                    if kind == "unlearn":
-                        module, steps = copy.deepcopy(pruned), m.unlearn_steps
-                        trainer = dataclasses.replace(trainer, order=m.unlearn_order)
-                    else:
-                        module, steps = trainer.fresh(), m.retrain_steps
-                    seconds.append(trainer.fit(module, self.retained(mask), steps))
-                    modules.append(module)
-                return modules, seconds
+            def train(offset: int, kind=kind, mask=mask) -> tuple[ShardTraining, float]:
+                trainer = dataclasses.replace(self.trainer, seed=seed + offset)
+                if kind == "unlearn":
+                    module, steps = copy.deepcopy(pruned), m.unlearn_steps
+                    trainer = dataclasses.replace(trainer, order=m.unlearn_order)
+                else:
+                    module, steps = trainer.fresh(), m.retrain_steps
+                return module, trainer.fit(module, self.retained(mask), steps)
 
-            self.measure(kind, index, mask, train)
+            self.measure(kind, index, mask, train, seeds)
             bar.set_postfix_str(f"{kind} gamma {self.records[-1].gamma:.4g}")
         log.info(
             "datamodels: %d models measured in %.0f s",
