@@ -34,8 +34,12 @@ data-fashion:  ## Fashion-MNIST from Debian's dataset-fashion-mnist (/usr/share/
 	@test -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz -o -e /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte || \
 	  { $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist || { $(if $(shell command -v sudo),sudo,) apt-get update -q && $(if $(shell command -v sudo),sudo,) apt-get install -y -q dataset-fashion-mnist; }; }
 
+# The default run spreads test files over TEST_WORKERS processes (pytest-xdist; most tests train
+# with torch pinned to one thread, so 2 workers use both of CI's 2 cores). TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+
 test: install data-fashion  ## fast tests (excludes slow and gpu); budget: under 15 min on 2 cores
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15
 
 test-slow: install data-fashion  ## slow tests only
 	$(PY) -m pytest -q -m slow

@@ -111,3 +111,18 @@ def lora_shards(tmp_path_factory):
         model.save_pretrained(d)
         dirs.append(d)
     return base, dirs
+
+
+# Test files that take minutes (the README's commands, every CLI error) run first, so that under
+# `make test`'s pytest-xdist (--dist loadfile) they do not become the tail of the run.
+HEAVY_FILES = (
+    "test_readme.py",
+    "test_cli_errors.py",
+    "test_table1_user_data.py",
+    "test_demo_ux.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: k for k, name in enumerate(HEAVY_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(HEAVY_FILES)))

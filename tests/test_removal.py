@@ -190,6 +190,13 @@ def test_a_rerun_reads_the_measured_models_back(experiment, tiny_digits_backbone
     expected = [(g + second[i]) / 2 for i, g in enumerate(values["gamma_heldout"])]
     assert averaged["gamma_heldout"] == pytest.approx(expected, rel=1e-12)
     assert averaged["gamma_heldout"] != values["gamma_heldout"]
+    # how far the target is a function of the subset: the two seeds' gammas, rank-correlated
+    pair = [values["gamma_heldout"], [second[i] for i in range(4)]]
+    assert averaged["gamma_heldout_seeds"] == [list(x) for x in zip(*pair, strict=True)]
+    r = spearmanr(*pair).statistic
+    assert averaged["heldout_seed_spearman"] == pytest.approx(r)
+    assert averaged["heldout_mean_reliability"] == pytest.approx(2 * r / (1 + r))
+    assert "heldout_seed_spearman" not in values  # one seed: nothing to compare
 
 
 @pytest.mark.slow  # 16 s: trains the domain feature net; cdm.attribution.trak's math is in test_trak.py

@@ -47,6 +47,7 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler
 from omegaconf import OmegaConf
+from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
 from cdm.attribution.composition import Attribution, AttributionContext
@@ -227,8 +228,9 @@ class ModelRecord:
 
     kind: str
     mask: np.ndarray
-    gamma: float
+    gamma: float  # the mean over training seeds of ``seed_gammas``
     train_s: float
+    seed_gammas: tuple[float, ...] = ()
 
 
 @dataclass
@@ -415,7 +417,7 @@ class RemovalExperiment:
             gammas.append(float(done["gamma"]))
             seconds.append(float(done["train_s"]))
         self.records.append(
-            ModelRecord(kind, mask, float(np.mean(gammas)), float(np.mean(seconds)))
+            ModelRecord(kind, mask, float(np.mean(gammas)), float(np.mean(seconds)), tuple(gammas))
         )
 
     def retained(self, mask: np.ndarray) -> list[str]:
@@ -505,7 +507,9 @@ class RemovalExperiment:
         full, pruned = (
             next(r.gamma for r in self.records if r.kind == k) for k in ("full", "pruned")
         )
+        per_seed = np.array([r.seed_gammas for r in self.records if r.kind == "heldout"])
         return {
+            **seed_agreement(per_seed),
             "property": self.ctx.prop.name,
             "target": m.target,
             "manifest": self.manifest_name,
@@ -612,6 +616,23 @@ class RemovalExperiment:
         return results
 
 
+def seed_agreement(per_seed: np.ndarray) -> dict[str, Any]:
+    """How much of the held-out gamma is a function of the subset: the mean Spearman correlation,
+    over pairs of training seeds, of the K held-out gammas of one seed with another's, and the
+    Spearman-Brown reliability of their mean over S seeds, S r / (1 + (S - 1) r). An LDS against
+    that mean cannot exceed about the square root of its reliability. Empty for one seed."""
+    k, seeds = per_seed.shape
+    if seeds < 2:
+        return {}
+    pairs = [(a, b) for a in range(seeds) for b in range(a + 1, seeds)]
+    r = float(np.mean([spearmanr(per_seed[:, a], per_seed[:, b]).statistic for a, b in pairs]))
+    return {
+        "gamma_heldout_seeds": per_seed.tolist(),
+        "heldout_seed_spearman": r,
+        "heldout_mean_reliability": seeds * r / (1 + (seeds - 1) * r),
+    }
+
+
 def lds_json(lds: LDSResult) -> dict[str, float]:
     return {"value": lds.value, "low": lds.low, "high": lds.high, "k": lds.n_subsets}
 
@@ -649,6 +670,14 @@ def lds_table(values: dict[str, Any]) -> str:
         "Compute: optimizer steps over one retraining's; for TRAK, its seconds over one "
         "retraining's (measured seconds depend on the machine's load at the time)."
     )
+    if "heldout_seed_spearman" in values:
+        seeds = len(values["gamma_heldout_seeds"][0])
+        lines.append(
+            f"\nHeld-out gamma: the mean over {seeds} training seeds. Between two seeds the held-out "
+            f"gammas agree with Spearman {values['heldout_seed_spearman']:.3f}; the reliability of "
+            f"their mean is {values['heldout_mean_reliability']:.3f}, so an LDS above about "
+            f"{max(values['heldout_mean_reliability'], 0.0) ** 0.5:.2f} is not expected here."
+        )
     return "\n".join(lines)
 
 
