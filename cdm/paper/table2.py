@@ -375,7 +375,8 @@ def plot_png(
     subsets = list(dict.fromkeys(c["label"] for c in cells if c["shards"]))
     bars = ["one model", *methods]
     width = 0.8 / len(bars)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(subsets) + 2), 4.0), dpi=FIGURE_DPI)
+    # 2.4 in more for the legend, right of the axes (inside, it hid the last bar group)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(subsets) + 2) + 2.4, 4.0), dpi=FIGURE_DPI)
     for b, m in enumerate(bars):
         value = {c["label"]: c["value"] for c in cells if c["method"] == m and c["shards"]}
         xs = [i for i, s in enumerate(subsets) if s in value]
@@ -391,10 +392,10 @@ def plot_png(
     ax.set_xticklabels([s.replace(" + ", "\n+ ") for s in subsets], fontsize=7)
     ax.set_ylabel(metric)
     ax.set_ylim(0, 1.02)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     ax.set_title(f"{title}: {metric} per shard subset and method (paper Table 2)", fontsize=9)
     fig.tight_layout()
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png")
+    fig.savefig(buffer, format="png", bbox_inches="tight")
     plt.close(fig)
     return buffer.getvalue()
