@@ -21,7 +21,7 @@ from cdm.attribution.divergence import (
     exact_divergence,
     hutchinson_divergence,
 )
-from cdm.attribution.lds import linear_datamodeling_score
+from cdm.attribution.lds import lds_difference, linear_datamodeling_score
 from cdm.attribution.properties import (
     ClassShareProperty,
     FrechetDistanceProperty,
@@ -114,6 +114,28 @@ def test_lds_is_spearman_of_gamma_and_the_linear_prediction_with_a_seeded_interv
     assert linear_datamodeling_score(masks, np.exp(gammas), tau).value == pytest.approx(
         result.value
     )
+
+
+def test_paired_lds_difference_cancels_the_draw_of_held_out_subsets():
+    """LDS(tau) - LDS(baseline) with both scored on each bootstrap resample of the same subsets:
+    the difference of the two LDS, zero for equal scores, and an interval that excludes zero for a
+    clearly better tau even where the two unpaired intervals overlap."""
+    rng = np.random.default_rng(3)
+    masks = sample_subsets(16, 24, seed=1)
+    true_tau = rng.normal(size=16)
+    gammas = masks @ true_tau + rng.normal(scale=1.5, size=24)
+    worse = true_tau + rng.normal(scale=1.5, size=16)
+    diff = lds_difference(masks, gammas, true_tau, worse, n_bootstrap=500, seed=2)
+    a = linear_datamodeling_score(masks, gammas, true_tau, n_bootstrap=500, seed=2)
+    b = linear_datamodeling_score(masks, gammas, worse, n_bootstrap=500, seed=2)
+    assert diff.value == pytest.approx(a.value - b.value, abs=1e-12)
+    assert 0 < diff.low < diff.value < diff.high
+    assert b.high > a.low  # unpaired, the two intervals overlap
+    same = lds_difference(masks, gammas, true_tau, true_tau, n_bootstrap=50)
+    assert (same.value, same.low, same.high) == (0.0, 0.0, 0.0)
+    flipped = lds_difference(masks, gammas, worse, true_tau, n_bootstrap=500, seed=2)
+    assert flipped.value == pytest.approx(-diff.value)
+    assert flipped.high < 0
 
 
 # ---------------------------------------------------------------- shard values

@@ -99,6 +99,17 @@ def test_the_stored_lds_is_the_spearman_correlation_of_the_stored_gammas(experim
         tau = fit_datamodel(masks[: row["subsets"]], gammas[: row["subsets"]]).tau
         rho = spearmanr(values["gamma_heldout"], heldout @ tau).statistic
         assert row["lds"]["value"] == pytest.approx(rho, abs=1e-12)
+    # the goal's paired comparison: unlearning's LDS minus retraining's at the same budget
+    by_budget = {(r["method"], r["budget"]): r["lds"]["value"] for r in values["lds"]}
+    for row in values["lds"]:
+        if row["method"] == "retraining":
+            assert "lds_minus_retraining" not in row
+            continue
+        diff = row["lds_minus_retraining"]
+        assert diff["value"] == pytest.approx(
+            by_budget[row["method"], row["budget"]] - by_budget["retraining", row["budget"]]
+        )
+        assert diff["low"] <= diff["value"] <= diff["high"]
 
 
 def test_a_subset_retrained_twice_gives_the_same_gamma(tiny_digits_backbone):

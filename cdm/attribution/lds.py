@@ -6,7 +6,7 @@ retrained from scratch (not the subsets the datamodel was fitted on).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -57,14 +57,59 @@ def linear_datamodeling_score(
         )
     predicted = x @ tau
     value = float(spearmanr(y, predicted).statistic)
-    rng = np.random.default_rng(seed)
-    k = x.shape[0]
-    boot = []
-    for _ in range(n_bootstrap):
-        idx = rng.integers(0, k, size=k)
+
+    def resampled(idx: np.ndarray) -> float | None:
         if np.ptp(y[idx]) == 0 or np.ptp(predicted[idx]) == 0:
-            continue
-        boot.append(float(spearmanr(y[idx], predicted[idx]).statistic))
+            return None
+        return float(spearmanr(y[idx], predicted[idx]).statistic)
+
+    return _with_bootstrap(value, resampled, x.shape[0], n_bootstrap, confidence, seed)
+
+
+def lds_difference(
+    masks: np.ndarray,
+    gammas: Sequence[float] | np.ndarray,
+    tau: np.ndarray,
+    baseline_tau: np.ndarray,
+    *,
+    n_bootstrap: int = 1000,
+    confidence: float = 0.95,
+    seed: int = 0,
+) -> LDSResult:
+    """LDS(``tau``) - LDS(``baseline_tau``) on the same K held-out subsets, with a paired
+    bootstrap interval: each resample of the subsets scores both, so the spread the two share
+    (which subsets were drawn) cancels. An interval above 0 says ``tau`` ranks the held-out models
+    better than the baseline."""
+    a = linear_datamodeling_score(masks, gammas, tau, n_bootstrap=1, confidence=confidence)
+    b = linear_datamodeling_score(masks, gammas, baseline_tau, n_bootstrap=1, confidence=confidence)
+    x = np.asarray(masks, dtype=np.float64)
+    y = np.asarray(gammas, dtype=np.float64)
+    pred_a, pred_b = x @ np.asarray(tau, np.float64), x @ np.asarray(baseline_tau, np.float64)
+
+    def resampled(idx: np.ndarray) -> float | None:
+        if np.ptp(y[idx]) == 0 or np.ptp(pred_a[idx]) == 0 or np.ptp(pred_b[idx]) == 0:
+            return None
+        return float(
+            spearmanr(y[idx], pred_a[idx]).statistic - spearmanr(y[idx], pred_b[idx]).statistic
+        )
+
+    return _with_bootstrap(a.value - b.value, resampled, x.shape[0], n_bootstrap, confidence, seed)
+
+
+def _with_bootstrap(
+    value: float,
+    resampled: Callable[[np.ndarray], float | None],
+    k: int,
+    n_bootstrap: int,
+    confidence: float,
+    seed: int,
+) -> LDSResult:
+    """``value`` with the percentile interval of ``resampled`` over ``n_bootstrap`` resamples of
+    the K subsets with replacement (``np.random.default_rng(seed)``); None results are skipped."""
+    rng = np.random.default_rng(seed)
+    boot = [
+        r for _ in range(n_bootstrap) if (r := resampled(rng.integers(0, k, size=k))) is not None
+    ]
     if boot:
         tail = 100 * (1 - confidence) / 2
         low, high = (float(v) for v in np.percentile(boot, [tail, 100 - tail]))

@@ -52,7 +52,7 @@ from tqdm.auto import tqdm
 
 from cdm.attribution.composition import Attribution, AttributionContext
 from cdm.attribution.datamodels import Units, fit_datamodel, sample_subsets
-from cdm.attribution.lds import LDSResult, linear_datamodeling_score
+from cdm.attribution.lds import LDSResult, lds_difference, linear_datamodeling_score
 from cdm.attribution.properties import FrechetDistanceProperty
 from cdm.attribution.unlearning import magnitude_prune, sparsity, unlearn_by_finetuning
 from cdm.core.hashing import sha256_bytes
@@ -491,19 +491,27 @@ class RemovalExperiment:
         seconds_per_retrain = float(np.mean(np.concatenate([h_s, r_s])))
         seconds_per_unlearn = float(np.mean(u_s))
         rows = []
+        seed = int(self.cfg.seed)
         for b in sorted(int(x) for x in m.budgets):
+            baseline_tau = None
             for method, masks, gammas, count in (
                 ("retraining", r_masks, r_gamma, b),
                 ("sparsified unlearning", u_masks, u_gamma, b * m.cost_ratio),
             ):
                 dm = fit_datamodel(masks[:count], gammas[:count])
-                lds = linear_datamodeling_score(h_masks, h_gamma, dm.tau, seed=int(self.cfg.seed))
+                lds = linear_datamodeling_score(h_masks, h_gamma, dm.tau, seed=seed)
                 # compute in optimizer steps (one retraining = 1), independent of the machine's
                 # load while each model trained; the measured seconds are reported beside it
                 steps = m.retrain_steps if method == "retraining" else m.unlearn_steps
-                rows.append({"method": method, "budget": b, "subsets": count,
-                             "compute_retrain_units": count * steps / m.retrain_steps,
-                             "lds": lds_json(lds), "ridge_alpha": dm.alpha})  # fmt: skip
+                row = {"method": method, "budget": b, "subsets": count,
+                       "compute_retrain_units": count * steps / m.retrain_steps,
+                       "lds": lds_json(lds), "ridge_alpha": dm.alpha}  # fmt: skip
+                if baseline_tau is None:
+                    baseline_tau = dm.tau
+                else:  # the goal's test: unlearning's LDS minus retraining's at equal compute
+                    diff = lds_difference(h_masks, h_gamma, dm.tau, baseline_tau, seed=seed)
+                    row["lds_minus_retraining"] = lds_json(diff)
+                rows.append(row)
         full, pruned = (
             next(r.gamma for r in self.records if r.kind == k) for k in ("full", "pruned")
         )
@@ -637,17 +645,25 @@ def lds_json(lds: LDSResult) -> dict[str, float]:
     return {"value": lds.value, "low": lds.low, "high": lds.high, "k": lds.n_subsets}
 
 
+def _interval(lds: dict[str, float], signed: bool = False) -> str:
+    sign = "+" if signed else ""
+    return f"{lds['value']:{sign}.3f} [{lds['low']:{sign}.3f}, {lds['high']:{sign}.3f}]"
+
+
 def lds_table(values: dict[str, Any]) -> str:
     """Markdown: LDS per method and budget, with the compute spent in retrainings."""
     lines = [
-        "| method | budget (retrainings) | subsets | compute (retrainings, in steps) | LDS | 95% interval |",
-        "|---|---|---|---|---|---|",
+        "| method | budget (retrainings) | subsets | compute (retrainings, in steps) | LDS | 95% interval "
+        "| LDS - retraining's (paired 95% interval) |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in values["lds"]:
-        lds = row["lds"]
+        lds, diff = row["lds"], row.get("lds_minus_retraining")
+        versus = "-" if diff is None else _interval(diff, signed=True)
         lines.append(
             f"| {row['method']} | {row['budget']} | {row['subsets']} | "
-            f"{row['compute_retrain_units']:.2f} | {lds['value']:.3f} | [{lds['low']:.3f}, {lds['high']:.3f}] |"
+            f"{row['compute_retrain_units']:.2f} | {lds['value']:.3f} | "
+            f"[{lds['low']:.3f}, {lds['high']:.3f}] | {versus} |"
         )
     for row in values.get("trak", []):
         lds = row["lds"]
@@ -656,7 +672,7 @@ def lds_table(values: dict[str, Any]) -> str:
         )
         lines.append(
             f"| {name} | - | - | {row['compute_retrain_units']:.2f} | {lds['value']:.3f} | "
-            f"[{lds['low']:.3f}, {lds['high']:.3f}] |"
+            f"[{lds['low']:.3f}, {lds['high']:.3f}] | - |"
         )
     lines.append(
         f"\n{values['property']} of {values['target']} ({values['n_ids']} ids in {values['n_units']} "
