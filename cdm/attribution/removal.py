@@ -717,9 +717,18 @@ def fig1_plot(values: dict[str, Any]) -> bytes:
                    label=f"TRAK ({row['output']})")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
+    # ticks at the budgets and at TRAK's cost (a log axis alone labels only the decades)
+    ticks = sorted({round(float(r["compute_retrain_units"]), 2)
+                    for r in [*values["lds"], *values.get("trak", [])]})  # fmt: skip
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("compute (retrainings; TRAK: in seconds)")
     ax.set_ylabel("LDS (%)")
-    ax.set_title(f"{values['property']} of {values['target']}: {values['n_units']} units")
+    ax.set_title(
+        f"{values['property']} of {values['target']}: {values['n_units']} units, "
+        f"unlearning x{values['step_ratio']:.0f}",
+        fontsize=10,
+    )
     ax.legend(fontsize=7)
     fig.tight_layout()
     buffer = io.BytesIO()
