@@ -629,7 +629,7 @@ def seed_agreement(per_seed: np.ndarray) -> dict[str, Any]:
     over pairs of training seeds, of the K held-out gammas of one seed with another's, and the
     Spearman-Brown reliability of their mean over S seeds, S r / (1 + (S - 1) r). An LDS against
     that mean cannot exceed about the square root of its reliability. Empty for one seed."""
-    k, seeds = per_seed.shape
+    seeds = per_seed.shape[1]
     if seeds < 2:
         return {}
     pairs = [(a, b) for a in range(seeds) for b in range(a + 1, seeds)]
@@ -645,9 +645,8 @@ def lds_json(lds: LDSResult) -> dict[str, float]:
     return {"value": lds.value, "low": lds.low, "high": lds.high, "k": lds.n_subsets}
 
 
-def _interval(lds: dict[str, float], signed: bool = False) -> str:
-    sign = "+" if signed else ""
-    return f"{lds['value']:{sign}.3f} [{lds['low']:{sign}.3f}, {lds['high']:{sign}.3f}]"
+def _signed_interval(lds: dict[str, float]) -> str:
+    return f"{lds['value']:+.3f} [{lds['low']:+.3f}, {lds['high']:+.3f}]"
 
 
 def lds_table(values: dict[str, Any]) -> str:
@@ -659,7 +658,7 @@ def lds_table(values: dict[str, Any]) -> str:
     ]
     for row in values["lds"]:
         lds, diff = row["lds"], row.get("lds_minus_retraining")
-        versus = "-" if diff is None else _interval(diff, signed=True)
+        versus = "-" if diff is None else _signed_interval(diff)
         lines.append(
             f"| {row['method']} | {row['budget']} | {row['subsets']} | "
             f"{row['compute_retrain_units']:.2f} | {lds['value']:.3f} | "
