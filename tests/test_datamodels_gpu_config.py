@@ -12,27 +12,13 @@ import numpy as np
 
 from tests.conftest import run_inprocess
 from tests.test_attribute_cli import compose_attribute
-
-PER_BATCH = 40  # images per CIFAR-10 batch file (5 training files, 1 test file)
-
-
-def write_cifar10(root: Path) -> None:
-    """A local copy in the layout of cifar-10-binary.tar.gz (random pixels, labels cycling)."""
-    base = root / "cifar-10-batches-bin"
-    base.mkdir(parents=True)
-    (base / "batches.meta.txt").write_text("\n".join(f"class{k}" for k in range(10)) + "\n")
-    rng = np.random.default_rng(0)
-    for name in [f"data_batch_{k}.bin" for k in range(1, 6)] + ["test_batch.bin"]:
-        records = rng.integers(0, 256, size=(PER_BATCH, 3073), dtype=np.uint8)
-        records[:, 0] = np.arange(PER_BATCH) % 10
-        (base / name).write_bytes(records.tobytes())
+from tests.test_configs import random_cifar10
 
 
 def test_the_gpu_protocol_runs_unchanged_but_for_its_sizes(tmp_path):
     from cdm.attribution.composition import run_attribution
 
-    data, store = tmp_path / "cifar", tmp_path / "store"
-    write_cifar10(data)
+    data, store = random_cifar10(tmp_path / "cifar"), tmp_path / "store"
     experiment = [
         "experiment=cifar10_1split",
         f"data.root={data}",
