@@ -39,23 +39,7 @@ def linear_datamodeling_score(
     The interval resamples the K subsets with replacement (``np.random.default_rng(seed)``) and
     takes percentiles of rho; resamples whose predictions or gammas are constant are skipped.
     """
-    x = np.asarray(masks, dtype=np.float64)
-    y = np.asarray(gammas, dtype=np.float64)
-    tau = np.asarray(tau, dtype=np.float64)
-    if x.ndim != 2 or y.shape != (x.shape[0],) or tau.shape != (x.shape[1],):
-        raise ValueError(
-            f"linear_datamodeling_score: masks [K, N], gammas [K], tau [N]; got {x.shape}, "
-            f"{y.shape}, {tau.shape}"
-        )
-    if x.shape[0] < 3:
-        raise ValueError(
-            f"linear_datamodeling_score: need K >= 3 held-out subsets, got {x.shape[0]}"
-        )
-    if not 0.0 < confidence < 1.0:
-        raise ValueError(
-            f"linear_datamodeling_score: confidence must be in (0, 1), got {confidence}"
-        )
-    predicted = x @ tau
+    y, (predicted,) = _predictions(masks, gammas, [tau], confidence)
     value = float(spearmanr(y, predicted).statistic)
 
     def resampled(idx: np.ndarray) -> float | None:
@@ -63,7 +47,7 @@ def linear_datamodeling_score(
             return None
         return float(spearmanr(y[idx], predicted[idx]).statistic)
 
-    return _with_bootstrap(value, resampled, x.shape[0], n_bootstrap, confidence, seed)
+    return _with_bootstrap(value, resampled, len(y), n_bootstrap, confidence, seed)
 
 
 def lds_difference(
@@ -80,20 +64,45 @@ def lds_difference(
     bootstrap interval: each resample of the subsets scores both, so the spread the two share
     (which subsets were drawn) cancels. An interval above 0 says ``tau`` ranks the held-out models
     better than the baseline."""
-    a = linear_datamodeling_score(masks, gammas, tau, n_bootstrap=1, confidence=confidence)
-    b = linear_datamodeling_score(masks, gammas, baseline_tau, n_bootstrap=1, confidence=confidence)
-    x = np.asarray(masks, dtype=np.float64)
-    y = np.asarray(gammas, dtype=np.float64)
-    pred_a, pred_b = x @ np.asarray(tau, np.float64), x @ np.asarray(baseline_tau, np.float64)
+    y, (pred_a, pred_b) = _predictions(masks, gammas, [tau, baseline_tau], confidence)
 
-    def resampled(idx: np.ndarray) -> float | None:
+    def difference(idx: np.ndarray) -> float | None:
         if np.ptp(y[idx]) == 0 or np.ptp(pred_a[idx]) == 0 or np.ptp(pred_b[idx]) == 0:
             return None
         return float(
             spearmanr(y[idx], pred_a[idx]).statistic - spearmanr(y[idx], pred_b[idx]).statistic
         )
 
-    return _with_bootstrap(a.value - b.value, resampled, x.shape[0], n_bootstrap, confidence, seed)
+    value = difference(np.arange(len(y)))
+    value = float("nan") if value is None else value
+    return _with_bootstrap(value, difference, len(y), n_bootstrap, confidence, seed)
+
+
+def _predictions(
+    masks: np.ndarray,
+    gammas: Sequence[float] | np.ndarray,
+    taus: Sequence[np.ndarray],
+    confidence: float,
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Checked ``gammas`` [K] and the linear predictions ``masks @ tau`` [K] of each score vector."""
+    x = np.asarray(masks, dtype=np.float64)
+    y = np.asarray(gammas, dtype=np.float64)
+    taus = [np.asarray(tau, dtype=np.float64) for tau in taus]
+    for tau in taus:
+        if x.ndim != 2 or y.shape != (x.shape[0],) or tau.shape != (x.shape[1],):
+            raise ValueError(
+                f"linear_datamodeling_score: masks [K, N], gammas [K], tau [N]; got {x.shape}, "
+                f"{y.shape}, {tau.shape}"
+            )
+    if x.shape[0] < 3:
+        raise ValueError(
+            f"linear_datamodeling_score: need K >= 3 held-out subsets, got {x.shape[0]}"
+        )
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(
+            f"linear_datamodeling_score: confidence must be in (0, 1), got {confidence}"
+        )
+    return y, [x @ tau for tau in taus]
 
 
 def _with_bootstrap(

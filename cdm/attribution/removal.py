@@ -228,9 +228,13 @@ class ModelRecord:
 
     kind: str
     mask: np.ndarray
-    gamma: float  # the mean over training seeds of ``seed_gammas``
-    train_s: float
-    seed_gammas: tuple[float, ...] = ()
+    seed_gammas: tuple[float, ...]  # one per training seed
+    train_s: float  # mean over the seeds
+
+    @property
+    def gamma(self) -> float:
+        """The mean over training seeds (D-TRAK's held-out protocol)."""
+        return float(np.mean(self.seed_gammas))
 
 
 @dataclass
@@ -416,9 +420,7 @@ class RemovalExperiment:
                 self.measured[(kind, index, variant)] = done
             gammas.append(float(done["gamma"]))
             seconds.append(float(done["train_s"]))
-        self.records.append(
-            ModelRecord(kind, mask, float(np.mean(gammas)), float(np.mean(seconds)), tuple(gammas))
-        )
+        self.records.append(ModelRecord(kind, mask, tuple(gammas), float(np.mean(seconds))))
 
     def retained(self, mask: np.ndarray) -> list[str]:
         return self.units.retained_ids(mask)
