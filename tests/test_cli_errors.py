@@ -136,10 +136,18 @@ def test_eval_and_paper_choices_are_checked(tmp_path):
 
 
 def test_checked_values_are_the_ones_the_code_accepts():
+    from omegaconf import OmegaConf
+
     from cdm.cli import checks
     from cdm.jobs.evaluate import REFERENCES
 
     assert checks.REFERENCES == REFERENCES
+    # a shard's own data is a reference too (shard-KK); anything else is refused by name
+    for ok in ("private", "test", "shard-01"):
+        checks.check_choices(OmegaConf.create({"evaluate": {"reference": ok}}))
+    for bad in ("shard01", "shard-", "tests"):
+        with pytest.raises(checks.ChoiceError, match=f"evaluate.reference={bad} .*shard-01"):
+            checks.check_choices(OmegaConf.create({"evaluate": {"reference": bad}}))
 
 
 # ---- item 6: each error path of each command ------------------------------------------------

@@ -320,3 +320,36 @@ def test_a_whole_model_is_pruned_and_unlearned_with_its_masks_kept(tiny_digits_b
             if buffer_name.endswith("_mask"):
                 weight = getattr(module, buffer_name[: -len("_mask")])
                 assert torch.all(weight[keep == 0] == 0), module_name
+
+
+def test_a_compartment_can_be_measured_against_its_own_data(tiny_digits_backbone):
+    """``evaluate.reference=shard-KK``: gamma is FD to that shard's training images, the property
+    says so, and its models are kept apart from those measured against all private data."""
+    from cdm.attribution.composition import AttributionContext
+    from cdm.attribution.removal import RemovalExperiment
+    from cdm.eval.features import to_uint8
+    from cdm.eval.frechet import frechet_distance, stats_from_features
+    from cdm.jobs.context import load_data, select_manifest, split_data
+    from cdm.jobs.pipeline import instantiate_option
+    from cdm.store import ArtifactStore
+    from tests.test_attribute_cli import compose_attribute
+
+    store = ArtifactStore(tiny_digits_backbone)
+    run = [*TINY, *SMALL_RUN, "attribution.method.target=shard-01"]
+    experiments = {}
+    for reference in ("private", "shard-01"):
+        cfg = compose_attribute(tiny_digits_backbone, *run, f"evaluate.reference={reference}")
+        ctx = AttributionContext(cfg, store, None)
+        experiments[reference] = RemovalExperiment(instantiate_option(cfg.attribution.method), ctx)
+    own = experiments["shard-01"]
+    assert own.ctx.prop.name == "FD_pixels vs shard-01"
+    assert experiments["private"].ctx.prop.name == "FD_pixels"
+    assert own.records_path != experiments["private"].records_path
+    # the reference statistics are those of shard 01's images, not of all private data
+    dataset = load_data(own.cfg)
+    shard = select_manifest("shard", split_data(own.cfg, dataset), 1)
+    images = to_uint8(torch.stack([dataset.image(dataset.id_to_index[i]) for i in shard.ids]))
+    mine = stats_from_features(own.ctx.prop.feature_space(images))
+    np.testing.assert_allclose(own.ctx.prop.reference.mu, mine.mu, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(own.ctx.prop.reference.sigma, mine.sigma, rtol=0, atol=1e-12)
+    assert frechet_distance(mine, experiments["private"].ctx.prop.reference) > 1e-2

@@ -104,9 +104,14 @@ class PropertyContext:
 
 
 def fd_property(context: PropertyContext, space: str = "domain") -> GlobalProperty:
-    """FD_<space> of the samples to the reference set (lower is better)."""
+    """FD_<space> of the samples to the reference set (lower is better); named with the set when
+    it is not the default (``FD_digits vs shard-01``)."""
     features = context.feature_space(space)
-    return FrechetDistanceProperty(features, context.reference_stats(features))
+    prop = FrechetDistanceProperty(features, context.reference_stats(features))
+    reference = str(context.cfg.evaluate.reference)
+    if reference != "private":
+        prop.name = f"{prop.name} vs {reference}"
+    return prop
 
 
 def class_share_property(context: PropertyContext, target: int = 0) -> GlobalProperty:

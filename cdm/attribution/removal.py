@@ -376,6 +376,9 @@ class RemovalExperiment:
             "property": OmegaConf.to_container(cfg.attribution.property, resolve=True),
             "sampling": [int(cfg.num_samples), int(cfg.steps), int(cfg.batch_size), int(cfg.seed)],
         }  # fmt: skip
+        reference = str(cfg.evaluate.reference)
+        if reference != "private":  # the first reference adds nothing: older records stay valid
+            keys["reference"] = reference
         return sha256_bytes(json.dumps(keys, sort_keys=True, default=str).encode())
 
     def variant(self, kind: str, seed_offset: int = 0) -> str:

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from cdm.core.names import ShardId
+
 PRIORS = ("sizes", "uniform")
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 FEATURE_SPACES = ("domain", "inception", "pixels")
@@ -47,7 +49,16 @@ def check_choices(cfg: DictConfig) -> None:
                 "table2.feature_space"):  # fmt: skip
         check_one_of(cfg, key, FEATURE_SPACES)
     check_one_of(cfg, "evaluate.memorization_space", FEATURE_SPACES)
-    check_one_of(cfg, "evaluate.reference", REFERENCES)
+    reference = OmegaConf.select(cfg, "evaluate.reference")
+    if (
+        reference is not None
+        and str(reference) not in REFERENCES
+        and not ShardId.is_shard(str(reference))
+    ):
+        raise ChoiceError(
+            f"evaluate.reference={reference} does not exist: choose one of {', '.join(REFERENCES)} "
+            "or a shard's own data (e.g. shard-01)"
+        )
     for key in ("table1.metric", "fig2.metric"):
         check_one_of(cfg, key, METRICS)
     check_attribution(cfg)

@@ -6,8 +6,9 @@ Feature spaces: ``domain`` (penultimate features of the dataset's own classifier
 one reported as ``FID`` / ``KID``; see docs/fid.md) and ``pixels`` (``FD_pixels``). Distances are
 computed in the spaces of ``evaluate.feature_spaces`` only (the ``memorization_space`` alone gets
 nearest-neighbour distances, no FD). The reference
-set is the data the CDM models: the union of its shards (``reference=private``), or the dataset's
-whole train or test split. Reference features are computed once and cached in the store.
+set is the data the CDM models: the union of its shards (``reference=private``), one shard's own
+data (``reference=shard-KK``: a compartment measured against what it was trained on), or the
+dataset's whole train or test split. Reference features are computed once and cached in the store.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from cdm.core.hashing import sha256_bytes
 from cdm.core.logging import get_logger
+from cdm.core.names import ShardId
 from cdm.core.runtime import configure_runtime
 from cdm.eval.features import FeatureSpace, as_uint8_tensor, to_uint8
 from cdm.eval.frechet import frechet_distance, kernel_distance, stats_from_features
 from cdm.eval.inception import InceptionFeatures
 from cdm.eval.memorization import memorization_summary, nearest_neighbours
-from cdm.jobs.context import device_description, identity_of, load_data
+from cdm.jobs.context import device_description, identity_of, load_data, select_manifest, split_data
 from cdm.jobs.feature_net import feature_net_train_split, load_domain_features
 from cdm.store import ArtifactStore, StatsKey, make_card
 from cdm.store.samples import read_samples_file
@@ -76,13 +78,29 @@ def build_feature_space(cfg: DictConfig, store: ArtifactStore, name: str, datase
 def reference_images(
     cfg: DictConfig, store: ArtifactStore, dataset
 ) -> tuple[torch.Tensor, str, str]:
-    """(uint8 images, key, ids hash) of the reference set ``cfg.evaluate.reference``."""
+    """(uint8 images, key, ids hash) of the reference set ``cfg.evaluate.reference``: ``private``
+    (the stored union of the shards), ``shard-KK`` (that shard's ids in the experiment's current
+    split, after forgotten and added sources) or a dataset split (``train``, ``test``)."""
     reference = str(cfg.evaluate.reference)
-    if reference not in REFERENCES:
-        raise ValueError(f"evaluate.reference={reference!r}: choose one of {REFERENCES}")
-    if reference == "private":
-        manifest = store.load_manifest(cfg.experiment_name, "private")
-        ids, ids_hash = manifest["ids"], manifest["hash"]
+    if reference not in REFERENCES and not ShardId.is_shard(reference):
+        raise ValueError(
+            f"evaluate.reference={reference!r}: choose one of {REFERENCES} or a shard (shard-KK)"
+        )
+    if reference == "private" or ShardId.is_shard(reference):
+        if reference == "private":
+            manifest = store.load_manifest(cfg.experiment_name, "private")
+            ids, ids_hash = manifest["ids"], manifest["hash"]
+        else:
+            split = split_data(cfg, dataset)
+            try:
+                shard = select_manifest("shard", split, ShardId.parse(reference).index)
+            except ValueError:
+                have = ", ".join(m.name for m in split.shards)
+                raise ValueError(
+                    f"evaluate.reference={reference}: experiment {cfg.experiment_name!r} has no such "
+                    f"shard; choose one of {have}"
+                ) from None
+            ids, ids_hash = list(shard.ids), shard.hash
         index = dataset.id_to_index
         rows = [index[i] for i in ids]
     else:

@@ -119,7 +119,7 @@ class StatsKey:
     def parse(cls, name: str) -> StatsKey | None:
         """The key a folder name encodes (``ids_hash`` holds its 16 digits), or None."""
         match = re.fullmatch(
-            r"(?P<dataset>.+)-r(?P<r>\d+)-(?P<reference>[A-Za-z0-9_]+)-(?P<h>[0-9a-f]{16})", name
+            r"(?P<dataset>.+)-r(?P<r>\d+)-(?P<reference>[A-Za-z0-9_-]+)-(?P<h>[0-9a-f]{16})", name
         )
         if match is None:
             return None
