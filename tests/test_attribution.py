@@ -4,6 +4,7 @@ Hutchinson divergence, sparsified unlearning, global properties. Analytic refere
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import numpy as np
@@ -94,6 +95,46 @@ def test_ridge_datamodel_recovers_a_planted_linear_tau():
     held_out = sample_subsets(n_units, 50, seed=2)
     lds = linear_datamodeling_score(held_out, held_out @ planted, model.tau)
     assert lds.value > 0.99
+
+
+def test_diagnostics_find_a_planted_signal_and_a_class_count_effect(tmp_path, capsys):
+    """cdm.attribution.diagnostics on a synthetic values.json: self-prediction is high for a linear
+    gamma and about zero for noise; class-count correlations are those of the kept units."""
+    from cdm.attribution.diagnostics import diagnose, group_count_correlation, main, self_prediction
+
+    rng = np.random.default_rng(0)
+    names = [f"c{c}-g{k:02d}" for c in (3, 9) for k in range(8)]  # 16 units of classes 3 and 9
+    n, planted = len(names), rng.normal(size=len(names))
+    masks = sample_subsets(n, 200, seed=4)
+    assert self_prediction(masks, masks @ planted + rng.normal(scale=0.05, size=200)) > 0.95
+    assert abs(self_prediction(masks, rng.normal(size=200))) < 0.25
+    # gamma = the number of class-9 units kept: +1 with class 9's count, -1 with class 3's (fixed size)
+    groups = {"c3": np.arange(n) < 8, "c9": np.arange(n) >= 8}
+    corr = group_count_correlation(masks, masks[:, 8:].sum(1), groups)
+    assert corr["c9"] == pytest.approx(1.0) and corr["c3"] == pytest.approx(-1.0)
+    # a run's values.json: the unlearned subsets are redrawn from the seed, as removal.py draws them
+    seed, unlearn = 7, sample_subsets(n, 64, alpha=0.5, seed=8)
+    heldout, retrain = sample_subsets(n, 24, seed=10), sample_subsets(n, 8, seed=9)
+    values = {
+        "n_units": n, "alpha": 0.5, "seed": seed, "target": "shard-03", "property": "FD",
+        "units": {u: 4 for u in names},
+        "subsets": {"heldout": heldout.tolist(), "retrain": retrain.tolist()},
+        "gamma_unlearn": (unlearn @ planted).tolist(),
+        "gamma_heldout": (-heldout[:, 8:].sum(1)).tolist(),
+        "gamma_retrain": (retrain @ planted).tolist(),
+    }  # fmt: skip
+    result = diagnose(values)
+    assert result["unlearned_self_spearman"] > 0.95  # would fail with other unlearned subsets
+    assert result["heldout_vs_class_count"]["c9"] == pytest.approx(-1.0)
+    path = tmp_path / "values.json"
+    path.write_text(json.dumps(values))
+    assert main([str(tmp_path)]) == 0
+    assert "c3 +1.00, c9 -1.00" in capsys.readouterr().out
+    assert main([str(tmp_path / "missing")]) == 2
+    del values["gamma_unlearn"]
+    path.write_text(json.dumps(values))
+    assert main([str(path)]) == 2
+    assert "not the values.json of a datamodels run" in capsys.readouterr().err
 
 
 def test_lds_is_spearman_of_gamma_and_the_linear_prediction_with_a_seeded_interval():
