@@ -45,6 +45,14 @@ def test_class_groups_stay_inside_a_class_and_do_not_move_when_ids_are_removed()
     assert other.members != units.members
 
 
+def test_fig1_ticks_do_not_overlap_on_the_log_axis():
+    from cdm.attribution.removal import spaced_ticks
+
+    # budgets 2, 4, 8 and TRAK's two output functions at 0.31 and 0.32 retrainings
+    assert spaced_ticks([2, 4, 8, 0.314, 0.318, 2.0, 0.0]) == [0.31, 2, 4, 8]
+    assert spaced_ticks([0.2, 1.0]) == [0.2, 1.0]
+
+
 def test_grouping_file_needs_every_training_id(tmp_path):
     path = tmp_path / "groups.csv"
     path.write_text("id,group\na,x\nb,y\n")

@@ -38,7 +38,7 @@ import dataclasses
 import io
 import json
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -701,6 +701,17 @@ def lds_table(values: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def spaced_ticks(positions: Iterable[float], min_ratio: float = 1.3) -> list[float]:
+    """Tick positions for a log axis, rounded to 2 decimals, each at least ``min_ratio`` times the
+    previous one (TRAK's two output functions cost about the same: one label, not two on top of
+    each other)."""
+    ticks: list[float] = []
+    for t in sorted({round(p, 2) for p in positions if p > 0}):
+        if not ticks or t >= ticks[-1] * min_ratio:
+            ticks.append(t)
+    return ticks
+
+
 def fig1_plot(values: dict[str, Any]) -> bytes:
     """LDS (%) against compute in retraining units, one line per method (the paper's Fig. 1)."""
     import matplotlib  # noqa: PLC0415
@@ -716,14 +727,15 @@ def fig1_plot(values: dict[str, Any]) -> bytes:
         low = y - np.array([100 * r["lds"]["low"] for r in rows])
         high = np.array([100 * r["lds"]["high"] for r in rows]) - y
         ax.errorbar(x, y, yerr=[low, high], marker=marker, capsize=3, label=method)
-    for row in values.get("trak", []):
+    for k, row in enumerate(values.get("trak", [])):  # colours after the two lines' C0, C1
         ax.scatter([row["compute_retrain_units"]], [100 * row["lds"]["value"]], marker="^",
-                   label=f"TRAK ({row['output']})")  # fmt: skip
+                   color=f"C{2 + k}", label=f"TRAK ({row['output']})")  # fmt: skip
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_xscale("log")
     # ticks at the budgets and at TRAK's cost (a log axis alone labels only the decades)
-    ticks = sorted({round(float(r["compute_retrain_units"]), 2)
-                    for r in [*values["lds"], *values.get("trak", [])]})  # fmt: skip
+    ticks = spaced_ticks(
+        float(r["compute_retrain_units"]) for r in [*values["lds"], *values.get("trak", [])]
+    )
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("compute (retrainings; TRAK: in seconds)")
