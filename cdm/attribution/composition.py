@@ -57,7 +57,12 @@ from cdm.core.sampling import sample as run_sampler
 from cdm.eval.features import FeatureSpace
 from cdm.eval.frechet import FeatureStats, stats_from_features
 from cdm.jobs.context import device_description, load_data
-from cdm.jobs.evaluate import build_feature_space, reference_features, reference_images
+from cdm.jobs.evaluate import (
+    DEFAULT_REFERENCE,
+    build_feature_space,
+    reference_features,
+    reference_images,
+)
 from cdm.jobs.pipeline import CDMPipeline, cycle_labels, instantiate_option, shard_indices
 from cdm.jobs.sample import batch_generator
 from cdm.models.backbone import UNET_CLASSES, predict_epsilon
@@ -109,7 +114,7 @@ def fd_property(context: PropertyContext, space: str = "domain") -> GlobalProper
     features = context.feature_space(space)
     prop = FrechetDistanceProperty(features, context.reference_stats(features))
     reference = str(context.cfg.evaluate.reference)
-    if reference != "private":
+    if reference != DEFAULT_REFERENCE:
         prop.name = f"{prop.name} vs {reference}"
     return prop
 

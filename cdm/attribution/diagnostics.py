@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from scipy.stats import spearmanr
 
-from cdm.attribution.datamodels import fit_datamodel, sample_subsets
+from cdm.attribution.datamodels import fit_datamodel
+from cdm.attribution.removal import unlearned_subsets
 
 _CLASS_GROUP = re.compile(r"(c\d+)-g\d+")
 
@@ -73,10 +74,7 @@ def diagnose(values: Mapping[str, Any], folds: int = 8) -> dict[str, Any]:
     heldout = np.asarray(values["subsets"]["heldout"], dtype=bool)
     retrain = np.asarray(values["subsets"]["retrain"], dtype=bool)
     gamma_unlearn = np.asarray(values["gamma_unlearn"], dtype=np.float64)
-    # the unlearned subsets are not stored: they are the draws of cdm.attribution.removal
-    unlearn = sample_subsets(
-        n, len(gamma_unlearn), alpha=float(values["alpha"]), seed=int(values["seed"]) + 1
-    )
+    unlearn = unlearned_subsets(n, len(gamma_unlearn), float(values["alpha"]), int(values["seed"]))
     scratch = np.vstack([heldout, retrain])
     gamma_scratch = np.concatenate([values["gamma_heldout"], values["gamma_retrain"]])
     out: dict[str, Any] = {

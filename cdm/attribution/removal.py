@@ -61,6 +61,7 @@ from cdm.core.names import ShardId
 from cdm.core.sampling import sample as run_sampler
 from cdm.data.sharding import epoch_order, id_hash
 from cdm.jobs.context import load_backbone_for_shards, load_data, select_manifest, split_data
+from cdm.jobs.evaluate import DEFAULT_REFERENCE
 from cdm.jobs.pipeline import build_sampler, cycle_labels, sampling_device
 from cdm.jobs.sample import batch_generator
 from cdm.models.backbone import build_scheduler, predict_epsilon
@@ -222,6 +223,11 @@ class SubsetTrainer:
 # ---- the experiment ----------------------------------------------------------------------------
 
 
+def unlearned_subsets(n_units: int, count: int, alpha: float, seed: int) -> np.ndarray:
+    """The subsets of the unlearned models (not stored in values.json: redrawn from the seed)."""
+    return sample_subsets(n_units, count, alpha=alpha, seed=seed + 1)
+
+
 @dataclass
 class ModelRecord:
     """One model of the experiment: its subset (row of the indicator matrix), gamma, seconds."""
@@ -377,7 +383,7 @@ class RemovalExperiment:
             "sampling": [int(cfg.num_samples), int(cfg.steps), int(cfg.batch_size), int(cfg.seed)],
         }  # fmt: skip
         reference = str(cfg.evaluate.reference)
-        if reference != "private":  # the first reference adds nothing: older records stay valid
+        if reference != DEFAULT_REFERENCE:  # the default adds nothing: older records stay valid
             keys["reference"] = reference
         return sha256_bytes(json.dumps(keys, sort_keys=True, default=str).encode())
 
@@ -447,7 +453,7 @@ class RemovalExperiment:
         pruned = copy.deepcopy(full)
         magnitude_prune(pruned.model, ratio=m.pruning_ratio, scope=m.pruning_scope)
         self.measure("pruned", 0, everything, lambda _: (pruned, 0.0))
-        unlearn_masks = sample_subsets(n, top * m.cost_ratio, alpha=m.alpha, seed=seed + 1)
+        unlearn_masks = unlearned_subsets(n, top * m.cost_ratio, m.alpha, seed)
         retrain_masks = sample_subsets(n, top, alpha=m.alpha, seed=seed + 2)
         heldout_masks = sample_subsets(n, m.heldout_subsets, alpha=m.alpha, seed=seed + 3)
         jobs = [("heldout", i, mask, m.heldout_seeds) for i, mask in enumerate(heldout_masks)]
@@ -547,7 +553,7 @@ class RemovalExperiment:
             "gamma_unlearn_std": float(u_gamma.std()),
             "gamma_heldout_std": float(h_gamma.std()),
             "lds": rows,
-            "seed": int(self.cfg.seed),  # unlearned subsets: sample_subsets(..., seed=seed + 1)
+            "seed": int(self.cfg.seed),  # unlearned subsets: unlearned_subsets(..., seed)
             "subsets": {
                 "heldout": h_masks.astype(int).tolist(),
                 "retrain": r_masks.astype(int).tolist(),

@@ -38,6 +38,7 @@ from cdm.store.stats import load_reference_features, save_evaluation, save_refer
 log = get_logger(__name__)
 
 REFERENCES = ("private", "train", "test")
+DEFAULT_REFERENCE = REFERENCES[0]  # the union of the shards: what the CDM models
 
 
 class PixelFeatures:
@@ -82,32 +83,28 @@ def reference_images(
     (the stored union of the shards), ``shard-KK`` (that shard's ids in the experiment's current
     split, after forgotten and added sources) or a dataset split (``train``, ``test``)."""
     reference = str(cfg.evaluate.reference)
-    if reference not in REFERENCES and not ShardId.is_shard(reference):
-        raise ValueError(
-            f"evaluate.reference={reference!r}: choose one of {REFERENCES} or a shard (shard-KK)"
-        )
-    if reference == "private" or ShardId.is_shard(reference):
-        if reference == "private":
-            manifest = store.load_manifest(cfg.experiment_name, "private")
-            ids, ids_hash = manifest["ids"], manifest["hash"]
-        else:
-            split = split_data(cfg, dataset)
-            try:
-                shard = select_manifest("shard", split, ShardId.parse(reference).index)
-            except ValueError:
-                have = ", ".join(m.name for m in split.shards)
-                raise ValueError(
-                    f"evaluate.reference={reference}: experiment {cfg.experiment_name!r} has no such "
-                    f"shard; choose one of {have}"
-                ) from None
-            ids, ids_hash = list(shard.ids), shard.hash
-        index = dataset.id_to_index
-        rows = [index[i] for i in ids]
-    else:
+    if reference == "private":
+        manifest = store.load_manifest(cfg.experiment_name, "private")
+        rows, ids_hash = [dataset.id_to_index[i] for i in manifest["ids"]], manifest["hash"]
+    elif ShardId.is_shard(reference):
+        split = split_data(cfg, dataset)
+        try:
+            shard = select_manifest("shard", split, ShardId.parse(reference).index)
+        except ValueError:
+            raise ValueError(
+                f"evaluate.reference={reference}: experiment {cfg.experiment_name!r} has no such "
+                f"shard; choose one of {', '.join(m.name for m in split.shards)}"
+            ) from None
+        rows, ids_hash = [dataset.id_to_index[i] for i in shard.ids], shard.hash
+    elif reference in REFERENCES:
         rows = [i for i, s in enumerate(dataset.splits) if s == reference]
         if not rows:
             raise ValueError(f"dataset {dataset.name!r} has no {reference!r} split to compare with")
         ids_hash = sha256_bytes("\n".join(dataset.ids[i] for i in rows).encode())
+    else:
+        raise ValueError(
+            f"evaluate.reference={reference!r}: choose one of {REFERENCES} or a shard (shard-KK)"
+        )
     images = to_uint8(torch.stack([dataset.image(i) for i in rows]))
     key = StatsKey(dataset.name, int(dataset.resolution), reference, ids_hash).name
     return images, key, ids_hash
