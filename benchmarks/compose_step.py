@@ -42,14 +42,26 @@ from cdm.core.sampling import sample as run_sampler
 from cdm.models.adapters import prepare_shard_model
 from cdm.models.backbone import build_unet, predict_epsilon
 from cdm.models.composed import ComposedDenoiser
-from cdm.models.multi_adapter import GraphedDense, MultiShardUNet
+from cdm.models.multi_adapter import GraphedDense, GraphedPairs, MultiShardUNet
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
 FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
 TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 100.0  # the trajectory router (see Router)
-METHODS = ("one_adapter", "loop", "peft_mixed", "grouped", "topk1", "topk", "bare_nB")
-GRAPHED = ("graphed", "graphed_classifier")  # CUDA only: the dense step as one CUDA graph replay
+METHODS = (
+    "one_adapter",
+    "loop",
+    "peft_mixed",
+    "grouped",
+    "topk1",
+    "topk",
+    "topk_static",
+    "bare_nB",
+)
+# CUDA only: the dense step as one CUDA graph replay; topk's static k pairs per sample as one
+# replay (over a trajectory); the bare backbone on n*B samples compiled (the floor of issue 16)
+GRAPHED = ("graphed", "graphed_classifier", "topk_graphed", "bare_nB_compiled")
+TRAJECTORIES = ("topk", "topk_static", "topk_graphed")  # timed per step over a DDIM trajectory
 
 
 def method_names(device: str) -> tuple[str, ...]:
@@ -158,8 +170,11 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     for k in range(1, N_MAX):
         multi.load_adapter(dirs[k], adapter_name=f"s{k}")
     one, multi, bare = (m.to(device).eval() for m in (one, multi, copy.deepcopy(base)))
+    # the floor of issue 16 goal 1: the bare backbone compiled (inductor), same process and inputs
+    bare_compiled = torch.compile(copy.deepcopy(bare), dynamic=False) if sync else None
     grouped = {n: MultiShardUNet.from_dirs(copy.deepcopy(base), dirs[:n]) for n in shards}
     grouped = {n: g.to(device) for n, g in grouped.items()}
+    graphed_pairs = {n: GraphedPairs(g) for n, g in grouped.items()} if sync else {}
     tmp.cleanup()
 
     gen, b = torch.Generator().manual_seed(SEED), args.batch_size
@@ -201,6 +216,9 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             graphed = {
                 "graphed": lambda: g_avg(x, t, y),
                 "graphed_classifier": lambda: g_cls(x, t, y),
+                "bare_nB_compiled": lambda: predict_epsilon(
+                    bare_compiled, x.repeat(n, 1, 1, 1), t.repeat(n), y.repeat(n)
+                ),
             }
         return graphed | {
             "one_adapter": lambda: predict_epsilon(one, x, t, y),
@@ -219,11 +237,17 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         fn()
         return 1e3 * (now() - wall), 1e3 * (time.process_time() - cpu)
 
-    def trajectory(n: int) -> tuple[float, float, list[float]]:
-        """One topk DDIM run: (mean wall ms, mean CPU ms per step, mean kept shards by step)."""
+    final: dict[str, torch.Tensor] = {}  # x_0 of each variant's last trajectory
+
+    def trajectory(n: int, variant: str = "topk") -> tuple[float, float, list[float]]:
+        """One topk DDIM run: (mean wall ms, mean CPU ms per step, mean kept shards by step).
+        ``topk`` evaluates the kept pairs (data-dependent shapes); ``topk_static`` k pairs per
+        sample, padded (static shapes, eager); ``topk_graphed`` the same as one CUDA graph replay."""
         prior, router = torch.ones(n, device=device), Router(b, n, T, device)
+        pairs = {"topk": None, "topk_static": grouped[n].mixed_pairs}.get(variant)
+        pairs = graphed_pairs[n] if variant == "topk_graphed" else pairs
         den = ComposedDenoiser(grouped[n], C.TopK(k=min(TOPK, n), threshold=THRESHOLD), prior,
-                               router=router)  # fmt: skip
+                               router=router, pairs=pairs)  # fmt: skip
         spans: list[tuple[float, float]] = []
 
         def denoise(x_t: torch.Tensor, t_step: torch.Tensor) -> torch.Tensor:
@@ -233,7 +257,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
 
         scheduler = DDIMScheduler(**sched_kw)
         noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(SEED)).to(device)
-        run_sampler(denoise, scheduler, noise, args.steps)
+        final[variant] = run_sampler(denoise, scheduler, noise, args.steps).float()
         kept = [float((w > 0).sum(1).float().mean()) for w in den.trace]
         return statistics.fmean(s[0] for s in spans), statistics.fmean(s[1] for s in spans), kept
 
@@ -248,7 +272,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     tol = 1e-4 if args.precision == "32" else 1e-1
     results: dict[str, Any] = {}
     names = method_names(args.device)
-    timed = [m for m in names if m != "topk"]
+    timed = [m for m in names if m not in TRAJECTORIES]
+    trajectories = [m for m in names if m in TRAJECTORIES]
     with torch.no_grad(), amp:
         for n in shards:  # correctness and op counts once per n, before timing
             ref = calls[n]["loop"]().float()
@@ -262,7 +287,11 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 # a graph replay dispatches no aten op: the graphed methods are not counted
                 "counts": {m: count(calls[n][m]) for m in timed if m not in GRAPHED},
             }
-            trajectory(n)  # warm-up
+            for variant in trajectories:
+                trajectory(n, variant)  # warm-up (and the graph's capture)
+            for variant in trajectories[1:]:  # the same x_T: static pairs against kept pairs
+                diff = (final[variant] - final["topk"]).abs().max().item()
+                results[str(n)][f"max_abs_diff_{variant}_vs_topk_x0"] = diff
         times = {n: {m: [] for m in names} for n in shards}  # (wall ms, CPU ms) per round
         kept: dict[int, list[float]] = {}
         for r in range(args.rounds):
@@ -271,9 +300,10 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 for i in range(args.warmup + args.iters):  # call by call, order rotated
                     for m in timed[(i + r) % len(timed) :] + timed[: (i + r) % len(timed)]:
                         spans[m].append(span(calls[n][m]))
-                    if i == args.warmup + args.iters // 2:  # one trajectory mid-round
-                        *traj, kept[n] = trajectory(n)
-                        times[n]["topk"].append(tuple(traj))
+                    if i == args.warmup + args.iters // 2:  # one trajectory each, mid-round
+                        for variant in trajectories:
+                            *traj, kept[n] = trajectory(n, variant)
+                            times[n][variant].append(tuple(traj))
                 for m in timed:
                     kept_spans = spans[m][args.warmup :]
                     times[n][m].append(
@@ -292,6 +322,13 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                     f"{kind}ms_by_round": [round(v, 3) for v in ms],
                     f"{kind}ratio_by_round": [round(v, 4) for v in by_round],
                 }
+        if "bare_nB_compiled" in names:  # goal 1's second ratio: the composed step / the floor
+            for m in ("graphed", "graphed_classifier"):
+                by_round = [
+                    a[0] / f[0]
+                    for a, f in zip(times[n][m], times[n]["bare_nB_compiled"], strict=True)
+                ]
+                row[f"{m}_over_bare_nB_compiled"] = round(statistics.median(by_round), 4)
         row["topk_kept_per_sample_by_step"] = [round(k, 3) for k in kept[n]]
         row["topk_mean_kept_per_sample"] = round(statistics.fmean(kept[n]), 4)
     n_lora = sum(p.numel() for name, p in one.named_parameters() if "lora_" in name)

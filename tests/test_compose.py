@@ -155,6 +155,49 @@ def test_dense_step_equals_the_selected_pairs_step(lora_shards, method):
     assert top1.evaluated_pairs == 3
 
 
+def test_pairs_forward_gives_each_row_its_own_shard(lora_shards):
+    """MultiShardUNet.pairs: pair (b, j) is shard[b, j]'s epsilon of sample b, whatever the mix
+    of shards in the batch (repeats, one shard only, every shard)."""
+    base, dirs = lora_shards
+    model = multi(base, dirs)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([50, 300, 900]), torch.tensor([1, 2, 3])
+    for shard in ([[2, 0], [1, 1], [0, 2]], [[1, 1], [1, 1], [1, 1]], [[0, 1], [2, 0], [1, 2]]):
+        shard = torch.tensor(shard)
+        eps = model.pairs(x, t, y, shard)
+        assert eps.shape == (3, 2, 1, 8, 8)
+        for j in range(2):
+            torch.testing.assert_close(eps[:, j], model(x, t, y, shard[:, j]), rtol=1e-5, atol=1e-5)
+    assert model.selection.used is None and model.selection.blocks is None  # state reset
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: C.TopK(k=1), lambda: C.TopK(k=2, threshold=0.3), C.RandomSelection]
+)
+def test_static_capacity_step_equals_the_selected_pairs_step(lora_shards, make):
+    """The gated step as a static k pairs per sample (what GraphedPairs captures on a GPU) gives
+    the sparse step's epsilon; a disallowed (NaN) shard is never evaluated, padding included."""
+    base, dirs = lora_shards
+    logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0], [1.0, 1.1, 0.0]])
+    router = lambda x, t: logits  # noqa: E731
+    allowed, prior = torch.tensor([True, False, True]), torch.tensor([1.0, 2.0, 1.0])
+    model = multi(base, dirs, poison=1)
+    x, t, y = torch.randn(4, 1, 8, 8), torch.full((4,), 300), torch.tensor([1, 2, 3, 4])
+    kw = dict(router=router, allowed=allowed)
+    sparse = ComposedDenoiser(
+        model, make(), prior, **kw, generator=torch.Generator().manual_seed(1)
+    )
+    static = ComposedDenoiser(model, make(), prior, **kw, pairs=model.mixed_pairs,
+                              generator=torch.Generator().manual_seed(1))  # fmt: skip
+    for _ in range(2):
+        eps = static(x, t, y)
+        assert torch.isfinite(eps).all(), "the disallowed shard's (NaN) adapter was evaluated"
+        torch.testing.assert_close(eps, sparse(x, t, y), rtol=1e-5, atol=1e-5)
+    assert torch.equal(torch.stack(static.trace), torch.stack(sparse.trace))
+    capacity = make().capacity
+    assert static.evaluated_pairs == 2 * 4 * capacity
+    assert sparse.evaluated_pairs <= static.evaluated_pairs
+
+
 @pytest.mark.gpu
 def test_graphed_dense_step_equals_eager_on_cuda(lora_shards):
     from cdm.models.multi_adapter import GraphedDense
@@ -170,3 +213,22 @@ def test_graphed_dense_step_equals_eager_on_cuda(lora_shards):
             graphed(x, t, y).clone(), model.dense(x, t, y), rtol=1e-4, atol=1e-4
         )
     assert len(graphed.graphs) == 1
+
+
+@pytest.mark.gpu
+def test_graphed_pairs_step_equals_eager_on_cuda(lora_shards):
+    from cdm.models.multi_adapter import GraphedPairs
+
+    base, dirs = lora_shards
+    model = multi(base, dirs).cuda()
+    logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0], [1.0, 1.1, 0.0]])
+    router = lambda x, t: logits  # noqa: E731
+    prior = torch.ones(3)
+    graphed = ComposedDenoiser(model, C.TopK(k=2), prior, router=router, pairs=GraphedPairs(model))
+    eager = ComposedDenoiser(model, C.TopK(k=2), prior, router=router)
+    for seed in range(3):  # new inputs (and new pairs) are copied into the graph's buffers
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(4, 1, 8, 8, generator=gen).cuda()
+        t, y = torch.full((4,), 100 * (seed + 1)).cuda(), torch.tensor([0, 1, 2, 3]).cuda()
+        torch.testing.assert_close(graphed(x, t, y).clone(), eager(x, t, y), rtol=1e-4, atol=1e-4)
+    assert len(graphed.pairs.graphs) == 1

@@ -125,11 +125,14 @@ def test_a_missing_cuda_device_is_a_clear_error(store_root, train):
         ("random", False),
         ("classifier", True),
         ("average", True),
+        ("topk", True),
+        ("random", True),
     ],
 )
 def test_cuda_sampling_matches_cpu(store_root, train, composition, graph):
     """Same seed, same x_T (drawn on the CPU): the CUDA samples (eager, or every step as one CUDA
-    graph replay: cuda_graph=true) equal the CPU ones to float tolerance."""
+    graph replay: cuda_graph=true; topk and random as k pairs per sample) equal the CPU ones to
+    float tolerance."""
     cards = {
         d: train(
             *SAMPLE,

@@ -404,7 +404,8 @@ class Composition:
     disallowed shards and renormalises); ``gate(w)`` may then sparsify the masked weights.
     Class attributes tell the sampler what to load: ``router`` names the router whose logits
     ``step.logits`` holds ("classifier" | "knn" | None); ``dense`` allows a dense step (every pair
-    evaluated, e.g. one CUDA graph); ``merged`` composes one lambda-weighted merge of the shards'
+    evaluated, e.g. one CUDA graph); ``capacity`` bounds the shards a gated row keeps (a static
+    number of pairs per sample, e.g. k of top-k; None: no bound); ``merged`` composes one lambda-weighted merge of the shards'
     adapters; ``paragon`` samples the monolithic model trained on all private data; ``base``
     samples the safe backbone alone (no adapter).
     """
@@ -412,6 +413,7 @@ class Composition:
     name: str = "composition"
     router: str | None = None
     dense: bool = True
+    capacity: int | None = None
     merged: bool = False
     paragon: bool = False
     base: bool = False
@@ -440,6 +442,7 @@ class RandomSelection(Composition):
 
     name = "random"
     dense = False
+    capacity = 1
 
     def weights(self, step: Step) -> torch.Tensor:
         """One-hot rows drawn from the step's generator."""
@@ -489,6 +492,7 @@ class TopK(RouterPosterior):
     ) -> None:
         super().__init__(router)
         self.name, self.k, self.threshold = "topk", k, threshold
+        self.capacity = k
 
     def gate(self, weights: torch.Tensor) -> torch.Tensor:
         """topk_weights of the masked posterior."""

@@ -38,6 +38,7 @@ from cdm.models.composed import ComposedDenoiser, draw
 from cdm.models.knn_router import KNNRouter
 from cdm.models.multi_adapter import (
     GraphedDense,
+    GraphedPairs,
     MultiShardFull,
     MultiShardUNet,
     merge_adapters,
@@ -183,13 +184,15 @@ class CDMPipeline(DiffusionPipeline):
         label_prior, label_pool = conditioning(cfg, composition, available, shards, manifests)
         if prompts is not None:
             label_pool = torch.arange(len(prompts))
-        dense = None
+        dense = pairs = None
         if cfg.get("cuda_graph"):
             if device.type != "cuda":
                 raise ValueError("cuda_graph=true needs device=cuda")
             dense = GraphedDense(model)
+            if isinstance(model, MultiShardUNet):  # top-k, random: a static capacity of pairs
+                pairs = GraphedPairs(model)
         denoiser = ComposedDenoiser(
-            model, composition, prior.float(), router=routed.router, dense=dense,
+            model, composition, prior.float(), router=routed.router, dense=dense, pairs=pairs,
             train_log_prior=routed.train_log_prior, label_prior=label_prior,
             guidance_scale=float(cfg.guidance_scale), null_label=null_label(unet),
         )  # fmt: skip

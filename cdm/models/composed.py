@@ -45,6 +45,9 @@ class ComposedDenoiser:
     null_label: int | None = None
     generator: torch.Generator | None = None
     dense: Callable | None = None  # e.g. GraphedDense(model): every pair in one CUDA graph replay
+    # e.g. GraphedPairs(model): a gated step (top-k, random) as ``capacity`` pairs per sample,
+    # static shapes, mixed in one CUDA graph replay (MultiShardUNet.mixed_pairs eagerly)
+    pairs: Callable | None = None
     trace: list[torch.Tensor] = field(default_factory=list)
     evaluated_pairs: int = 0
 
@@ -112,6 +115,8 @@ class ComposedDenoiser:
                 .reshape(*w.t().shape, *[1] * (eps_all.dim() - 2))
             )
             return (eps_all * mix).sum(0)
+        if self.pairs is not None and not self.composition.dense and not guided:
+            return self._static_pairs(x_t, t_batch, labels, w)
         sample_idx, shard_idx = (i.to(x_t.device) for i in C.active_pairs(w))
         x_pairs, t_pairs = x_t[sample_idx], t_batch[sample_idx]
         y_pairs = None if labels is None else labels[sample_idx]
@@ -127,6 +132,19 @@ class ComposedDenoiser:
             cond, uncond = eps.chunk(2)
             eps = uncond + self.guidance_scale * (cond - uncond)
         return C.mix_selected(eps, sample_idx, shard_idx, w.to(eps.device), batch)
+
+    def _static_pairs(
+        self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None, w: torch.Tensor
+    ) -> torch.Tensor:
+        """The gated step as ``capacity`` pairs per sample (static shapes): the kept shards of
+        each row by weight, padded with the row's top shard at weight 0, so no shard outside
+        the gate is ever evaluated (its weight would be 0, but a shard may not be allowed)."""
+        n = w.shape[1]
+        capacity = min(self.composition.capacity or n, n)
+        weight, shard = w.topk(capacity, dim=1)
+        shard = torch.where(weight > 0, shard, shard[:, :1])
+        self.evaluated_pairs += int(shard.numel())
+        return self.pairs(x_t, t, labels, shard.to(x_t.device), weight.to(x_t.device))
 
 
 def draw(

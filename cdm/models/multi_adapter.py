@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import copy
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -266,49 +266,112 @@ class MultiShardUNet(nn.Module):
         finally:
             sel.index = sel.used = sel.position = sel.single = sel.blocks = None
 
+    def pairs(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None,
+        shard_of_pair: torch.Tensor,
+    ) -> torch.Tensor:
+        """eps of k (sample, shard) pairs per sample, ``[B, k, C, H, W]``; pair j of sample b
+        uses shard ``shard_of_pair[b, j]`` (a [B, k] tensor on the model's device).
 
-class GraphedDense:
-    """``MultiShardUNet.dense`` captured in one CUDA graph per input shape and dtype context.
+        The B*k pairs are one forward of B*k rows, each row meeting only its own shard's factors
+        (blocks of one row: grouped conv / batched matmul), with static shapes and no host
+        synchronisation, so a CUDA graph captures it (``GraphedPairs``): top-k with a static
+        capacity of k pairs per sample. Indices are not checked here (a check would synchronise);
+        ``ComposedDenoiser`` builds them from its own weights.
+        """
+        batch, k = shard_of_pair.shape
+        sel = self.selection
+        sel.used, sel.blocks = shard_of_pair.reshape(-1), batch * k
+        try:
+            x = x_t.repeat_interleave(k, dim=0)
+            y = None if labels is None else labels.repeat_interleave(k)
+            eps = predict_epsilon(self.unet, x, timesteps.repeat_interleave(k), y)
+            return eps.view(batch, k, *eps.shape[1:])
+        finally:
+            sel.index = sel.used = sel.position = sel.single = sel.blocks = None
+
+    def mixed_pairs(
+        self,
+        x_t: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None,
+        shard_of_pair: torch.Tensor,
+        weight_of_pair: torch.Tensor,
+    ) -> torch.Tensor:
+        """sum_j w[b, j] eps_{shard[b, j]}(x_t[b]) (Prop. 3.1 over the selected pairs), ``[B, C, H,
+        W]``: ``pairs`` and the mixing in one static-shape call."""
+        eps = self.pairs(x_t, timesteps, labels, shard_of_pair)
+        mix = weight_of_pair.to(eps.dtype).reshape(*weight_of_pair.shape, *[1] * (eps.dim() - 2))
+        return (eps * mix).sum(1)
+
+
+class GraphedCall:
+    """``fn(*tensors)`` captured in one CUDA graph per input signature (shapes, None pattern,
+    autocast), replayed at every later call.
 
     A composed step is then one graph replay: the eager step is launch-bound on a GPU (docs/
-    benchmarks.md), so this removes its host cost. Inputs are copied into static buffers; the
-    returned tensor is a static output, valid until the next call. CUDA only.
+    benchmarks.md), so this removes its host cost. ``fn`` must take tensors (or None) of static
+    shapes and synchronise nothing with the host; inputs are copied into static buffers and the
+    returned tensor is a static output, valid until the next call. CUDA only. (torch.compile's
+    ``reduce-overhead`` mode graphs too, but recompiles per shape and cannot run our eager
+    GroupedLoRA without tracing it; a plain capture keeps the eager kernels.)
     """
 
-    def __init__(self, model: MultiShardUNet) -> None:
-        self.model = model
+    def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
+        self.fn = fn
         self.graphs: dict[tuple, tuple] = {}
 
-    def __call__(
-        self, x_t: torch.Tensor, timesteps: torch.Tensor, labels: torch.Tensor | None
-    ) -> torch.Tensor:
-        if x_t.device.type != "cuda":
-            raise ValueError("GraphedDense needs CUDA tensors; use MultiShardUNet.dense on the CPU")
-        key = (tuple(x_t.shape), labels is None, torch.is_autocast_enabled("cuda"))
+    def __call__(self, *inputs: torch.Tensor | None) -> torch.Tensor:
+        first = next(x for x in inputs if x is not None)
+        if first.device.type != "cuda":
+            raise ValueError(
+                f"{type(self).__name__} needs CUDA tensors; call the model's eager method on the CPU"
+            )
+        shapes = tuple(None if x is None else (tuple(x.shape), x.dtype) for x in inputs)
+        key = (shapes, torch.is_autocast_enabled("cuda"))
         if key not in self.graphs:
-            static = [x_t.clone(), timesteps.clone(), None if labels is None else labels.clone()]
+            static = [None if x is None else x.clone() for x in inputs]
             # under autocast, casts must be recorded in the graph, not served from its cache
             amp = torch.autocast(
-                "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=key[2], cache_enabled=False
+                "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=key[1], cache_enabled=False
             )
             torch.clear_autocast_cache()  # casts cached by eager calls around us stay out of it
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), amp:
                 for _ in range(2):  # warm-up: lazy initialisation outside the graph
-                    self.model.dense(*static)
+                    self.fn(*static)
             torch.cuda.current_stream().wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph), amp:
-                out = self.model.dense(*static)
+                out = self.fn(*static)
             self.graphs[key] = (graph, static, out)
         graph, static, out = self.graphs[key]
-        static[0].copy_(x_t)
-        static[1].copy_(timesteps)
-        if labels is not None:
-            static[2].copy_(labels)
+        for buffer, x in zip(static, inputs, strict=True):
+            if x is not None:
+                buffer.copy_(x)
         graph.replay()
         return out
+
+
+class GraphedDense(GraphedCall):
+    """``MultiShardUNet.dense`` (every pair) as one CUDA graph replay per input shape."""
+
+    def __init__(self, model: MultiShardUNet | MultiShardFull) -> None:
+        super().__init__(model.dense)
+        self.model = model
+
+
+class GraphedPairs(GraphedCall):
+    """``MultiShardUNet.mixed_pairs`` (a static capacity of k pairs per sample, mixed) as one
+    CUDA graph replay per input shape: top-k and random selection with static shapes."""
+
+    def __init__(self, model: MultiShardUNet) -> None:
+        super().__init__(model.mixed_pairs)
+        self.model = model
 
 
 def merge_adapters(
