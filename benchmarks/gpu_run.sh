@@ -4,8 +4,9 @@
 # Here, once (downloads the wheels the GPU image lacks into .whl/, ignored by git; ~8 MB):
 #     bash benchmarks/gpu_run.sh wheels
 # There (the device tool runs this from the repo root; results land in $OUT, at most 8 files):
-#     bash benchmarks/gpu_run.sh compose train     # ~5 min: goals 1-3, and the gpu tests of compose
-#     bash benchmarks/gpu_run.sh table1            # ~4 min: goal 4, cdm-table1 end to end on CUDA
+#     bash benchmarks/gpu_run.sh compose          # at most 5.5 min: the gpu tests of compose, goals 1-2
+#     bash benchmarks/gpu_run.sh train table1     # at most 8 min: goal 3, then goal 4 (cdm-table1)
+# (device time is 15 min a session, a machine's start included: two calls, each under its limit)
 # Each part runs under its own timeout, so one that hangs costs only its own slice; a part that
 # fails is logged and the next one still runs. The machine's torch is used as it is (its version
 # is recorded in every JSON); only the packages it lacks travel as wheels.
@@ -48,20 +49,20 @@ part() {  # part NAME SECONDS COMMAND...: one timed slice, its output appended t
 }
 
 compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the graph tests first
-  part gpu-tests 120 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py
+  part gpu-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py
   part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
     --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 \
     --out "$OUT/compose_step-cuda.json"
 }
 
 train() {  # goal 3: B = 512, compiled, channels-last, cuDNN autotuned, the host not synced per step
-  part train 240 python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
+  part train 180 python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
     --resolution 32 --channels 3 --batch-size 512 --compile --channels-last --cudnn-benchmark \
     --unsynced --peak-tflops 790 --out "$OUT/train_step-cuda.json"
 }
 
 table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md
-  part table1 420 python3 benchmarks/table1_device.py --device cuda --out "$OUT/table1-cuda.json" \
+  part table1 300 python3 benchmarks/table1_device.py --device cuda --out "$OUT/table1-cuda.json" \
     --compare docs/benchmarks/table1-cpu.json
 }
 
