@@ -116,6 +116,22 @@ def test_a_missing_cuda_device_is_a_clear_error(store_root, train):
         train(*SAMPLE, "device=cuda", "name=cuda", artifacts=store_root, config="sample")
 
 
+def test_cards_name_the_device_the_job_ran_on(monkeypatch):
+    """A CPU job on a machine with a GPU is a CPU job on its card (it used to say cuda:<GPU>)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from cdm.jobs.context import device_description, trainer_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "FakeGPU")
+    assert device_description("cpu").startswith("cpu:")
+    assert device_description("cuda") == device_description("cuda:0") == "cuda:FakeGPU"
+    for accelerator, device in (("cpu", "cpu"), ("gpu", "cuda"), ("auto", "cuda")):
+        cfg = OmegaConf.create({"trainer": {"accelerator": accelerator}})
+        assert trainer_device(cfg) == device
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     ("composition", "graph"),

@@ -491,7 +491,7 @@ def run_attribution(cfg: DictConfig) -> dict[str, Any]:
         method=cfg.attribution.method.name, property=result.values.get("property"),
         shards=ctx.shards,
         parents=parents, seeds={"seed": int(cfg.seed), "batch_seed": "seed * 1_000_003 + start"},
-        config=OmegaConf.to_container(cfg, resolve=True), device=device_description(),
+        config=OmegaConf.to_container(cfg, resolve=True), device=device_description(cfg.device),
         wall_time_s=round(time.perf_counter() - started, 3),
     )  # fmt: skip
     files = {

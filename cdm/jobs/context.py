@@ -221,10 +221,20 @@ def build_loggers(cfg: DictConfig, save_dir: Path) -> list:
     return loggers
 
 
-def device_description() -> str:
-    """The device a job ran on, for its card."""
-    if torch.cuda.is_available():
-        return f"cuda:{torch.cuda.get_device_name(0)}"
+def trainer_device(cfg: DictConfig) -> str:
+    """The device a Lightning job of ``cfg.trainer`` trains on: cuda for a GPU accelerator."""
+    accelerator = str(OmegaConf.select(cfg, "trainer.accelerator", default="cpu"))
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def device_description(device: torch.device | str) -> str:
+    """The device a job ran on, for its card: the one it was given (a CPU job on a machine with a
+    GPU is a CPU job)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
     return f"cpu:{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
 
 

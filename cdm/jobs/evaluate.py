@@ -204,7 +204,7 @@ def evaluate_one(
         config=OmegaConf.to_container(cfg.evaluate, resolve=True),
         signature=identity.hash,
         identity=identity.sections,
-        device=device_description(),
+        device=device_description("cpu"),  # features are computed on the CPU
         wall_time_s=round(time.perf_counter() - started, 3),
     )
     return save_evaluation(store, experiment, name, card)

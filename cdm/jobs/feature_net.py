@@ -31,6 +31,7 @@ from cdm.jobs.context import (
     identity_of,
     load_data,
     reuse_stored,
+    trainer_device,
 )
 from cdm.models.feature_net import (
     DomainFeatures,
@@ -211,7 +212,7 @@ def fit_feature_net(
         config=config,
         signature=identity.hash,
         identity=identity.sections,
-        device=device_description(),
+        device=device_description(trainer_device(cfg)),
     )
     datamodule = FeatureNetDataModule(
         dataset,

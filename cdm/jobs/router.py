@@ -36,6 +36,7 @@ from cdm.jobs.context import (
     record_manifests,
     reuse_stored,
     split_data,
+    trainer_device,
 )
 from cdm.models.backbone import backbone_hash, build_scheduler
 from cdm.models.router import build_router, router_from_artifact, router_model_config
@@ -265,7 +266,7 @@ def router_card(
         config=OmegaConf.to_container(cfg, resolve=True),
         signature=identity.hash,
         identity=identity.sections,
-        device=device_description(),
+        device=device_description(trainer_device(cfg)),
     )
 
 

@@ -90,7 +90,7 @@ def run_sampling(cfg: DictConfig) -> dict:
         shards=pipe.shards, parents=pipe.parents, prior=pipe.prior.tolist(),
         signature=identity.hash, identity=identity.sections,
         metrics={"evaluated_pairs_per_sample_step": pairs},
-        config=OmegaConf.to_container(cfg, resolve=True), device=device_description(),
+        config=OmegaConf.to_container(cfg, resolve=True), device=device_description(cfg.device),
         wall_time_s=round(time.perf_counter() - started, 3),
     )  # fmt: skip
     files = sample_files(cfg, pipe, images, trace, labels)

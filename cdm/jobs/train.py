@@ -26,6 +26,7 @@ from cdm.jobs.context import (
     identity_of,
     job_dataset,
     load_backbone_for_shards,
+    trainer_device,
 )
 from cdm.jobs.head import build_head_module
 from cdm.models.backbone import (
@@ -331,7 +332,7 @@ def fit_job(
         config=config,
         signature=identity.hash,
         identity=identity.sections,
-        device=device_description(),
+        device=device_description(trainer_device(cfg)),
         **(card_extra or {}),
     )
     if epochs_per_slice == 0:

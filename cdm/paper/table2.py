@@ -148,7 +148,7 @@ def domain_vqa(
     card = make_card(
         kind="domain_vqa", name=directory.name, metric=model.metric_name, dataset=dataset.name,
         train_ids_hash=data_hash, forgotten_excluded=excluded, settings=settings,
-        device=device_description(), wall_time_s=round(time.perf_counter() - started, 1),
+        device=device_description("cpu"), wall_time_s=round(time.perf_counter() - started, 1),
     )  # fmt: skip
     card = save_artifact(
         directory, card, tensors={k: v.contiguous() for k, v in model.state_dict().items()},
@@ -270,7 +270,7 @@ def run_table2(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     card = make_card(
         kind="table", name=str(spec.name), table="table2", experiment=stored, metric=metric,
         fd_metric=fd_name, cells=cells, vqa=vqa_card["name"], vqa_ceiling=ceiling,
-        command=" ".join(sys.argv), device=device_description(),
+        command=" ".join(sys.argv), device=device_description(cfg.get("device", "cpu")),
         wall_time_s=round(time.perf_counter() - started, 1),
         config=OmegaConf.to_container(cfg, resolve=True),
     )  # fmt: skip
