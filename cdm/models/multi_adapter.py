@@ -254,15 +254,25 @@ class MultiShardUNet(nn.Module):
         contiguous blocks, one per shard, in one forward with no host synchronisation (so a
         CUDA graph can capture it, ``GraphedDense``)."""
         n, batch = self.n_shards, x_t.shape[0]
-        sel = (
-            self.selection
-        )  # blocks even for n = 1: the single-shard path reads a scale on the host
-        sel.used, sel.blocks = torch.arange(n, device=x_t.device), n
+        y = None if labels is None else labels.repeat(n)
+        x = x_t.repeat(n, *([1] * (x_t.dim() - 1)))
+        # blocks even for n = 1: the single-shard path reads a scale on the host
+        eps = self._blocks_forward(x, timesteps.repeat(n), y, torch.arange(n, device=x.device))
+        return eps.view(n, batch, *eps.shape[1:])
+
+    def _blocks_forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        labels: torch.Tensor | None,
+        used: torch.Tensor,
+    ) -> torch.Tensor:
+        """eps of ``len(used)`` equal contiguous blocks of rows, block j with shard ``used[j]``, in
+        one forward with no host synchronisation."""
+        sel = self.selection
+        sel.used, sel.blocks = used, used.numel()
         try:
-            x = x_t.repeat(n, *([1] * (x_t.dim() - 1)))
-            y = None if labels is None else labels.repeat(n)
-            eps = predict_epsilon(self.unet, x, timesteps.repeat(n), y)
-            return eps.view(n, batch, *eps.shape[1:])
+            return predict_epsilon(self.unet, x, timesteps, labels)
         finally:
             sel.index = sel.used = sel.position = sel.single = sel.blocks = None
 
@@ -283,15 +293,10 @@ class MultiShardUNet(nn.Module):
         ``ComposedDenoiser`` builds them from its own weights.
         """
         batch, k = shard_of_pair.shape
-        sel = self.selection
-        sel.used, sel.blocks = shard_of_pair.reshape(-1), batch * k
-        try:
-            x = x_t.repeat_interleave(k, dim=0)
-            y = None if labels is None else labels.repeat_interleave(k)
-            eps = predict_epsilon(self.unet, x, timesteps.repeat_interleave(k), y)
-            return eps.view(batch, k, *eps.shape[1:])
-        finally:
-            sel.index = sel.used = sel.position = sel.single = sel.blocks = None
+        x, t = x_t.repeat_interleave(k, dim=0), timesteps.repeat_interleave(k)
+        y = None if labels is None else labels.repeat_interleave(k)
+        eps = self._blocks_forward(x, t, y, shard_of_pair.reshape(-1))
+        return eps.view(batch, k, *eps.shape[1:])
 
     def mixed_pairs(
         self,
