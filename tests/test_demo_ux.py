@@ -141,3 +141,18 @@ def test_the_demo_shows_the_router_at_work_and_says_why_the_conditional_plot_is_
             overrides = [a.split(",")[0] for a in command[1:] if a != "-m"]  # a sweep's first job
             cfg = compose(config, overrides=overrides)
             assert cfg.experiment_name in ("digits_4split", "digits_4split_uncond")
+
+
+def test_table1_says_when_device_cuda_leaves_training_on_the_cpu():
+    """device=cuda is the sampler's device: with the CPU trainer, cdm-table1 says so once."""
+    from omegaconf import OmegaConf
+
+    from cdm.paper.table1 import training_device_note
+
+    def cfg(device: str, accelerator: str):
+        return OmegaConf.create({"device": device, "trainer": {"accelerator": accelerator}})
+
+    assert "add trainer=gpu" in training_device_note(cfg("cuda", "cpu"))
+    assert "device=cuda:1" in training_device_note(cfg("cuda:1", "cpu"))
+    assert training_device_note(cfg("cuda", "gpu")) is None
+    assert training_device_note(cfg("cpu", "cpu")) is None

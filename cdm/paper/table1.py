@@ -29,7 +29,7 @@ from cdm.core.identity import ADAPTER_JOBS
 from cdm.core.logging import console_logging, get_logger
 from cdm.core.names import ShardId
 from cdm.data.datasets import dataset_from_config
-from cdm.jobs.context import identity_of
+from cdm.jobs.context import identity_of, trainer_device
 from cdm.jobs.evaluate import run_evaluation
 from cdm.jobs.run import run_job
 from cdm.jobs.sample import run_sampling
@@ -224,6 +224,13 @@ def plan(table: DictConfig, datasets: list[str]) -> list[dict[str, Any]]:
     return cells
 
 
+def training_device_note(cfg: DictConfig) -> str | None:
+    """A note when ``device=cuda`` samples on the GPU while ``cfg.trainer`` trains on the CPU."""
+    if str(cfg.get("device", "cpu")).startswith("cuda") and trainer_device(cfg) == "cpu":
+        return f"device={cfg.device} samples on the GPU; training stays on the CPU: add trainer=gpu"
+    return None
+
+
 def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Train what is missing, sample, evaluate, and write the table (see module docstring)."""
     started = time.perf_counter()
@@ -235,6 +242,8 @@ def run_table1(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     experiments = list(dict.fromkeys(c["experiment"] for c in cells))  # in table order
     timings: dict[str, float] = {}
     statistic, space = str(table.metric), evaluated_space(cfg, "table1.feature_space")
+    if note := training_device_note(cfg):
+        log.warning("table1: %s", note)
     for experiment in experiments:
         t0 = time.perf_counter()
         mine = [c for c in cells if c["experiment"] == experiment]
