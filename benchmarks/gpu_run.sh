@@ -4,7 +4,7 @@
 # Here, once (downloads the wheels the GPU image lacks into .whl/, ignored by git; ~8 MB):
 #     bash benchmarks/gpu_run.sh wheels
 # There (the device tool runs this from the repo root; results land in $OUT, at most 8 files):
-#     bash benchmarks/gpu_run.sh compose          # at most 5.5 min: the gpu tests of compose, goals 1-2
+#     bash benchmarks/gpu_run.sh compose          # at most 6.5 min: the gpu tests of sampling, goals 1-2
 #     bash benchmarks/gpu_run.sh train table1     # at most 8 min: goal 3, then goal 4 (cdm-table1)
 # (device time is 15 min a session, a machine's start included: two calls, each under its limit)
 # Each part runs under its own timeout, so one that hangs costs only its own slice; a part that
@@ -49,7 +49,8 @@ part() {  # part NAME SECONDS COMMAND...: one timed slice, its output appended t
 }
 
 compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the graph tests first
-  part gpu-tests 90 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py
+  part gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py \
+    tests/test_sample_cli.py
   part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
     --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 \
     --out "$OUT/compose_step-cuda.json"
