@@ -33,6 +33,7 @@ import torch
 from diffusers import DDIMScheduler
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
+from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -105,6 +106,41 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) -> dict[str, Any]:
+    """Wall time and (on CUDA) summed kernel time per call of ``fn`` under torch.profiler.
+
+    ``busy`` = kernel time / wall time: near 1 the step is compute- (or memory-) bound, far below
+    1 it is launch-bound (the GPU waits for the host). ``top``: the kernels (CUDA) or ops (CPU)
+    with the most self time, ms per call. Kernels replayed from a CUDA graph are reported only
+    where the profiler sees inside graphs (recent CUDA); otherwise ``kernel_ms`` is ~0 for them.
+    """
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    fn()  # warm
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize()
+        wall_ms = 1e3 * (time.perf_counter() - start) / calls
+    rows = prof.key_averages()
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    busy = sorted((r for r in rows if getattr(r, key) > 0), key=lambda r: -getattr(r, key))
+    kernel_ms = sum(r.self_device_time_total for r in rows) / 1e3 / calls if cuda else None
+    return {
+        "calls": calls,
+        "wall_ms": round(wall_ms, 3),
+        "kernel_ms": None if kernel_ms is None else round(kernel_ms, 3),
+        "busy": None if kernel_ms is None else round(kernel_ms / wall_ms, 4),
+        "top": [
+            [r.key[:100], round(getattr(r, key) / 1e3 / calls, 4), r.count // calls]
+            for r in busy[:top]
+        ],
+    }
+
+
 class Router:
     """Fixed logits that sharpen as t decreases: ``s(t) * z_b`` with z_b ~ N(0, I_n) per sample.
 
@@ -141,6 +177,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="DDIM steps of the topk trajectory")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8], choices=range(1, 9))
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile a few calls of the main methods at the largest n: kernel time "
+        "per call against wall time (launch- vs compute-bound) and the top kernels",
+    )
     p.add_argument("--out", type=Path, help="default docs/benchmarks/compose_step-<device>.json")
     args = p.parse_args()
     big = args.preset == "base"
@@ -352,6 +394,17 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 row[f"{m}_over_bare_nB_compiled"] = round(statistics.median(by_round), 4)
         row["topk_kept_per_sample_by_step"] = [round(k, 3) for k in kept[n]]
         row["topk_mean_kept_per_sample"] = round(statistics.fmean(kept[n]), 4)
+    if args.profile:  # at the largest n, after timing: where each method's time goes
+        n = max(shards)
+        with torch.no_grad(), amp:
+            results["profile"] = {
+                "n": n,
+                **{
+                    m: profile_calls(calls[n][m], 5, sync)
+                    for m in ("one_adapter", "grouped", "bare_nB", "graphed", "graphed_compiled")
+                    if m in names
+                },
+            }
     n_lora = sum(p.numel() for name, p in one.named_parameters() if "lora_" in name)
     info = {"total_params": bare.num_parameters(), "lora_params_per_shard": n_lora}
     info["adapter"], info["scheduler"] = adapter, sched_kw
@@ -390,6 +443,16 @@ def main() -> None:
             kept, diff = row["topk_mean_kept_per_sample"], row["max_abs_diff_grouped_vs_loop"]
             print(
                 f"{n:>2}{row['one_adapter'][kind + 'ms']:>11.2f}{ratios}{kept:>7.2f}{diff:>14.1e}"
+            )
+    for m, prof in results.get("profile", {}).items():
+        if m != "n":
+            busy = (
+                ""
+                if prof["busy"] is None
+                else f", kernels {prof['kernel_ms']} ms ({prof['busy']:.0%} busy)"
+            )
+            print(
+                f"profile {m}: {prof['wall_ms']} ms per call{busy}; top: {prof['top'][0][0][:60]}"
             )
     print(f"wrote {args.out} ({out['wall_s']} s)")
 

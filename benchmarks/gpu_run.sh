@@ -52,14 +52,14 @@ compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the 
   part gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py \
     tests/test_sample_cli.py
   part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
-    --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 \
+    --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 --profile \
     --out "$OUT/compose_step-cuda.json"
 }
 
 train() {  # goal 3: B = 512, compiled, channels-last, cuDNN autotuned, the host not synced per step
   part train 180 python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
     --resolution 32 --channels 3 --batch-size 512 --compile --channels-last --cudnn-benchmark \
-    --unsynced --peak-tflops 790 --out "$OUT/train_step-cuda.json"
+    --unsynced --profile --peak-tflops 790 --out "$OUT/train_step-cuda.json"
 }
 
 table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md

@@ -29,13 +29,21 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdm.core.diffusion import epsilon_loss, q_sample, sample_noise_and_timesteps, step_generator
-from cdm.core.runtime import machine_info
-from cdm.models.adapters import prepare_shard_model, trainable_parameters
-from cdm.models.backbone import build_scheduler, build_unet, null_label
-from cdm.training.jobs import ShardTraining
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python benchmarks/train_step.py` from the repo root
+
+from benchmarks.compose_step import profile_calls  # noqa: E402
+from cdm.core.diffusion import (  # noqa: E402
+    epsilon_loss,
+    q_sample,
+    sample_noise_and_timesteps,
+    step_generator,
+)
+from cdm.core.runtime import machine_info  # noqa: E402
+from cdm.models.adapters import prepare_shard_model, trainable_parameters  # noqa: E402
+from cdm.models.backbone import build_scheduler, build_unet, null_label  # noqa: E402
+from cdm.training.jobs import ShardTraining  # noqa: E402
+
 SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
 
 
@@ -172,6 +180,11 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="no CUDA sync per step: the host runs ahead as in training; period = mean over the span",
     )
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="after timing, profile 5 bare steps: kernel time against wall time, the top kernels",
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--out", type=Path, help="default docs/benchmarks/train_step-<device>.json")
     args = p.parse_args()
@@ -252,6 +265,18 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             round(o[f"{key}_ms"] / b[f"{key}_ms"], 4) for o, b in pairs
         ]
     report.update(max_abs_loss_diff=loss_diff, flop_per_step_fwd_bwd=flops)
+    if args.profile:  # where a bare step's time goes: kernel time against wall (after timing)
+        opt = torch.optim.AdamW(
+            [p for _, p in trainable_parameters(bare)], lr=LR, weight_decay=0.0, fused=sync or None
+        )
+        steps = iter(range(total, total + 100))
+
+        def bare_step() -> None:
+            bare_loss(bare, batch, bare_alphas, next(steps), null, amp).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        report["profile_bare_step"] = profile_calls(bare_step, 5, sync)
     report["peak_tflops"] = args.peak_tflops if sync else None
     n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()
     return report, {"lora_params": n_lora, "total_params": n_all}
