@@ -155,11 +155,13 @@ def test_dense_step_equals_the_selected_pairs_step(lora_shards, method):
     assert top1.evaluated_pairs == 3
 
 
-def test_pairs_forward_gives_each_row_its_own_shard(lora_shards):
+@pytest.mark.parametrize("lora_path", ["grouped", "stacked"])
+def test_pairs_forward_gives_each_row_its_own_shard(lora_shards, lora_path):
     """MultiShardUNet.pairs: pair (b, j) is shard[b, j]'s epsilon of sample b, whatever the mix
-    of shards in the batch (repeats, one shard only, every shard)."""
+    of shards in the batch (repeats, one shard only, every shard), on either LoRA path; dense
+    block k is shard k alone."""
     base, dirs = lora_shards
-    model = multi(base, dirs)
+    model = MultiShardUNet(copy.deepcopy(base), [read_peft_adapter(d) for d in dirs], lora_path)
     x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([50, 300, 900]), torch.tensor([1, 2, 3])
     for shard in ([[2, 0], [1, 1], [0, 2]], [[1, 1], [1, 1], [1, 1]], [[0, 1], [2, 0], [1, 2]]):
         shard = torch.tensor(shard)
@@ -167,7 +169,14 @@ def test_pairs_forward_gives_each_row_its_own_shard(lora_shards):
         assert eps.shape == (3, 2, 1, 8, 8)
         for j in range(2):
             torch.testing.assert_close(eps[:, j], model(x, t, y, shard[:, j]), rtol=1e-5, atol=1e-5)
-    assert model.selection.used is None and model.selection.blocks is None  # state reset
+    eps_all = model.dense(x, t, y)
+    for k in range(3):
+        one = model(x, t, y, torch.full((3,), k))
+        torch.testing.assert_close(eps_all[k], one, rtol=1e-5, atol=1e-5)
+    sel = model.selection
+    assert sel.used is None and sel.blocks is None and sel.index is None  # state reset
+    with pytest.raises(ValueError, match="lora_path must be one of"):
+        MultiShardUNet(copy.deepcopy(base), [read_peft_adapter(dirs[0])], "fused")
 
 
 @pytest.mark.parametrize(

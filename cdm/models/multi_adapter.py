@@ -180,16 +180,31 @@ def _scaling(config: Mapping) -> float:
     return alpha / (r**0.5) if config.get("use_rslora") else alpha / r
 
 
+LORA_PATHS = ("grouped", "stacked")
+
+
 class MultiShardUNet(nn.Module):
     """The backbone with n shards' adapters: ``forward(x_t, t, labels, shard_index) -> eps``.
 
     ``shard_index`` gives each sample's shard; the whole batch is one forward pass.
+    ``lora_path`` picks how the static-shape forwards (``dense``, ``pairs``) apply the factors:
+    ``grouped``, each block of rows meets only its own shard's A and B (grouped conv / batched
+    matmul: one shard's FLOPs per row); ``stacked``, every row is projected by all n shards' A at
+    once (one dense conv or matmul with n*r outputs, n times the A FLOPs), keeps its own r-slice
+    and meets its own B. Which is faster is a property of the GPU's kernels (benchmarks/
+    compose_step.py times both); the results agree to float rounding.
     """
 
     def __init__(
-        self, unet: nn.Module, adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]]
+        self,
+        unet: nn.Module,
+        adapters: Sequence[tuple[Mapping[str, torch.Tensor], Mapping]],
+        lora_path: str = "grouped",
     ) -> None:
         super().__init__()
+        if lora_path not in LORA_PATHS:
+            raise ValueError(f"lora_path must be one of {LORA_PATHS}, got {lora_path!r}")
+        self.lora_path = lora_path
         if not adapters:
             raise ValueError("MultiShardUNet needs at least one adapter")
         if any(config.get("use_dora") for _, config in adapters):
@@ -219,9 +234,11 @@ class MultiShardUNet(nn.Module):
             setattr(parent, child, GroupedLoRA(modules[name], a, b, scales, self.selection))
 
     @classmethod
-    def from_dirs(cls, unet: nn.Module, directories: Sequence[str | Path]) -> MultiShardUNet:
+    def from_dirs(
+        cls, unet: nn.Module, directories: Sequence[str | Path], lora_path: str = "grouped"
+    ) -> MultiShardUNet:
         """Build from peft adapter folders (e.g. the store's ``shards/shard-KK``)."""
-        return cls(unet, [read_peft_adapter(d) for d in directories])
+        return cls(unet, [read_peft_adapter(d) for d in directories], lora_path)
 
     def forward(
         self,
@@ -268,9 +285,13 @@ class MultiShardUNet(nn.Module):
         used: torch.Tensor,
     ) -> torch.Tensor:
         """eps of ``len(used)`` equal contiguous blocks of rows, block j with shard ``used[j]``, in
-        one forward with no host synchronisation."""
+        one forward with no host synchronisation (``lora_path``: grouped or stacked factors)."""
         sel = self.selection
-        sel.used, sel.blocks = used, used.numel()
+        if self.lora_path == "stacked":  # every shard's A for every row, each row's own slice
+            sel.used = torch.arange(self.n_shards, device=used.device)
+            sel.index = sel.position = used.repeat_interleave(x.shape[0] // used.numel())
+        else:
+            sel.used, sel.blocks = used, used.numel()
         try:
             return predict_epsilon(self.unet, x, timesteps, labels)
         finally:
