@@ -4,6 +4,7 @@ datamodel experiment through cdm-attribute, and its LDS recomputed from what it 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -361,3 +362,39 @@ def test_a_compartment_can_be_measured_against_its_own_data(tiny_digits_backbone
     np.testing.assert_allclose(own.ctx.prop.reference.mu, mine.mu, rtol=0, atol=1e-12)
     np.testing.assert_allclose(own.ctx.prop.reference.sigma, mine.sigma, rtol=0, atol=1e-12)
     assert frechet_distance(mine, experiments["private"].ctx.prop.reference) > 1e-2
+
+
+def test_gammas_are_keyed_by_the_reference_sets_ids_not_its_name(tiny_digits_backbone, monkeypatch):
+    """A reference whose data changed (same name, other ids: e.g. a forget in another shard)
+    gets a new records file; the paragon's default reference is its own data and adds no key."""
+    import cdm.attribution.removal as removal
+    from cdm.attribution.composition import AttributionContext
+    from cdm.jobs.context import load_data, select_manifest, split_data
+    from cdm.jobs.evaluate import reference_rows
+    from cdm.jobs.pipeline import instantiate_option
+    from cdm.store import ArtifactStore
+    from tests.test_attribute_cli import compose_attribute
+
+    store = ArtifactStore(tiny_digits_backbone)
+    cfg = compose_attribute(
+        tiny_digits_backbone, *TINY, *SMALL_RUN, "attribution.method.target=shard-01"
+    )
+
+    def records_path() -> Path:
+        ctx = AttributionContext(cfg, store, None)
+        return removal.RemovalExperiment(
+            instantiate_option(cfg.attribution.method), ctx
+        ).records_path
+
+    before = records_path()
+    rows, ids_hash = reference_rows(cfg, store, load_data(cfg))
+    monkeypatch.setattr(removal, "reference_rows", lambda *a: (rows[1:], "other-" + ids_hash))
+    assert records_path() != before  # the private set lost an id: no gamma is reused
+    monkeypatch.undo()
+    assert records_path() == before
+    paragon = compose_attribute(
+        tiny_digits_backbone, *TINY, *SMALL_RUN, "attribution.method.target=paragon"
+    )
+    dataset = load_data(paragon)
+    own = select_manifest("paragon", split_data(paragon, dataset), 0).hash
+    assert reference_rows(paragon, store, dataset)[1] == own  # so paragon records stay valid

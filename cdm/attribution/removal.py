@@ -61,7 +61,7 @@ from cdm.core.names import ShardId
 from cdm.core.sampling import sample as run_sampler
 from cdm.data.sharding import epoch_order, id_hash
 from cdm.jobs.context import load_backbone_for_shards, load_data, select_manifest, split_data
-from cdm.jobs.evaluate import DEFAULT_REFERENCE
+from cdm.jobs.evaluate import reference_rows
 from cdm.jobs.pipeline import build_sampler, cycle_labels, sampling_device
 from cdm.jobs.sample import batch_generator
 from cdm.models.backbone import build_scheduler, predict_epsilon
@@ -328,7 +328,8 @@ class RemovalExperiment:
         self.label_pool = torch.unique(labels) if cfg.data.conditional else None
         self.records: list[ModelRecord] = []
         self.records_path = ctx.store.attribution_records_path(
-            str(cfg.experiment_name), self.fingerprint(manifest.hash)
+            str(cfg.experiment_name),
+            self.fingerprint(manifest.hash, reference_rows(cfg, ctx.store, dataset)[1]),
         )
         done = read_json_lines(self.records_path) if self.records_path.is_file() else []
         self.measured = {(r["kind"], r["index"], r.get("variant", "")): r for r in done}
@@ -366,10 +367,11 @@ class RemovalExperiment:
         model.train()
         return float(self.ctx.prop(torch.cat(images), None))
 
-    def fingerprint(self, manifest_hash: str) -> str:
+    def fingerprint(self, manifest_hash: str, reference_hash: str) -> str:
         """What every measured gamma depends on: the method's units, alpha and retraining steps,
-        the property, the sampling, the seed, the training settings, the backbone and the
-        attributed data. Budgets and subset counts are left out (subsets are prefix-stable draws:
+        the property, the sampling, the seed, the training settings, the backbone, the
+        attributed data and, when it is other data, the reference set's ids (so a reference whose
+        data changed, e.g. after ``cdm-forget`` in another shard, never reuses gammas). Budgets and subset counts are left out (subsets are prefix-stable draws:
         more of them keep the first ones), and so are the settings only some models depend on
         (``variant``)."""
         cfg = self.cfg
@@ -382,9 +384,8 @@ class RemovalExperiment:
             "property": OmegaConf.to_container(cfg.attribution.property, resolve=True),
             "sampling": [int(cfg.num_samples), int(cfg.steps), int(cfg.batch_size), int(cfg.seed)],
         }  # fmt: skip
-        reference = str(cfg.evaluate.reference)
-        if reference != DEFAULT_REFERENCE:  # the default adds nothing: older records stay valid
-            keys["reference"] = reference
+        if reference_hash != manifest_hash:  # the attributed data itself adds nothing
+            keys["reference"] = reference_hash
         return sha256_bytes(json.dumps(keys, sort_keys=True, default=str).encode())
 
     def variant(self, kind: str, seed_offset: int = 0) -> str:

@@ -76,12 +76,10 @@ def build_feature_space(cfg: DictConfig, store: ArtifactStore, name: str, datase
     raise ValueError(f"unknown feature space {name!r}: choose domain, inception or pixels")
 
 
-def reference_images(
-    cfg: DictConfig, store: ArtifactStore, dataset
-) -> tuple[torch.Tensor, str, str]:
-    """(uint8 images, key, ids hash) of the reference set ``cfg.evaluate.reference``: ``private``
-    (the stored union of the shards), ``shard-KK`` (that shard's ids in the experiment's current
-    split, after forgotten and added sources) or a dataset split (``train``, ``test``)."""
+def reference_rows(cfg: DictConfig, store: ArtifactStore, dataset) -> tuple[list[int], str]:
+    """(dataset rows, ids hash) of the reference set ``cfg.evaluate.reference``: ``private`` (the
+    stored union of the shards), ``shard-KK`` (that shard's ids in the experiment's current split,
+    after forgotten and added sources) or a dataset split (``train``, ``test``)."""
     reference = str(cfg.evaluate.reference)
     if reference == "private":
         manifest = store.load_manifest(cfg.experiment_name, "private")
@@ -105,9 +103,18 @@ def reference_images(
         raise ValueError(
             f"evaluate.reference={reference!r}: choose one of {REFERENCES} or a shard (shard-KK)"
         )
+    return rows, ids_hash
+
+
+def reference_images(
+    cfg: DictConfig, store: ArtifactStore, dataset
+) -> tuple[torch.Tensor, str, str]:
+    """(uint8 images, key, ids hash) of the reference set ``cfg.evaluate.reference``
+    (``reference_rows``)."""
+    rows, ids_hash = reference_rows(cfg, store, dataset)
     images = to_uint8(torch.stack([dataset.image(i) for i in rows]))
-    key = StatsKey(dataset.name, int(dataset.resolution), reference, ids_hash).name
-    return images, key, ids_hash
+    key = StatsKey(dataset.name, int(dataset.resolution), str(cfg.evaluate.reference), ids_hash)
+    return images, key.name, ids_hash
 
 
 def reference_features(
