@@ -52,7 +52,7 @@ compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the 
   part gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py \
     tests/test_sample_cli.py
   part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
-    --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 --profile \
+    --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 --steps 25 --profile \
     --out "$OUT/compose_step-cuda.json"
 }
 
