@@ -369,11 +369,11 @@ class RemovalExperiment:
 
     def fingerprint(self, manifest_hash: str, reference_hash: str) -> str:
         """What every measured gamma depends on: the method's units, alpha and retraining steps,
-        the property, the sampling, the seed, the training settings, the backbone, the
-        attributed data and, when it is other data, the reference set's ids (so a reference whose
-        data changed, e.g. after ``cdm-forget`` in another shard, never reuses gammas). Budgets and subset counts are left out (subsets are prefix-stable draws:
-        more of them keep the first ones), and so are the settings only some models depend on
-        (``variant``)."""
+        the property, the sampling, the seed, the training settings, the backbone, the attributed
+        data and, when it is other data, the reference set's ids (so a reference whose data
+        changed, e.g. after ``cdm-forget`` in another shard, never reuses gammas). Budgets and
+        subset counts are left out (subsets are prefix-stable draws: more of them keep the first
+        ones), and so are the settings only some models depend on (``variant``)."""
         cfg = self.cfg
         method = {k: v for k, v in OmegaConf.to_container(cfg.attribution.method, resolve=True).items()
                   if k not in VARIANT_KEYS}  # fmt: skip

@@ -307,9 +307,9 @@ class MultiShardUNet(nn.Module):
         """eps of k (sample, shard) pairs per sample, ``[B, k, C, H, W]``; pair j of sample b
         uses shard ``shard_of_pair[b, j]`` (a [B, k] tensor on the model's device).
 
-        The B*k pairs are one forward of B*k rows, each row meeting only its own shard's factors
-        (blocks of one row: grouped conv / batched matmul), with static shapes and no host
-        synchronisation, so a CUDA graph captures it (``GraphedPairs``): top-k with a static
+        The B*k pairs are one forward of B*k rows, each row meeting its own shard's factors
+        (``lora_path``: blocks of one row, or every shard's A stacked), with static shapes and no
+        host synchronisation, so a CUDA graph captures it (``GraphedPairs``): top-k with a static
         capacity of k pairs per sample. Indices are not checked here (a check would synchronise);
         ``ComposedDenoiser`` builds them from its own weights.
         """
@@ -342,8 +342,8 @@ class GraphedCall:
     benchmarks.md), so this removes its host cost. ``fn`` must take tensors (or None) of static
     shapes and synchronise nothing with the host; inputs are copied into static buffers and the
     returned tensor is a static output, valid until the next call. CUDA only. (torch.compile's
-    ``reduce-overhead`` mode graphs too, but recompiles per shape and cannot run our eager
-    GroupedLoRA without tracing it; a plain capture keeps the eager kernels.)
+    ``reduce-overhead`` mode graphs too, but only a compiled model; a plain capture also takes
+    the eager kernels, and ``GraphedCall(torch.compile(fn))`` the compiled ones.)
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
@@ -388,7 +388,6 @@ class GraphedDense(GraphedCall):
 
     def __init__(self, model: MultiShardUNet | MultiShardFull) -> None:
         super().__init__(model.dense)
-        self.model = model
 
 
 class GraphedPairs(GraphedCall):
@@ -397,7 +396,6 @@ class GraphedPairs(GraphedCall):
 
     def __init__(self, model: MultiShardUNet) -> None:
         super().__init__(model.mixed_pairs)
-        self.model = model
 
 
 def merge_adapters(
