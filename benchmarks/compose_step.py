@@ -325,6 +325,13 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
         return {"flops": int(flops.get_total_flops()), "aten_ops": ops.count}
 
     calls = {n: methods(n) for n in shards}
+    clock = time.perf_counter()
+
+    def progress(what: str) -> None:
+        """One line on stderr with the seconds since the models were built (where a slow or
+        killed GPU run spent its time)."""
+        print(f"[{time.perf_counter() - clock:7.1f} s] {what}", file=sys.stderr, flush=True)
+
     tol = 1e-4 if args.precision == "32" else 1e-1
     results: dict[str, Any] = {}
     names = list(method_names(args.device))
@@ -335,6 +342,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             try:
                 for n in shards:
                     calls[n][m]()
+                progress(f"{m}: first call (capture{', compilation' if 'compiled' in m else ''})")
             except Exception as err:  # noqa: BLE001 - any failure: record it, time the others
                 errors[m] = f"{type(err).__name__}: {err}"[:2000]
                 names.remove(m)
@@ -360,6 +368,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             for variant in trajectories[1:]:  # the same x_T: static pairs against kept pairs
                 diff = (final[variant] - final["topk"]).abs().max().item()
                 results[str(n)][f"max_abs_diff_{variant}_vs_topk_x0"] = diff
+        progress("checked against the loop; trajectories warmed up")
         times = {n: {m: [] for m in names} for n in shards}  # (wall ms, CPU ms) per round
         kept: dict[int, list[float]] = {}
         for r in range(args.rounds):
@@ -377,6 +386,7 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                     times[n][m].append(
                         tuple(statistics.median(s[j] for s in kept_spans) for j in (0, 1))
                     )
+            progress(f"round {r + 1}/{args.rounds} timed")
     for n in shards:
         row = results[str(n)]
         for m in names:

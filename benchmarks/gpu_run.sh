@@ -4,9 +4,13 @@
 # Here, once (downloads the wheels the GPU image lacks into .whl/, ignored by git; ~8 MB):
 #     bash benchmarks/gpu_run.sh wheels
 # There (the device tool runs this from the repo root; results land in $OUT, at most 8 files):
-#     bash benchmarks/gpu_run.sh compose          # at most 6.5 min: the gpu tests of sampling, goals 1-2
-#     bash benchmarks/gpu_run.sh train table1     # at most 8 min: goal 3, then goal 4 (cdm-table1)
-# (device time is 15 min a session, a machine's start included: two calls, each under its limit)
+#     bash benchmarks/gpu_run.sh compose train table1 tests
+# Parts: compose (goals 1-2, default limit 240 s), train (goal 3, 180 s), table1 (goal 4, 300 s),
+# tests (the gpu tests of sampling, 150 s); each limit can be set: COMPOSE_S, TRAIN_S, TABLE1_S,
+# TESTS_S. Device time is 15 min a session with a machine's start (a minute or two) included, so
+# one call of all four parts with tighter limits, for example
+#     COMPOSE_S=190 TRAIN_S=130 TABLE1_S=150 TESTS_S=60 bash benchmarks/gpu_run.sh compose train table1 tests
+# leaves time for one short rerun of a part that failed.
 # Each part runs under its own timeout, so one that hangs costs only its own slice; a part that
 # fails is logged and the next one still runs. The machine's torch is used as it is (its version
 # is recorded in every JSON); only the packages it lacks travel as wheels.
@@ -44,31 +48,35 @@ part() {  # part NAME SECONDS COMMAND...: one timed slice, its output appended t
   shift 2
   echo "=== $name (limit ${limit}s): $*" | tee -a "$OUT/log.txt"
   local start=$SECONDS
-  timeout "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
+  # SIGINT first: table1_device.py then still writes the stages it timed; killed 15 s later
+  timeout -s INT -k 15 "$limit" "$@" 2>&1 | tee -a "$OUT/log.txt"
   echo "=== $name: rc ${PIPESTATUS[0]} after $((SECONDS - start)) s" | tee -a "$OUT/log.txt"
 }
 
-compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16; the graph tests first
-  part gpu-tests 150 python3 -m pytest -q -p no:cacheprovider -m gpu tests/test_compose.py \
-    tests/test_sample_cli.py
-  part compose 240 python3 benchmarks/compose_step.py --device cuda --precision bf16 \
+tests() {  # the gpu-marked tests of sampling: graphed steps and cdm-sample on CUDA against the CPU
+  part gpu-tests "${TESTS_S:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
+    tests/test_compose.py tests/test_sample_cli.py
+}
+
+compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16
+  part compose "${COMPOSE_S:-240}" python3 benchmarks/compose_step.py --device cuda --precision bf16 \
     --preset base --resolution 32 --channels 3 --batch-size 16 --shards 8 --steps 25 --profile \
     --out "$OUT/compose_step-cuda.json"
 }
 
 train() {  # goal 3: B = 512, compiled, channels-last, cuDNN autotuned, the host not synced per step
-  part train 180 python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
+  part train "${TRAIN_S:-180}" python3 benchmarks/train_step.py --device cuda --precision bf16 --preset base \
     --resolution 32 --channels 3 --batch-size 512 --compile --channels-last --cudnn-benchmark \
     --unsynced --profile --peak-tflops 790 --out "$OUT/train_step-cuda.json"
 }
 
 table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md
-  part table1 300 python3 benchmarks/table1_device.py --device cuda --out "$OUT/table1-cuda.json" \
+  part table1 "${TABLE1_S:-300}" python3 benchmarks/table1_device.py --device cuda --out "$OUT/table1-cuda.json" \
     --compare docs/benchmarks/table1-cpu.json
 }
 
 if [ $# -eq 0 ]; then
-  echo "usage: bash benchmarks/gpu_run.sh wheels | [compose] [train] [table1]" >&2
+  echo "usage: bash benchmarks/gpu_run.sh wheels | [compose] [train] [table1] [tests]" >&2
   exit 2
 fi
 if [ "$1" = wheels ]; then
@@ -77,8 +85,8 @@ if [ "$1" = wheels ]; then
 fi
 for p in "$@"; do
   case $p in
-    compose | train | table1) ;;
-    *) echo "unknown part '$p': use wheels, or compose, train, table1" >&2; exit 2 ;;
+    compose | train | table1 | tests) ;;
+    *) echo "unknown part '$p': use wheels, or compose, train, table1, tests" >&2; exit 2 ;;
   esac
 done
 setup || { echo "setup failed: are the wheels in .whl (bash benchmarks/gpu_run.sh wheels)?" >&2; exit 1; }

@@ -293,6 +293,9 @@ class StageTimer:
             finally:
                 self.calls.append({"stage": stage, "experiment": experiment,
                                    "s": round(self.now() - start, 3)})  # fmt: skip
+                # where a slow or killed run spent its time, as it goes
+                print(f"stage {stage} ({experiment}): {self.calls[-1]['s']} s", file=sys.stderr,
+                      flush=True)  # fmt: skip
 
         return timed
 
@@ -434,7 +437,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     error = None
     try:
         run_table1(argv)
-    except Exception as err:  # keep the stages timed so far
+    except (Exception, KeyboardInterrupt) as err:  # keep the stages timed so far (Ctrl-C too)
         error = f"{type(err).__name__}: {err}"
         if not isinstance(err, Table1Failed):
             traceback.print_exc()

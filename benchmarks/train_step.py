@@ -247,6 +247,9 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             else:
                 run_bare(bare, batch, bare_alphas, null, amp, total, timer)
             rounds[path].append(timer.summary(args.warmup, args.steps))
+            # where a slow or killed GPU run spent its time (the first round compiles)
+            print(f"round {r + 1}/{args.rounds} {path}: {rounds[path][-1]['period_ms']:.2f} ms "
+                  f"per period", file=sys.stderr, flush=True)  # fmt: skip
             losses[path] = torch.stack(timer.losses).float().cpu()
         loss_diff = max(loss_diff, (losses["ours"] - losses["bare"]).abs().max().item())
 
