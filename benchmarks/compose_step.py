@@ -49,6 +49,9 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
 FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
 TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 100.0  # the trajectory router (see Router)
+PROFILED_CALLS = (
+    3  # calls per profiled method (the profiler's own bookkeeping is slow on eager steps)
+)
 METHODS = (
     "one_adapter",
     "loop",
@@ -194,8 +197,13 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build every method for every n, check grouped == loop, run the rounds; (results, info)."""
+def measure(
+    args: argparse.Namespace, save: Callable[[dict[str, Any], dict[str, Any]], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build every method for every n, check grouped == loop, run the rounds; (results, info).
+
+    ``save(results, info)`` is called once the timings are in and again after each profile, so a
+    run killed while profiling (a GPU lease running out) keeps what it measured."""
     shards: list[int] = args.shards
     device, sync = torch.device(args.device), args.device == "cuda"
     amp = torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -409,21 +417,21 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                 row[f"{m}_over_bare_nB_compiled"] = round(statistics.median(by_round), 4)
         row["topk_kept_per_sample_by_step"] = [round(k, 3) for k in kept[n]]
         row["topk_mean_kept_per_sample"] = round(statistics.fmean(kept[n]), 4)
-    if args.profile:  # at the largest n, after timing: where each method's time goes
-        n = max(shards)
-        with torch.no_grad(), amp:
-            results["profile"] = {
-                "n": n,
-                **{
-                    m: profile_calls(calls[n][m], 5, sync)
-                    for m in ("one_adapter", "grouped", "bare_nB", *GRAPHED_STEPS)
-                    if m in names
-                },
-            }
     n_lora = sum(p.numel() for name, p in one.named_parameters() if "lora_" in name)
     info = {"total_params": bare.num_parameters(), "lora_params_per_shard": n_lora}
     info["adapter"], info["scheduler"] = adapter, sched_kw
     info["methods"], info["errors"] = names, errors
+    save(results, info)
+    if args.profile:  # at the largest n, after timing: where each method's time goes
+        n = max(shards)
+        results["profile"] = {"n": n}
+        with torch.no_grad(), amp:
+            for m in [
+                m for m in (*GRAPHED_STEPS, "bare_nB", "one_adapter", "grouped") if m in names
+            ]:
+                results["profile"][m] = profile_calls(calls[n][m], PROFILED_CALLS, sync)
+                progress(f"profiled {m}")
+                save(results, info)
     return results, info
 
 
@@ -433,20 +441,24 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    results, info = measure(args)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     router = {"topk": TOPK, "threshold": THRESHOLD, "sharpness_min_max": [SHARP_MIN, SHARP_MAX]}
     fixed = {"t_single_step": T_STEP, "factor_std": FACTOR_STD}
-    out = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "wall_s": round(time.perf_counter() - started, 1),
-        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
-        "config": {**config, **info, **fixed, "topk_router": router},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    out: dict[str, Any] = {}
+
+    def save(results: dict[str, Any], info: dict[str, Any]) -> None:
+        out.update({
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "wall_s": round(time.perf_counter() - started, 1),
+            "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
+            "config": {**config, **info, **fixed, "topk_router": router},
+            "results": results,
+        })  # fmt: skip
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    results, info = measure(args, save)
 
     names = out["config"]["methods"]
     head = "".join(f"{m[:11]:>12}" for m in names[1:])

@@ -7,7 +7,7 @@
 #     bash benchmarks/gpu_run.sh compose train table1 tests
 # Parts: compose (goals 1-2, default limit 240 s), train (goal 3, 180 s), table1 (goal 4, 300 s),
 # tests (the gpu tests of sampling, 150 s); each limit can be set: COMPOSE_S, TRAIN_S, TABLE1_S,
-# TESTS_S. Device time is 15 min a session with a machine's start (a minute or two) included, so
+# TESTS_S (and TESTS, the test node ids). Device time is 15 min a session with a machine's start (a minute or two) included, so
 # one call of all four parts with tighter limits, for example
 #     COMPOSE_S=190 TRAIN_S=130 TABLE1_S=150 TESTS_S=60 bash benchmarks/gpu_run.sh compose train table1 tests
 # leaves time for one short rerun of a part that failed.
@@ -54,8 +54,9 @@ part() {  # part NAME SECONDS COMMAND...: one timed slice, its output appended t
 }
 
 tests() {  # the gpu-marked tests of sampling: graphed steps and cdm-sample on CUDA against the CPU
+  # shellcheck disable=SC2086  # TESTS: which tests (node ids), word-split on purpose
   part gpu-tests "${TESTS_S:-150}" python3 -m pytest -v -p no:cacheprovider -m gpu \
-    tests/test_compose.py tests/test_sample_cli.py
+    ${TESTS:-tests/test_compose.py tests/test_sample_cli.py}
 }
 
 compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16

@@ -225,19 +225,26 @@ def test_graphed_dense_step_equals_eager_on_cuda(lora_shards):
 
 
 @pytest.mark.gpu
-def test_graphed_pairs_step_equals_eager_on_cuda(lora_shards):
+def test_graphed_pairs_step_equals_eager_on_cuda(lora_shards, monkeypatch):
     from cdm.models.multi_adapter import GraphedPairs
 
+    # TF32 (cuDNN's default for convs) rounds to ~1e-3: the kept-pairs path runs other batch
+    # shapes, so other conv algorithms, than the static pairs (seen on an H200: 1.5e-3 apart)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     base, dirs = lora_shards
     model = multi(base, dirs).cuda()
     logits = torch.tensor([[4.0, 0.0, -4.0], [0.0, 3.0, 2.9], [-2.0, 0.0, 5.0], [1.0, 1.1, 0.0]])
     router = lambda x, t: logits  # noqa: E731
     prior = torch.ones(3)
     graphed = ComposedDenoiser(model, C.TopK(k=2), prior, router=router, pairs=GraphedPairs(model))
-    eager = ComposedDenoiser(model, C.TopK(k=2), prior, router=router)
+    static = ComposedDenoiser(model, C.TopK(k=2), prior, router=router, pairs=model.mixed_pairs)
+    kept = ComposedDenoiser(model, C.TopK(k=2), prior, router=router)
     for seed in range(3):  # new inputs (and new pairs) are copied into the graph's buffers
         gen = torch.Generator().manual_seed(seed)
         x = torch.randn(4, 1, 8, 8, generator=gen).cuda()
         t, y = torch.full((4,), 100 * (seed + 1)).cuda(), torch.tensor([0, 1, 2, 3]).cuda()
-        torch.testing.assert_close(graphed(x, t, y).clone(), eager(x, t, y), rtol=1e-4, atol=1e-4)
+        replayed = graphed(x, t, y).clone()
+        torch.testing.assert_close(replayed, static(x, t, y), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(replayed, kept(x, t, y), rtol=1e-4, atol=1e-4)
     assert len(graphed.pairs.graphs) == 1
