@@ -18,6 +18,7 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -169,6 +170,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--compile", action="store_true", help="torch.compile the model (cuda only)")
+    p.add_argument(
+        "--compile-mode",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+        default="default",
+        help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs of the step)",
+    )
     p.add_argument("--channels-last", action="store_true")
     p.add_argument(
         "--cudnn-benchmark",
@@ -194,11 +201,39 @@ def parse_args() -> argparse.Namespace:
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"train_step-{args.device}.json"
     if args.compile and args.device != "cuda":
         p.error("--compile is for --device cuda only")
+    if args.compile_mode != "default" and not args.compile:
+        p.error("--compile-mode needs --compile")
     return args
 
 
-def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Build both paths, count FLOPs, run the interleaved rounds; return (results, model info)."""
+def summarize(
+    rounds: dict[str, list[dict[str, float]]], flops: int, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Medians over the rounds so far per path, images/s, TFLOP/s and the ours/bare ratios."""
+    report: dict[str, Any] = {}
+    for path, rs in rounds.items():
+        med = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
+        med["images_per_s"] = round(1e3 * args.batch_size / med["period_ms"], 1)
+        med["tflop_per_s"] = round(flops / med["period_ms"] / 1e9, 4)
+        if args.device == "cuda":
+            med["fraction_of_peak"] = round(med["tflop_per_s"] / args.peak_tflops, 4)
+        report[path] = {**med, "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rs]}
+    for key in ("step", "period", "cpu"):
+        report[f"ratio_{key}"] = round(report["ours"][f"{key}_ms"] / report["bare"][f"{key}_ms"], 4)
+        pairs = zip(rounds["ours"], rounds["bare"], strict=True)  # adjacent runs: less drift
+        report[f"ratio_{key}_by_round"] = [
+            round(o[f"{key}_ms"] / b[f"{key}_ms"], 4) for o, b in pairs
+        ]
+    return report
+
+
+def measure(
+    args: argparse.Namespace, save: Callable[[dict[str, Any], dict[str, Any]], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Build both paths, count FLOPs, run the interleaved rounds; return (results, model info).
+
+    ``save(results, info)`` is called after every round and before the profile, so a run killed
+    part-way (a GPU lease running out) keeps the rounds it timed."""
     device, sync = torch.device(args.device), args.device == "cuda"
     total = args.warmup + args.steps + 1  # +1: the period of the last timed step
     bcfg = backbone_conf(args.preset)
@@ -232,8 +267,10 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
     null, bare_alphas = null_label(bare), alphas.float().to(device)
     flops = count_flops(bare, batch, bare_alphas, null, amp)
     if args.compile:
-        module.model.compile()
-        bare.compile()
+        module.model.compile(mode=args.compile_mode)
+        bare.compile(mode=args.compile_mode)
+    n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()
+    info = {"lora_params": n_lora, "total_params": n_all}
 
     rounds: dict[str, list[dict[str, float]]] = {"ours": [], "bare": []}
     losses: dict[str, torch.Tensor] = {}
@@ -252,22 +289,10 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
                   f"per period", file=sys.stderr, flush=True)  # fmt: skip
             losses[path] = torch.stack(timer.losses).float().cpu()
         loss_diff = max(loss_diff, (losses["ours"] - losses["bare"]).abs().max().item())
-
-    report: dict[str, Any] = {}
-    for path, rs in rounds.items():
-        med = {k: round(statistics.median(r[k] for r in rs), 3) for k in rs[0]}
-        med["images_per_s"] = round(1e3 * args.batch_size / med["period_ms"], 1)
-        med["tflop_per_s"] = round(flops / med["period_ms"] / 1e9, 4)
-        if sync:
-            med["fraction_of_peak"] = round(med["tflop_per_s"] / args.peak_tflops, 4)
-        report[path] = {**med, "rounds": [{k: round(v, 3) for k, v in r.items()} for r in rs]}
-    for key in ("step", "period", "cpu"):
-        report[f"ratio_{key}"] = round(report["ours"][f"{key}_ms"] / report["bare"][f"{key}_ms"], 4)
-        pairs = zip(rounds["ours"], rounds["bare"], strict=True)  # adjacent runs: less drift
-        report[f"ratio_{key}_by_round"] = [
-            round(o[f"{key}_ms"] / b[f"{key}_ms"], 4) for o, b in pairs
-        ]
-    report.update(max_abs_loss_diff=loss_diff, flop_per_step_fwd_bwd=flops)
+        report = summarize(rounds, flops, args)
+        report.update(max_abs_loss_diff=loss_diff, flop_per_step_fwd_bwd=flops)
+        report["peak_tflops"] = args.peak_tflops if sync else None
+        save(report, info)
     if args.profile:  # where a bare step's time goes: kernel time against wall (after timing)
         opt = torch.optim.AdamW(
             [p for _, p in trainable_parameters(bare)], lr=LR, weight_decay=0.0, fused=sync or None
@@ -280,9 +305,8 @@ def measure(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, Any]]:
             opt.zero_grad(set_to_none=True)
 
         report["profile_bare_step"] = profile_calls(bare_step, 5, sync)
-    report["peak_tflops"] = args.peak_tflops if sync else None
-    n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()
-    return report, {"lora_params": n_lora, "total_params": n_all}
+        save(report, info)
+    return report, info
 
 
 def main() -> None:
@@ -291,17 +315,20 @@ def main() -> None:
     warnings.filterwarnings("ignore", category=UserWarning)
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     load_before = os.getloadavg()
-    report, model_info = measure(args)
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    out = {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-        "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-        "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
-        "config": {**config, **model_info, "lr": LR, "cond_drop_prob": COND_DROP},
-        "results": report,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    def save(report: dict[str, Any], model_info: dict[str, Any]) -> None:
+        out = {
+            "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "date_utc": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": {**machine(), "loadavg_before": [round(x, 2) for x in load_before]},
+            "config": {**config, **model_info, "lr": LR, "cond_drop_prob": COND_DROP},
+            "results": report,
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(out, indent=2) + "\n")
+
+    report, _ = measure(args, save)
 
     print(f"{'path':<6}{'step ms':>9}{'period ms':>11}{'cpu ms':>9}{'images/s':>10}{'TFLOP/s':>9}")
     for path in ("ours", "bare"):
