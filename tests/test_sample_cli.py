@@ -102,9 +102,15 @@ def test_unknown_shard_and_missing_router_are_clear_errors(store_root, train, tm
         )
 
 
-def test_cuda_graph_needs_cuda(store_root, train):
-    with pytest.raises(ValueError, match="cuda_graph=true needs device=cuda"):
-        train(*SAMPLE, "cuda_graph=true", "name=graph", artifacts=store_root, config="sample")
+@pytest.mark.parametrize("graph", ["true", "compiled"])
+def test_cuda_graph_needs_cuda(store_root, train, graph):
+    with pytest.raises(ValueError, match=f"cuda_graph={graph} needs device=cuda"):
+        train(*SAMPLE, f"cuda_graph={graph}", "name=graph", artifacts=store_root, config="sample")
+
+
+def test_cuda_graph_takes_true_false_or_compiled(store_root, train):
+    with pytest.raises(ValueError, match="cuda_graph=fast: use true, false or compiled"):
+        train(*SAMPLE, "cuda_graph=fast", "name=graph", artifacts=store_root, config="sample")
 
 
 def test_a_missing_cuda_device_is_a_clear_error(store_root, train):
@@ -143,12 +149,14 @@ def test_cards_name_the_device_the_job_ran_on(monkeypatch):
         ("average", True),
         ("topk", True),
         ("random", True),
+        ("average", "compiled"),
+        ("topk", "compiled"),
     ],
 )
 def test_cuda_sampling_matches_cpu(store_root, train, composition, graph):
     """Same seed, same x_T (drawn on the CPU): the CUDA samples (eager, or every step as one CUDA
-    graph replay: cuda_graph=true; topk and random as k pairs per sample) equal the CPU ones to
-    float tolerance."""
+    graph replay: cuda_graph=true; topk and random as k pairs per sample; cuda_graph=compiled:
+    the replay of the inductor-compiled step) equal the CPU ones to float tolerance."""
     cards = {
         d: train(
             *SAMPLE,

@@ -185,12 +185,16 @@ class CDMPipeline(DiffusionPipeline):
         if prompts is not None:
             label_pool = torch.arange(len(prompts))
         dense = pairs = None
-        if cfg.get("cuda_graph"):
+        graph = cfg.get("cuda_graph")
+        if graph not in (None, False, True, "compiled"):
+            raise ValueError(f"cuda_graph={graph}: use true, false or compiled")
+        if graph:
             if device.type != "cuda":
-                raise ValueError("cuda_graph=true needs device=cuda")
-            dense = GraphedDense(model)
+                raise ValueError(f"cuda_graph={str(graph).lower()} needs device=cuda")
+            compile_step = graph == "compiled"  # the graph captures the inductor-compiled step
+            dense = GraphedDense(model, compile_step)
             if isinstance(model, MultiShardUNet):  # top-k, random: a static capacity of pairs
-                pairs = GraphedPairs(model)
+                pairs = GraphedPairs(model, compile_step)
         denoiser = ComposedDenoiser(
             model, composition, prior.float(), router=routed.router, dense=dense, pairs=pairs,
             train_log_prior=routed.train_log_prior, label_prior=label_prior,
