@@ -43,6 +43,7 @@ from cdm.core.diffusion import (  # noqa: E402
 from cdm.core.runtime import machine_info  # noqa: E402
 from cdm.models.adapters import prepare_shard_model, trainable_parameters  # noqa: E402
 from cdm.models.backbone import build_scheduler, build_unet, null_label  # noqa: E402
+from cdm.training.callbacks import CompileModel  # noqa: E402
 from cdm.training.jobs import ShardTraining  # noqa: E402
 
 SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
@@ -131,15 +132,22 @@ def run_bare(model, batch, alphas, null, amp, total: int, timer: StepTimer) -> S
 
 
 def run_ours(
-    module: ShardTraining, loader: DataLoader, args, total: int, timer: StepTimer
+    module: ShardTraining,
+    loader: DataLoader,
+    args,
+    total: int,
+    timer: StepTimer,
+    compiler: CompileModel | None = None,
 ) -> StepTimer:
-    """``total`` steps of ShardTraining under a real ``Trainer.fit``."""
+    """``total`` steps of ShardTraining under a real ``Trainer.fit`` (with ``compiler``: what
+    ``cdm-train callbacks=compile`` adds)."""
     sync, precision = timer.sync, "bf16-mixed" if args.precision == "bf16" else "32-true"
     off = dict.fromkeys(
         ("enable_checkpointing", "enable_progress_bar", "enable_model_summary"), False
     )
     kw = dict(accelerator="gpu" if sync else "cpu", devices=1, max_steps=total, logger=False, **off)
-    pl.Trainer(precision=precision, callbacks=[timer], **kw).fit(module, train_dataloaders=loader)
+    callbacks = [timer, *([compiler] if compiler else [])]
+    pl.Trainer(precision=precision, callbacks=callbacks, **kw).fit(module, train_dataloaders=loader)
     return timer
 
 
@@ -266,8 +274,8 @@ def measure(
     bare = prepare_shard_model(make_unet(bcfg, args), adapter).to(device, memory_format=fmt).train()
     null, bare_alphas = null_label(bare), alphas.float().to(device)
     flops = count_flops(bare, batch, bare_alphas, null, amp)
+    compiler = CompileModel(args.compile_mode) if args.compile else None  # ours: callbacks=compile
     if args.compile:
-        module.model.compile(mode=args.compile_mode)
         bare.compile(mode=args.compile_mode)
     n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()
     info = {"lora_params": n_lora, "total_params": n_all}
@@ -280,7 +288,7 @@ def measure(
             edges = (args.warmup, args.warmup + args.steps) if args.unsynced else None
             timer = StepTimer(sync, edges)
             if path == "ours":
-                run_ours(module, loader, args, total, timer)
+                run_ours(module, loader, args, total, timer, compiler)
             else:
                 run_bare(bare, batch, bare_alphas, null, amp, total, timer)
             rounds[path].append(timer.summary(args.warmup, args.steps))
