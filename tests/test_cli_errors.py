@@ -114,6 +114,7 @@ def test_a_bad_override_and_help_never_import_the_heavy_stack(module, tmp_path):
         (["experiment=nope"], ["experiment=nope", "digits_4split"]),
         (["prior=unifrom"], ["prior=unifrom", "sizes, uniform"]),
         (["device=gpu"], ["device=gpu", "device=cpu"]),
+        (["cuda_graph=fast"], ["cuda_graph=fast", "true, false or compiled"]),
         (["labels=[12]"], ["labels=", "below 10"]),
         (["shards=[a]"], ["shards="]),
         (["no_such_key=1"], ["no_such_key"]),
@@ -140,8 +141,10 @@ def test_checked_values_are_the_ones_the_code_accepts():
 
     from cdm.cli import checks
     from cdm.jobs.evaluate import REFERENCES
+    from cdm.jobs.pipeline import CUDA_GRAPH
 
     assert checks.REFERENCES == REFERENCES
+    assert checks.CUDA_GRAPH == CUDA_GRAPH
     # a shard's own data is a reference too (shard-KK); anything else is refused by name
     for ok in ("private", "test", "shard-01"):
         checks.check_choices(OmegaConf.create({"evaluate": {"reference": ok}}))

@@ -19,6 +19,7 @@ from cdm.core.names import ShardId
 PRIORS = ("sizes", "uniform")
 DEVICE = re.compile(r"^(cpu|cuda|cuda:\d+|mps)$")
 FEATURE_SPACES = ("domain", "inception", "pixels")
+CUDA_GRAPH = (False, True, "compiled")  # cdm.jobs.pipeline.CUDA_GRAPH
 REFERENCES = ("private", "train", "test")
 METRICS = ("FD", "KID")
 EXACT_DIM = 4096  # cdm.attribution.divergence.MAX_EXACT_DIM (this module stays torch-free)
@@ -35,6 +36,9 @@ def check_choices(cfg: DictConfig) -> None:
     device = OmegaConf.select(cfg, "device")
     if device is not None and not DEVICE.match(str(device)):
         raise ChoiceError(f"device={device} is not a device: use device=cpu, cuda or cuda:K")
+    graph = OmegaConf.select(cfg, "cuda_graph")
+    if graph is not None and graph not in CUDA_GRAPH:
+        raise ChoiceError(f"cuda_graph={graph}: use true, false or compiled")
     check_indices(cfg, "shards", upper=None)
     if OmegaConf.select(cfg, "labels") is not None:
         if not OmegaConf.select(cfg, "data.conditional", default=True):

@@ -63,6 +63,8 @@ from cdm.store import ArtifactStore, StoreError
 from cdm.store.knn import load_centroids
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+# cuda_graph=: off, each step one CUDA graph replay, or the replay of the inductor-compiled step
+CUDA_GRAPH = (False, True, "compiled")
 
 
 @dataclass
@@ -185,8 +187,8 @@ class CDMPipeline(DiffusionPipeline):
         if prompts is not None:
             label_pool = torch.arange(len(prompts))
         dense = pairs = None
-        graph = cfg.get("cuda_graph")
-        if graph not in (None, False, True, "compiled"):
+        graph = cfg.get("cuda_graph") or False
+        if graph not in CUDA_GRAPH:
             raise ValueError(f"cuda_graph={graph}: use true, false or compiled")
         if graph:
             if device.type != "cuda":
