@@ -43,6 +43,25 @@ def test_compiled_shard_training_equals_eager_under_the_same_keys(
     assert all(torch.equal(eager[k], comp[k]) for k in eager)
 
 
+def test_channels_last_training_stores_the_same_adapter_layout(
+    tiny_digits_backbone, train, tmp_path
+):
+    """channels_last=true: NHWC weights while training; the stored adapter has the eager run's
+    keys and shapes, and its values to float tolerance (other conv kernels, same math)."""
+    root = shutil.copytree(tiny_digits_backbone, tmp_path / "artifacts")
+    train(*TINY, "experiment_name=eager", artifacts=root)
+    train(*TINY, "experiment_name=nhwc", "callbacks=compile", "callbacks.compile.backend=eager",
+          "callbacks.compile.channels_last=true", artifacts=root)  # fmt: skip
+    store = ArtifactStore(root)
+    eager, nhwc = (
+        load_file(store.adapter_dir(e, "shard-00") / "adapter_model.safetensors")
+        for e in ("eager", "nhwc")
+    )
+    assert eager.keys() == nhwc.keys()
+    for k in eager:
+        torch.testing.assert_close(nhwc[k], eager[k], rtol=1e-4, atol=1e-5)
+
+
 def test_a_job_without_a_network_attribute_trains_uncompiled(caplog):
     import pytorch_lightning as pl
 

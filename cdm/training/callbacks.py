@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
+import torch
 from torch import nn
 
 from cdm.core.hashing import hash_ids
@@ -256,8 +257,10 @@ class CompileModel(pl.Callback):
     only. A job with no ``model`` (router, feature net) trains uncompiled, said in one log line.
     """
 
-    def __init__(self, mode: str = "default", backend: str = "inductor") -> None:
-        self.mode, self.backend = mode, backend
+    def __init__(
+        self, mode: str = "default", backend: str = "inductor", channels_last: bool = False
+    ) -> None:
+        self.mode, self.backend, self.channels_last = mode, backend, channels_last
         self.compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # compile once per model
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -265,6 +268,8 @@ class CompileModel(pl.Callback):
         if not isinstance(model, nn.Module):
             log.info("compile: %s has no .model; it trains uncompiled", type(pl_module).__name__)
             return
+        if self.channels_last:  # 4-d weights NHWC: the convs take and give channels-last
+            model.to(memory_format=torch.channels_last)
         if model not in self.compiled:
             model.compile(mode=self.mode, backend=self.backend)
             self.compiled.add(model)
