@@ -207,6 +207,20 @@ def test_static_capacity_step_equals_the_selected_pairs_step(lora_shards, make):
     assert sparse.evaluated_pairs <= static.evaluated_pairs
 
 
+@pytest.mark.parametrize("lora_path", ["grouped", "stacked"])
+def test_the_steps_cuda_graph_compiled_compiles_trace_as_one_graph(lora_shards, lora_path):
+    """dense and mixed_pairs (what ``cuda_graph=compiled`` hands to torch.compile) trace with no
+    graph break (fullgraph=True), so no host round trip sits inside the captured step; dynamo's
+    eager backend runs the traced graph: the same epsilons as the plain call."""
+    base, dirs = lora_shards
+    model = MultiShardUNet(copy.deepcopy(base), [read_peft_adapter(d) for d in dirs], lora_path)
+    x, t, y = torch.randn(3, 1, 8, 8), torch.tensor([50, 300, 900]), torch.tensor([1, 2, 3])
+    shard, weight = torch.tensor([[2, 0], [1, 1], [0, 2]]), torch.tensor([[0.7, 0.3]] * 3)
+    for fn, args in ((model.dense, (x, t, y)), (model.mixed_pairs, (x, t, y, shard, weight))):
+        traced = torch.compile(fn, backend="eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(traced(*args), fn(*args), rtol=0, atol=0)
+
+
 @pytest.mark.gpu
 def test_graphed_dense_step_equals_eager_on_cuda(lora_shards):
     from cdm.models.multi_adapter import GraphedDense
