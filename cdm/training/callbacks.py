@@ -254,7 +254,8 @@ class CompileModel(pl.Callback):
     convolutions (on an H200 a compiled composed sampling step took 0.55x the uncompiled one,
     docs/benchmarks.md); the first steps compile (that sampling step: about a minute).
     Compiled kernels are not bit-identical to eager ones, so a compiled run is reproducible
-    against compiled runs only. A job with no ``model`` (router, feature net) trains uncompiled, said in one log line.
+    against compiled runs only. A job with no ``model`` (router, feature net) trains
+    uncompiled, said in one log line.
     """
 
     def __init__(
