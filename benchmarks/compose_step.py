@@ -33,19 +33,21 @@ import torch
 from diffusers import DDIMScheduler
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
-from torch.profiler import ProfilerActivity, profile
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from cdm.core import composition as C
-from cdm.core.runtime import machine_info
-from cdm.core.sampling import sample as run_sampler
-from cdm.models.adapters import prepare_shard_model
-from cdm.models.backbone import build_unet, predict_epsilon
-from cdm.models.composed import ComposedDenoiser
-from cdm.models.multi_adapter import GraphedDense, GraphedPairs, MultiShardUNet
-
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `python benchmarks/compose_step.py` from the repo root
+
+from benchmarks.profiling import profile_calls  # noqa: E402
+from cdm.core import composition as C  # noqa: E402
+from cdm.core.runtime import machine_info  # noqa: E402
+from cdm.core.sampling import sample as run_sampler  # noqa: E402
+from cdm.models.adapters import prepare_shard_model  # noqa: E402
+from cdm.models.backbone import build_unet, predict_epsilon  # noqa: E402
+from cdm.models.composed import ComposedDenoiser  # noqa: E402
+from cdm.models.multi_adapter import GraphedDense, GraphedPairs, MultiShardUNet  # noqa: E402
+
 SEED, NUM_CLASSES, N_MAX, T_STEP = 0, 10, 8, 500
 FACTOR_STD = 0.05  # random LoRA factors: non-zero, small enough to keep eps sane
 TOPK, THRESHOLD, SHARP_MIN, SHARP_MAX = 2, 0.1, 0.5, 100.0  # the trajectory router (see Router)
@@ -110,41 +112,6 @@ class OpCounter(TorchDispatchMode):
         rets = func._schema.returns
         self.count += not any(r.alias_info and not r.alias_info.is_write for r in rets)
         return func(*args, **(kwargs or {}))
-
-
-def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) -> dict[str, Any]:
-    """Wall time and (on CUDA) summed kernel time per call of ``fn`` under torch.profiler.
-
-    ``busy`` = kernel time / wall time: near 1 the step is compute- (or memory-) bound, far below
-    1 it is launch-bound (the GPU waits for the host). ``top``: the kernels (CUDA) or ops (CPU)
-    with the most self time, ms per call. Kernels replayed from a CUDA graph are reported only
-    where the profiler sees inside graphs (recent CUDA); otherwise ``kernel_ms`` is ~0 for them.
-    """
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    fn()  # warm
-    if cuda:
-        torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if cuda:
-            torch.cuda.synchronize()
-        wall_ms = 1e3 * (time.perf_counter() - start) / calls
-    rows = prof.key_averages()
-    key = "self_device_time_total" if cuda else "self_cpu_time_total"
-    busy = sorted((r for r in rows if getattr(r, key) > 0), key=lambda r: -getattr(r, key))
-    kernel_ms = sum(r.self_device_time_total for r in rows) / 1e3 / calls if cuda else None
-    return {
-        "calls": calls,
-        "wall_ms": round(wall_ms, 3),
-        "kernel_ms": None if kernel_ms is None else round(kernel_ms, 3),
-        "busy": None if kernel_ms is None else round(kernel_ms / wall_ms, 4),
-        "top": [
-            [r.key[:100], round(getattr(r, key) / 1e3 / calls, 4), r.count // calls]
-            for r in busy[:top]
-        ],
-    }
 
 
 class Router:

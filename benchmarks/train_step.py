@@ -27,13 +27,14 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from omegaconf import DictConfig, OmegaConf
+from peft.helpers import disable_input_dtype_casting
 from torch.utils.data import DataLoader, default_collate
 from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/train_step.py` from the repo root
 
-from benchmarks.compose_step import profile_calls  # noqa: E402
+from benchmarks.profiling import profile_calls  # noqa: E402
 from cdm.core.diffusion import (  # noqa: E402
     epsilon_loss,
     q_sample,
@@ -105,9 +106,10 @@ class StepTimer(pl.Callback):
 
 
 def bare_loss(model, batch, alphas, step: int, null: int, amp: torch.autocast) -> torch.Tensor:
-    """The epsilon loss of DenoisingModule.denoising_loss, written with cdm.core.diffusion only."""
-    with amp:
-        x0, labels = batch["image"], batch["label"]
+    """The epsilon loss of DenoisingModule.denoising_loss, written with cdm.core.diffusion only
+    (under bf16 autocast without peft's input casts, as ShardTraining trains in bf16-mixed)."""
+    x0, labels = batch["image"], batch["label"]
+    with amp, disable_input_dtype_casting(model, torch.is_autocast_enabled(x0.device.type)):
         generator = step_generator(SEED, step, 0, x0.device)
         noise, timesteps = sample_noise_and_timesteps(x0, alphas.shape[0], generator)
         drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < COND_DROP

@@ -46,11 +46,54 @@ def test_compose_step_static_topk_matches_and_profiles(tmp_path):
 def test_train_step_unsynced_profiled_losses_agree(tmp_path):
     result = run(
         "train_step.py", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
-        "--rounds", "1", "--unsynced", "--cudnn-benchmark", "--profile",
+        "--rounds", "1", "--unsynced", "--cudnn-benchmark", "--profile", "--precision", "bf16",
         out=tmp_path / "train.json",
     )  # fmt: skip
     report = result["results"]
-    assert report["max_abs_loss_diff"] == 0.0  # ours and the bare loop train the same weights
+    # ours (bf16-mixed under Lightning) and the bare loop (autocast) train the same weights
+    assert report["max_abs_loss_diff"] == 0.0
     assert report["ours"]["period_ms"] > 0 and report["bare"]["period_ms"] > 0
     top = [name for name, _, _ in report["profile_bare_step"]["top"]]
     assert any("convolution" in name for name in top), top
+    families = {f: (ms, share) for f, ms, _, share in report["profile_bare_step"]["families"]}
+    assert {"conv", "gemm", "norm"} <= set(families), families
+    assert abs(sum(share for _, share in families.values()) - 1) < 0.01
+
+
+# Kernel names as the H200's profiler printed them (docs/benchmarks/compose_step-cuda-h200.json),
+# inductor's Triton kernels and the CPU's aten ops
+NAMED_KERNELS = {
+    "void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816fprop_optimized_bf16_64x64": "conv",
+    "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize64x64x64": "conv",
+    "void implicit_convolve_sgemm<__nv_bfloat16, __nv_bfloat16, 1024, 5, 5, 3, 3, 3": "conv",
+    "sm90_xmma_dgrad_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc": "conv",
+    "void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16": "layout",
+    "void cudnn::engines_precompiled::nhwcToNchwKernel<__nv_bfloat16, __nv_bfloat16": "layout",
+    "void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<float>(long": "norm",
+    "void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda": "copy",
+    "void at::native::elementwise_kernel<128, 4, at::native::gpu_kernel_impl_nocast<at::nat": (
+        "elementwise"
+    ),
+    "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1": "gemm",
+    "void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4": "attention",
+    "triton_red_fused_native_group_norm_silu_3": "norm (triton)",
+    "triton_poi_fused_add_convolution_mul_7": "fused (triton)",
+    "void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor": "optimizer",
+    "Memcpy HtoD (Pageable -> Device)": "copy",
+    "aten::mkldnn_convolution": "conv",
+    "aten::convolution_backward": "conv",
+    "aten::addmm": "gemm",
+    "aten::native_group_norm_backward": "norm",
+    "aten::_scaled_dot_product_flash_attention_for_cpu": "attention",
+    "aten::silu_backward": "elementwise",
+    "aten::_to_copy": "copy",
+    "aten::_fused_adamw_": "optimizer",
+    "aten::empty": "alloc / fill",
+}
+
+
+def test_kernels_are_grouped_into_the_families_the_docs_read():
+    sys.path.insert(0, str(ROOT))
+    from benchmarks.profiling import kernel_family
+
+    assert {name: kernel_family(name) for name in NAMED_KERNELS} == NAMED_KERNELS

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from contextlib import ExitStack
+
 import torch
 from diffusers.training_utils import EMAModel
+from peft.helpers import disable_input_dtype_casting
 
 from cdm.core.diffusion import (
     epsilon_loss,
@@ -58,6 +61,7 @@ class DenoisingModule(TrackedModule):
         self.null_label = null_label(model)
         self.ema: EMAModel | None = None
         self._ema_state: dict | None = None  # from a checkpoint, loaded at train start
+        self._fit_scope = ExitStack()
         self.save_hyperparameters(ignore=["model", "unet", "alphas_cumprod"], logger=False)
 
     @property
@@ -102,6 +106,24 @@ class DenoisingModule(TrackedModule):
             betas=self.betas,
             fused=fused or None,
         )
+
+    # ---- mixed precision: autocast alone sets the LoRA factors' input dtype -------------------
+    # peft casts a LoRA layer's input to its factors' dtype (fp32) and autocast casts it back to
+    # bf16 for the conv/matmul: two full-size copies per adapted layer, forward and backward, for
+    # bitwise the same result (bf16 -> fp32 -> bf16 is exact). peft's own switch turns that off
+    # while a mixed-precision fit runs; every forward outside autocast then sees fp32 weights and
+    # fp32 inputs, where there is nothing to cast. docs/benchmarks.md, "Training step: ops
+    # and bytes", counts what it saves.
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        if str(self.trainer.precision).endswith("-mixed"):
+            self._fit_scope.enter_context(disable_input_dtype_casting(self.model))
+
+    def on_fit_end(self) -> None:
+        self._fit_scope.close()
+
+    def teardown(self, stage: str) -> None:
+        self._fit_scope.close()
 
     # ---- EMA of the trainable parameters (diffusers' EMAModel) ----------------------------
     # A thin wrapper, not Lightning's EMAWeightAveraging: that one deep-copies the whole module

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -30,6 +31,18 @@ class TrackedModule(pl.LightningModule):
         self.elapsed_before_resume_s = 0.0
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_steps = 0
+
+    def transfer_batch_to_device(
+        self, batch: Any, device: torch.device, dataloader_idx: int
+    ) -> Any:
+        """The batch to ``device``, but its ``index`` stays on the host: the indices are read there
+        (``fed_mask``, the router's validation noise), and on a GPU their copy back would block
+        the host until the step's forward has run, every step."""
+        if isinstance(batch, dict) and "index" in batch:
+            rest = {k: v for k, v in batch.items() if k != "index"}
+            return {**super().transfer_batch_to_device(rest, device, dataloader_idx),
+                    "index": batch["index"]}  # fmt: skip
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def track_step(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
         """Record the batch's dataset indices and accumulate the loss for logging."""
