@@ -18,7 +18,8 @@ import statistics
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from itertools import pairwise
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from peft.helpers import disable_input_dtype_casting
 from torch.utils.data import DataLoader, default_collate
@@ -105,11 +107,44 @@ class StepTimer(pl.Callback):
         }
 
 
-def bare_loss(model, batch, alphas, step: int, null: int, amp: torch.autocast) -> torch.Tensor:
+NORM_DTYPES = {"autocast": None, "bf16": torch.bfloat16}
+
+
+@contextmanager
+def group_norm_in(dtype: torch.dtype | None) -> Iterator[None]:
+    """Under autocast, ``F.group_norm`` reads and writes ``dtype`` (weights cast too; the CUDA
+    kernel accumulates its statistics in fp32 either way). CUDA autocast runs it in fp32, so its
+    output is fp32 and each conv behind it casts that back to bf16; in bf16 the norm moves half
+    the bytes and the casts go. Outside autocast, or with ``dtype`` None, nothing changes."""
+    plain = F.group_norm
+
+    def group_norm(x, num_groups, weight=None, bias=None, eps=1e-5):
+        if dtype is None or not torch.is_autocast_enabled(x.device.type):
+            return plain(x, num_groups, weight, bias, eps)
+        with torch.autocast(x.device.type, enabled=False):
+            w, b = (None if t is None else t.to(dtype) for t in (weight, bias))
+            return plain(x.to(dtype), num_groups, w, b, eps)
+
+    F.group_norm = group_norm
+    try:
+        yield
+    finally:
+        F.group_norm = plain
+
+
+def bare_loss(
+    model, batch, alphas, step: int, null: int, amp: torch.autocast, peft_casts: bool = False
+) -> torch.Tensor:
     """The epsilon loss of DenoisingModule.denoising_loss, written with cdm.core.diffusion only
-    (under bf16 autocast without peft's input casts, as ShardTraining trains in bf16-mixed)."""
+    (under autocast without peft's input casts, as ShardTraining trains in bf16-mixed, unless
+    ``peft_casts``)."""
     x0, labels = batch["image"], batch["label"]
-    with amp, disable_input_dtype_casting(model, torch.is_autocast_enabled(x0.device.type)):
+    with (
+        amp,  # entered before the next line is evaluated: the casts stay off under autocast only
+        disable_input_dtype_casting(
+            model, torch.is_autocast_enabled(x0.device.type) and not peft_casts
+        ),
+    ):
         generator = step_generator(SEED, step, 0, x0.device)
         noise, timesteps = sample_noise_and_timesteps(x0, alphas.shape[0], generator)
         drop = torch.rand(x0.shape[0], generator=generator, device=x0.device) < COND_DROP
@@ -187,6 +222,12 @@ def parse_args() -> argparse.Namespace:
         help="torch.compile's mode with --compile (reduce-overhead: CUDA graphs of the step)",
     )
     p.add_argument("--channels-last", action="store_true")
+    p.add_argument(
+        "--norm-dtype",
+        choices=list(NORM_DTYPES),
+        default="autocast",
+        help="group_norm under bf16 autocast: as autocast runs it (fp32 on CUDA), or in bf16 (both paths)",
+    )
     p.add_argument(
         "--cudnn-benchmark",
         action="store_true",
@@ -338,7 +379,8 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2) + "\n")
 
-    report, _ = measure(args, save)
+    with group_norm_in(NORM_DTYPES[args.norm_dtype]):
+        report, _ = measure(args, save)
 
     print(f"{'path':<6}{'step ms':>9}{'period ms':>11}{'cpu ms':>9}{'images/s':>10}{'TFLOP/s':>9}")
     for path in ("ours", "bare"):

@@ -4,11 +4,14 @@ timing is asserted)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
@@ -97,3 +100,49 @@ def test_kernels_are_grouped_into_the_families_the_docs_read():
     from benchmarks.profiling import kernel_family
 
     assert {name: kernel_family(name) for name in NAMED_KERNELS} == NAMED_KERNELS
+
+
+def test_census_counts_the_steps_flops_and_each_ops_bytes(tmp_path):
+    """``train_census.py`` on fake tensors: the FLOPs of the real step (FlopCounterMode on real
+    tensors), a conv's exact bytes, and the two levers it compares move bytes the right way."""
+    sys.path.insert(0, str(ROOT))
+    from omegaconf import OmegaConf
+
+    from benchmarks.train_census import OpCensus, main
+    from benchmarks.train_step import backbone_conf, count_flops, make_unet
+    from cdm.models.adapters import prepare_shard_model
+    from cdm.models.backbone import build_scheduler, null_label
+
+    conv = torch.nn.Conv2d(3, 5, 3, padding=1)
+    x = torch.rand(2, 3, 6, 6)
+    with OpCensus() as census:
+        conv(x)
+    count, flops, moved = census.ops["aten::convolution"]
+    assert (count, flops) == (1, 2 * 2 * 5 * 6 * 6 * 3 * 3 * 3)
+    assert moved == 4 * (x.numel() + conv.weight.numel() + conv.bias.numel() + 2 * 5 * 6 * 6)
+
+    runs = {}
+    for norms in ("autocast", "bf16"):
+        argv = ["--preset", "tiny", "--batch-size", "8", "--norm-dtype", norms]
+        runs[norms] = main([*argv, "--out", str(tmp_path / f"{norms}.json")])["results"]
+    args = argparse.Namespace(resolution=8, channels=1)
+    torch.manual_seed(0)
+    bcfg = backbone_conf("tiny")
+    adapter = dict(OmegaConf.load(ROOT / "cdm" / "conf" / "adapter" / "lora.yaml"))
+    model = prepare_shard_model(make_unet(bcfg, args), adapter)
+    batch = {"image": torch.rand(8, 1, 8, 8), "label": torch.randint(0, 10, (8,))}
+    alphas = build_scheduler(bcfg.scheduler).alphas_cumprod.float()
+    amp = torch.autocast("cpu", dtype=torch.bfloat16)
+    # FlopCounterMode has no formula for the CPU's attention kernel; the census adds CUDA's
+    counted = runs["autocast"]["step"]
+    attention = counted["families"]["attention"]["flop"]
+    heads, tokens, dim = 4, 16, 8  # tiny: the mid block (32 channels) attends at 4x4, 4 heads of 8
+    assert attention == 8 * (4 * heads * tokens * tokens * dim) * 7 // 2  # forward + backward
+    assert counted["flop_per_step"] - attention == count_flops(
+        model, batch, alphas, null_label(model), amp
+    )
+    step, with_casts = runs["bf16"]["step"], runs["bf16"]["step_with_peft_casts"]
+    # bf16 activations into every LoRA layer: peft's casts are copies the step no longer makes
+    assert step["families"]["copy"]["gb"] < with_casts["families"]["copy"]["gb"]
+    # fp32 norms (CUDA autocast's rule) move more bytes than bf16 ones
+    assert step["floor"]["unfused"]["ms"] < runs["autocast"]["step"]["floor"]["unfused"]["ms"]
