@@ -27,9 +27,13 @@ KERNEL_FAMILIES: tuple[tuple[str, re.Pattern[str]], ...] = tuple(
         ("fused (triton)", r"^triton_"),
         ("layout", r"nchwtonhwc|nhwctonchw|nchw2nhwc|nhwc2nchw"),
         ("attention", r"flash|fmha|attention|sdpa"),
-        ("conv", r"conv|fprop|dgrad|wgrad"),
-        ("gemm", r"gemm|cutlass|cublas|s16816|\b(mm|bmm|addmm|baddbmm|matmul|linear)\b"),
-        ("norm", r"group_?norm|layer_?norm|batch_?norm|rowwisemoments|computefusedparams"),
+        ("conv", r"conv|fprop|dgrad|wgrad|winograd|cudnn"),
+        ("gemm", r"gemm|cutlass|cublas|s16816|splitk|\b(mm|bmm|addmm|baddbmm|matmul|linear)\b"),
+        (
+            "norm",
+            r"group_?norm|layer_?norm|batch_?norm|rowwisemoments|fusedparams|gammabeta"
+            r"|computeinternalgradients",
+        ),  # fmt: skip
         ("optimizer", r"adam|multi_tensor_apply|_foreach_|lerp"),
         ("copy", r"copy|memcpy|_to_copy|\bcat\b|catarray|clone|contiguous"),
         ("alloc / fill", r"memset|fill|zero_|aten::(empty|resize_)"),

@@ -123,3 +123,59 @@ def test_the_batch_indices_stay_on_the_host(device):
     assert moved["index"] is batch["index"]
     module.track_step(moved, torch.tensor(0.5))
     assert module.fed_mask.nonzero().flatten().tolist() == [5, 7]
+
+
+class FusedAdamShard(ShardTraining):
+    """The optimizer cdm uses on a GPU (fused AdamW), here on the CPU: its step reads no number
+    back to the host, so every read-back left in a step is cdm's or Lightning's."""
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        params = [p for _, p in trainable_parameters(self.model)]
+        return torch.optim.AdamW(params, lr=self.lr, fused=True)
+
+
+def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
+    """On a GPU, every ``.item()`` or copy to the host waits for all queued work: the host can no
+    longer run ahead. With cdm's progress bar and a logger, a step reads back nothing, except a
+    step that writes the logger (every ``log_every_n_steps``)."""
+    from pytorch_lightning.loggers import CSVLogger
+
+    from cdm.training.progress import JobProgressBar
+
+    reads: list[int] = []
+    step = [-1]
+
+    class ReadBacks(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            to_host = (
+                func.overloadpacket is torch.ops.aten._to_copy
+                and str(kwargs.get("device")) == "cpu"
+            )
+            if func.overloadpacket in (torch.ops.aten._local_scalar_dense, torch.ops.aten.nonzero):
+                to_host = True
+            if to_host:
+                reads.append(step[0])
+            return func(*args, **kwargs)
+
+    class Steps(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            step[0] = trainer.global_step
+
+    torch.manual_seed(0)
+    unet = build_unet("unet2d", TINY_ATTN_UNET, sample_size=8, channels=1, num_classes=10)
+    alphas = build_scheduler({"num_train_timesteps": 100}).alphas_cumprod
+    module = FusedAdamShard(unet, alphas, ADAPTER, dataset_size=BATCH, lr=1e-2, seed=3)
+    data = [
+        {"image": torch.rand(1, 8, 8), "label": torch.tensor(i % 10), "index": torch.tensor(i)}
+        for i in range(BATCH)
+    ]
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=12, log_every_n_steps=5, logger=CSVLogger(tmp_path),
+        enable_checkpointing=False, enable_model_summary=False,
+        callbacks=[Steps(), JobProgressBar("shard-00")],
+    )  # fmt: skip
+    with ReadBacks():
+        trainer.fit(module, DataLoader(data * 12, batch_size=BATCH))
+    in_steps = [s for s in reads if 0 <= s < 11]  # the last step also ends the fit
+    assert set(in_steps) <= {4, 9}, sorted(in_steps)  # the logger's steps: (step + 1) % 5 == 0

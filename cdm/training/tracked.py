@@ -5,7 +5,8 @@
   names (gathered over ranks) and refuse to write unless they equal the manifest.
 - the running loss, accumulated on the device and handed to Lightning only every
   ``log_every_n_steps`` steps plus the epoch mean (``self.log`` on every step costs ~1 ms on a
-  CPU and a device sync for the progress bar);
+  CPU); the step value goes to the logger, not the progress bar, whose values Lightning reads
+  back from the device at every batch end;
 - wall time summed over interrupted runs, and the torch RNG state, saved in checkpoints.
 """
 
@@ -52,8 +53,10 @@ class TrackedModule(pl.LightningModule):
         self._epoch_steps += 1
         every = self.trainer.log_every_n_steps if self._trainer is not None else 1
         if (self.global_step + 1) % max(every, 1) == 0:
+            # not prog_bar: Lightning turns every progress-bar value into a Python number at every
+            # batch end (a device sync per step on a GPU), and the bar shows the epoch loss only
             self.log(
-                f"{self.loss_name}_step", detached, prog_bar=True, on_step=True, on_epoch=False
+                f"{self.loss_name}_step", detached, prog_bar=False, on_step=True, on_epoch=False
             )
 
     def on_train_epoch_start(self) -> None:
