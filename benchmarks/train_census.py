@@ -107,6 +107,8 @@ def census(args: argparse.Namespace, peft_casts: bool) -> dict[str, list[int]]:
     torch.manual_seed(0)
     bcfg = backbone_conf(args.preset)
     adapter = dict(OmegaConf.load(ROOT / "cdm" / "conf" / "adapter" / "lora.yaml"))
+    if args.targets:
+        adapter["target_modules"] = args.targets.split(",")
     model = prepare_shard_model(make_unet(bcfg, args), adapter).train()
     alphas = build_scheduler(bcfg.scheduler).alphas_cumprod.float()
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16")
@@ -180,6 +182,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="autocast",
         help="group_norm under autocast: fp32 as CUDA autocast runs it, or bf16 (train_step.py's lever)",
     )
+    p.add_argument(
+        "--targets", help="LoRA target modules, comma-separated (default: conf/adapter/lora.yaml's)"
+    )
     p.add_argument("--peak-tflops", type=float, default=790.0, help="issue 16's H200 bf16 peak")
     p.add_argument("--bandwidth-tbs", type=float, default=4.8, help="H200 HBM3e, TB/s")
     p.add_argument(
@@ -190,7 +195,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.resolution = args.resolution or (32 if big else 8)
     args.channels = args.channels or (3 if big else 1)
     norms = "" if args.norm_dtype == "autocast" else f"-{args.norm_dtype}-norms"
-    name = f"train_census-{args.preset}-b{args.batch_size}{norms}.json"
+    targets = "" if not args.targets else "-lora-" + args.targets.replace(",", "-")
+    name = f"train_census-{args.preset}-b{args.batch_size}{norms}{targets}.json"
     args.out = args.out or ROOT / "docs" / "benchmarks" / name
     return args
 
