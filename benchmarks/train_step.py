@@ -243,12 +243,31 @@ def parse_args() -> argparse.Namespace:
         action="store_true",
         help="after timing, profile 5 bare steps: kernel time against wall time, the top kernels",
     )
+    p.add_argument(
+        "--census",
+        type=Path,
+        help="with --profile: set the profile's kernel families beside this train_census.py JSON's "
+        "floors (counted for the same preset, size, batch, precision and norms)",
+    )
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--out", type=Path, help="default docs/benchmarks/train_step-<device>.json")
     args = p.parse_args()
     big = args.preset == "base"
     args.resolution = args.resolution or (32 if big else 8)
     args.channels = args.channels or (3 if big else 1)
+    if args.census is not None:
+        if not args.profile:
+            p.error("--census needs --profile (it reads the profile's kernel families)")
+        if not args.census.is_file():
+            p.error(
+                f"--census {args.census}: no such file (make it with benchmarks/train_census.py)"
+            )
+        counted = json.loads(args.census.read_text())["config"]
+        keys = ("preset", "resolution", "channels", "batch_size", "precision", "norm_dtype")
+        mine, theirs = ({k: c.get(k) for k in keys} for c in (vars(args), counted))
+        if mine != theirs or counted.get("targets"):
+            p.error(f"--census {args.census} counted {theirs} (targets {counted.get('targets')}), "
+                    f"this run is {mine}: count it with the same flags")  # fmt: skip
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"train_step-{args.device}.json"
     if args.compile and args.device != "cuda":
         p.error("--compile is for --device cuda only")
@@ -356,8 +375,42 @@ def measure(
             opt.zero_grad(set_to_none=True)
 
         report["profile_bare_step"] = profile_calls(bare_step, 5, sync)
+        if args.census is not None:
+            census = json.loads(args.census.read_text())["results"]["step"]
+            report["profile_vs_census"] = against_floors(report["profile_bare_step"], census)
         save(report, info)
     return report, info
+
+
+def against_floors(profile: dict[str, Any], census: dict[str, Any]) -> dict[str, Any]:
+    """Profiled kernel ms per step beside the census's floors (``benchmarks/train_census.py``):
+    conv, gemm and attention each against their own floor; everything else (fused Triton kernels,
+    elementwise, casts, norms, layout, optimizer) against the unfused floor of the non-matmul ops,
+    which fusion may beat. ``x_floor``: measured / floor, how far from the roofline."""
+    measured = {family: ms for family, ms, _, _ in profile["families"]}
+    floors = {family: row["floor_ms"] for family, row in census["families"].items()}
+    rows = {}
+    for family in ("conv", "gemm", "attention"):
+        ms, floor = measured.get(family, 0.0), floors.get(family, 0.0)
+        rows[family] = {"ms": round(ms, 3), "floor_ms": floor, "x_floor": _ratio(ms, floor)}
+    matmul_ms = sum(r["ms"] for r in rows.values())
+    rest_ms = sum(measured.values()) - matmul_ms
+    rest_floor = census["floor"]["unfused"]["ms"] - sum(r["floor_ms"] for r in rows.values())
+    rows["everything else"] = {
+        "ms": round(rest_ms, 3), "floor_ms": round(rest_floor, 3), "x_floor": _ratio(rest_ms, rest_floor)
+    }  # fmt: skip
+    total = sum(measured.values())
+    rows["all kernels"] = {
+        "ms": round(total, 3),
+        "floor_ms": census["floor"]["unfused"]["ms"],
+        "x_floor": _ratio(total, census["floor"]["unfused"]["ms"]),
+        "x_compute_floor": _ratio(total, census["floor"]["compute"]["ms"]),
+    }
+    return rows
+
+
+def _ratio(ms: float, floor: float) -> float | None:
+    return round(ms / floor, 3) if floor > 0 else None
 
 
 def main() -> None:
@@ -392,6 +445,11 @@ def main() -> None:
     if args.device == "cuda":
         frac = {p: f"{report[p]['fraction_of_peak']:.1%}" for p in ("ours", "bare")}
         print(f"of the {args.peak_tflops:g} TFLOP/s peak: ours {frac['ours']}, bare {frac['bare']}")
+    for family, row in report.get("profile_vs_census", {}).items():
+        times = "-" if row["x_floor"] is None else f"{row['x_floor']:.2f}x the floor"
+        print(
+            f"profiled {family:<16}{row['ms']:>9.2f} ms, floor {row['floor_ms']:>8.2f} ms: {times}"
+        )
     print(f"max |loss ours - loss bare| = {report['max_abs_loss_diff']:.2e}; wrote {args.out}")
 
 

@@ -47,13 +47,23 @@ def test_compose_step_static_topk_matches_and_profiles(tmp_path):
 
 
 def test_train_step_unsynced_profiled_losses_agree(tmp_path):
+    census = run(
+        "train_census.py", "--preset", "tiny", "--batch-size", "8", "--norm-dtype", "bf16",
+        out=tmp_path / "census.json",
+    )["results"]["step"]  # fmt: skip
     result = run(
         "train_step.py", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--rounds", "1", "--unsynced", "--cudnn-benchmark", "--profile", "--precision", "bf16",
-        "--norm-dtype", "bf16",
+        "--norm-dtype", "bf16", "--census", str(tmp_path / "census.json"),
         out=tmp_path / "train.json",
     )  # fmt: skip
     report = result["results"]
+    beside = report["profile_vs_census"]
+    assert beside["conv"]["floor_ms"] == census["families"]["conv"]["floor_ms"]
+    assert beside["all kernels"]["floor_ms"] == census["floor"]["unfused"]["ms"]
+    profiled = sum(ms for _, ms, _, _ in report["profile_bare_step"]["families"])
+    parts = sum(beside[k]["ms"] for k in ("conv", "gemm", "attention", "everything else"))
+    assert abs(parts - profiled) < 1e-2 and abs(beside["all kernels"]["ms"] - profiled) < 1e-2
     # ours (bf16-mixed under Lightning) and the bare loop (autocast) train the same weights
     assert report["max_abs_loss_diff"] == 0.0
     assert report["ours"]["period_ms"] > 0 and report["bare"]["period_ms"] > 0
@@ -152,3 +162,12 @@ def test_census_counts_the_steps_flops_and_each_ops_bytes(tmp_path):
     assert step["families"]["copy"]["gb"] < with_casts["families"]["copy"]["gb"]
     # fp32 norms (CUDA autocast's rule) move more bytes than bf16 ones
     assert step["floor"]["unfused"]["ms"] < runs["autocast"]["step"]["floor"]["unfused"]["ms"]
+
+
+def test_train_step_refuses_a_census_of_another_size(tmp_path):
+    run("train_census.py", "--preset", "tiny", "--batch-size", "4", out=tmp_path / "census.json")
+    cmd = [sys.executable, "benchmarks/train_step.py", "--preset", "tiny", "--batch-size", "8",
+           "--profile", "--census", str(tmp_path / "census.json"), "--out", str(tmp_path / "t.json")]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "count it with the same flags" in proc.stderr, proc.stderr
+    assert not (tmp_path / "t.json").exists()
