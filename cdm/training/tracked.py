@@ -2,7 +2,9 @@
 
 - ``fed_mask``: every dataset index the job was fed. A plain CPU tensor, not a buffer: DDP
   would broadcast a buffer from rank 0 to the other ranks. Artifact writers hash the ids it
-  names (gathered over ranks) and refuse to write unless they equal the manifest.
+  names (gathered over ranks) and refuse to write unless they equal the manifest. Each step
+  keeps its batch's indices where they are; they reach the host at the next read (epoch end,
+  checkpoint, artifact), so a step never waits for the device.
 - the running loss, accumulated on the device and handed to Lightning only every
   ``log_every_n_steps`` steps plus the epoch mean (``self.log`` on every step costs ~1 ms on a
   CPU); the step value goes to the logger, not the progress bar, whose values Lightning reads
@@ -13,7 +15,6 @@
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import pytorch_lightning as pl
 import torch
@@ -33,21 +34,28 @@ class TrackedModule(pl.LightningModule):
         self._epoch_loss: torch.Tensor | None = None
         self._epoch_steps = 0
 
-    def transfer_batch_to_device(
-        self, batch: Any, device: torch.device, dataloader_idx: int
-    ) -> Any:
-        """The batch to ``device``, but its ``index`` stays on the host: the indices are read there
-        (``fed_mask``, the router's validation noise), and on a GPU their copy back would block
-        the host until the step's forward has run, every step."""
-        if isinstance(batch, dict) and "index" in batch:
-            rest = {k: v for k, v in batch.items() if k != "index"}
-            return {**super().transfer_batch_to_device(rest, device, dataloader_idx),
-                    "index": batch["index"]}  # fmt: skip
-        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+    @property
+    def fed_mask(self) -> torch.Tensor:
+        """Which dataset indices this rank was fed (CPU, bool). The indices of the steps since the
+        last read are moved to the host here, not in every step: on a GPU, reading them back
+        waits for all queued work, so a read per step kept the host from running ahead."""
+        self._read_indices()
+        return self._fed_mask
+
+    @fed_mask.setter
+    def fed_mask(self, mask: torch.Tensor) -> None:
+        self._fed_mask, self._unread_indices = mask, []
+
+    def _read_indices(self) -> None:
+        if self._unread_indices:
+            fed = torch.cat([i.to("cpu") for i in self._unread_indices])
+            self._unread_indices = []
+            self._fed_mask[fed] = True
 
     def track_step(self, batch: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
-        """Record the batch's dataset indices and accumulate the loss for logging."""
-        self.fed_mask[batch["index"].cpu()] = True
+        """Record the batch's dataset indices (read at the next ``fed_mask``) and accumulate the
+        loss for logging."""
+        self._unread_indices.append(batch["index"].detach())
         detached = loss.detach()
         self._epoch_loss = detached if self._epoch_loss is None else self._epoch_loss + detached
         self._epoch_steps += 1
@@ -63,6 +71,7 @@ class TrackedModule(pl.LightningModule):
         self._epoch_loss, self._epoch_steps = None, 0
 
     def on_train_epoch_end(self) -> None:
+        self._read_indices()  # one wait for the device an epoch, and the list stays short
         if self._epoch_steps:
             mean = self._epoch_loss / self._epoch_steps
             self.log(
