@@ -44,7 +44,8 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/compose_prompts.py` from the repo root
 
-from benchmarks.compose_step import backbone_conf, machine, save_adapters  # noqa: E402
+from benchmarks.compose_step import machine, save_adapters  # noqa: E402
+from benchmarks.presets import backbone_conf  # noqa: E402
 from cdm.core import composition as C  # noqa: E402
 from cdm.models.backbone import build_unet, predict_epsilon  # noqa: E402
 from cdm.models.composed import ComposedDenoiser  # noqa: E402

@@ -31,7 +31,7 @@ import diffusers
 import peft
 import torch
 from diffusers import DDIMScheduler
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from peft import PeftModel
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -39,6 +39,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/compose_step.py` from the repo root
 
+from benchmarks.presets import add_size_args, backbone_conf, fill_size_defaults  # noqa: E402
 from benchmarks.profiling import profile_calls  # noqa: E402
 from cdm.core import composition as C  # noqa: E402
 from cdm.core.runtime import machine_info  # noqa: E402
@@ -77,13 +78,6 @@ TRAJECTORIES = ("topk", "topk_static", "topk_graphed", "topk_graphed_compiled")
 def method_names(device: str) -> tuple[str, ...]:
     """The methods timed on ``device``."""
     return METHODS + GRAPHED if device == "cuda" else METHODS
-
-
-def backbone_conf(preset: str) -> DictConfig:
-    """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
-    cfg = OmegaConf.load(ROOT / "cdm" / "conf" / "backbone" / f"{preset}.yaml")
-    parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
-    return OmegaConf.merge(*parents, cfg)
 
 
 def save_adapters(base: torch.nn.Module, adapter: dict, directory: Path) -> list[Path]:
@@ -138,10 +132,7 @@ def machine() -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     """Command line; resolution/channels default to 8/1 (tiny, small) or 32/3 (base)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=["tiny", "small", "base"], default="small")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=16, help="B, samples per shard")
+    add_size_args(p, preset="small", batch_size=16, batch_help="B, samples per shard")
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--precision", choices=["32", "bf16"], default="32")
     p.add_argument("--rounds", type=int, default=3, help="rounds, method order rotated")
@@ -158,9 +149,7 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, help="default docs/benchmarks/compose_step-<device>.json")
     args = p.parse_args()
-    big = args.preset == "base"
-    args.resolution = args.resolution or (32 if big else 8)
-    args.channels = args.channels or (3 if big else 1)
+    fill_size_defaults(args)
     args.out = args.out or ROOT / "docs" / "benchmarks" / f"compose_step-{args.device}.json"
     return args
 

@@ -41,12 +41,12 @@ from torch.utils.flop_counter import flop_registry
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/train_census.py` from the repo root
 
+from benchmarks.presets import add_size_args, backbone_conf, fill_size_defaults  # noqa: E402
 from benchmarks.profiling import kernel_family  # noqa: E402
 from benchmarks.train_step import (  # noqa: E402
     LR,
     NORM_DTYPES,
     NUM_CLASSES,
-    backbone_conf,
     bare_loss,
     group_norm_in,
     make_unet,
@@ -171,10 +171,7 @@ def floors(ops: dict[str, list[int]], args: argparse.Namespace) -> dict[str, Any
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=["tiny", "small", "base"], default="base")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=512)
+    add_size_args(p, preset="base", batch_size=512)
     p.add_argument("--precision", choices=["32", "bf16"], default="bf16")
     p.add_argument(
         "--norm-dtype",
@@ -191,9 +188,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out", type=Path, help="default docs/benchmarks/train_census-<preset>-b<B>.json"
     )
     args = p.parse_args(argv)
-    big = args.preset == "base"
-    args.resolution = args.resolution or (32 if big else 8)
-    args.channels = args.channels or (3 if big else 1)
+    fill_size_defaults(args)
     norms = "" if args.norm_dtype == "autocast" else f"-{args.norm_dtype}-norms"
     targets = "" if not args.targets else "-lora-" + args.targets.replace(",", "-")
     name = f"train_census-{args.preset}-b{args.batch_size}{norms}{targets}.json"

@@ -36,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `python benchmarks/train_step.py` from the repo root
 
+from benchmarks.presets import add_size_args, backbone_conf, fill_size_defaults  # noqa: E402
 from benchmarks.profiling import profile_calls  # noqa: E402
 from cdm.core.diffusion import (  # noqa: E402
     epsilon_loss,
@@ -50,13 +51,6 @@ from cdm.training.callbacks import CompileModel  # noqa: E402
 from cdm.training.jobs import ShardTraining  # noqa: E402
 
 SEED, LR, COND_DROP, NUM_CLASSES = 0, 2e-3, 0.1, 10  # conf/train.yaml optim defaults
-
-
-def backbone_conf(preset: str) -> DictConfig:
-    """conf/backbone/<preset>.yaml merged over its Hydra ``defaults`` (omegaconf only)."""
-    cfg = OmegaConf.load(ROOT / "cdm" / "conf" / "backbone" / f"{preset}.yaml")
-    parents = [backbone_conf(d) for d in cfg.pop("defaults", []) if d != "_self_"]
-    return OmegaConf.merge(*parents, cfg)
 
 
 def make_unet(bcfg: DictConfig, args: argparse.Namespace) -> torch.nn.Module:
@@ -204,10 +198,7 @@ def machine() -> dict[str, Any]:
 def parse_args() -> argparse.Namespace:
     """Command line; resolution/channels default to 8/1 (tiny, small) or 32/3 (base)."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", choices=["tiny", "small", "base"], default="small")
-    p.add_argument("--resolution", type=int, default=None)
-    p.add_argument("--channels", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=64)
+    add_size_args(p, preset="small", batch_size=64)
     p.add_argument("--steps", type=int, default=30, help="timed steps per round")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each path")
@@ -252,9 +243,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peak-tflops", type=float, default=989.0, help="H100 SXM bf16 dense")
     p.add_argument("--out", type=Path, help="default docs/benchmarks/train_step-<device>.json")
     args = p.parse_args()
-    big = args.preset == "base"
-    args.resolution = args.resolution or (32 if big else 8)
-    args.channels = args.channels or (3 if big else 1)
+    fill_size_defaults(args)
     if args.census is not None:
         if not args.profile:
             p.error("--census needs --profile (it reads the profile's kernel families)")

@@ -124,8 +124,9 @@ def test_census_counts_the_steps_flops_and_each_ops_bytes(tmp_path):
     sys.path.insert(0, str(ROOT))
     from omegaconf import OmegaConf
 
+    from benchmarks.presets import backbone_conf
     from benchmarks.train_census import OpCensus, main
-    from benchmarks.train_step import backbone_conf, count_flops, make_unet
+    from benchmarks.train_step import count_flops, make_unet
     from cdm.models.adapters import prepare_shard_model
     from cdm.models.backbone import build_scheduler, null_label
 
