@@ -112,8 +112,8 @@ class DenoisingModule(TrackedModule):
     # bf16 for the conv/matmul: two full-size copies per adapted layer, forward and backward, for
     # bitwise the same result (bf16 -> fp32 -> bf16 is exact). peft's own switch turns that off
     # while a mixed-precision fit runs; every forward outside autocast then sees fp32 weights and
-    # fp32 inputs, where there is nothing to cast. docs/benchmarks.md, "Training step: ops
-    # and bytes", counts what it saves.
+    # fp32 inputs, where there is nothing to cast. docs/benchmarks.md ("Goal 3 from the CPU")
+    # counts what it saves.
     def on_fit_start(self) -> None:
         super().on_fit_start()
         if str(self.trainer.precision).endswith("-mixed"):
