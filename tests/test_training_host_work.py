@@ -68,7 +68,8 @@ class CountCopiesAndCasting(pl.Callback):
             self.mode.__exit__(None, None, None)
 
 
-def fit(cls: type[ShardTraining], precision: str) -> tuple[ShardTraining, CountCopiesAndCasting]:
+def shard_and_batches(cls: type[ShardTraining], steps: int) -> tuple[ShardTraining, DataLoader]:
+    """A tiny attention UNet's LoRA shard (factors non-zero) and ``steps`` batches of BATCH."""
     torch.manual_seed(0)
     unet = build_unet("unet2d", TINY_ATTN_UNET, sample_size=8, channels=1, num_classes=10)
     alphas = build_scheduler({"num_train_timesteps": 100}).alphas_cumprod
@@ -82,13 +83,18 @@ def fit(cls: type[ShardTraining], precision: str) -> tuple[ShardTraining, CountC
          "index": torch.tensor(i)}
         for i in range(BATCH)
     ]  # fmt: skip
+    return module, DataLoader(data * steps, batch_size=BATCH)
+
+
+def fit(cls: type[ShardTraining], precision: str) -> tuple[ShardTraining, CountCopiesAndCasting]:
+    module, batches = shard_and_batches(cls, STEPS)
     counter = CountCopiesAndCasting()
     logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
     pl.Trainer(
         accelerator="cpu", precision=precision, max_steps=STEPS, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[counter],
-    ).fit(module, DataLoader(data * STEPS, batch_size=BATCH))  # fmt: skip
+    ).fit(module, batches)  # fmt: skip
     return module, counter
 
 
@@ -163,20 +169,13 @@ def test_a_training_step_reads_no_value_back_from_the_device(tmp_path):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             step[0] = trainer.global_step
 
-    torch.manual_seed(0)
-    unet = build_unet("unet2d", TINY_ATTN_UNET, sample_size=8, channels=1, num_classes=10)
-    alphas = build_scheduler({"num_train_timesteps": 100}).alphas_cumprod
-    module = FusedAdamShard(unet, alphas, ADAPTER, dataset_size=BATCH, lr=1e-2, seed=3)
-    data = [
-        {"image": torch.rand(1, 8, 8), "label": torch.tensor(i % 10), "index": torch.tensor(i)}
-        for i in range(BATCH)
-    ]
+    module, batches = shard_and_batches(FusedAdamShard, 12)
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=12, log_every_n_steps=5, logger=CSVLogger(tmp_path),
         enable_checkpointing=False, enable_model_summary=False,
         callbacks=[Steps(), JobProgressBar("shard-00")],
     )  # fmt: skip
     with ReadBacks():
-        trainer.fit(module, DataLoader(data * 12, batch_size=BATCH))
+        trainer.fit(module, batches)
     in_steps = [s for s in reads if 0 <= s < 11]  # the last step also ends the fit
     assert set(in_steps) <= {4, 9}, sorted(in_steps)  # the logger's steps: (step + 1) % 5 == 0

@@ -406,8 +406,8 @@ class Composition:
     ``step.logits`` holds ("classifier" | "knn" | None); ``dense`` allows a dense step (every pair
     evaluated, e.g. one CUDA graph); ``capacity`` bounds the shards a gated row keeps (a static
     number of pairs per sample, e.g. k of top-k; None: no bound); ``merged`` composes one
-    lambda-weighted merge of the shards' adapters; ``paragon`` samples the monolithic model trained on all private data; ``base``
-    samples the safe backbone alone (no adapter).
+    lambda-weighted merge of the shards' adapters; ``paragon`` samples the monolithic model
+    trained on all private data; ``base`` samples the safe backbone alone (no adapter).
     """
 
     name: str = "composition"

@@ -122,9 +122,6 @@ class DenoisingModule(TrackedModule):
     def on_fit_end(self) -> None:
         self._fit_scope.close()
 
-    def teardown(self, stage: str) -> None:
-        self._fit_scope.close()
-
     # ---- EMA of the trainable parameters (diffusers' EMAModel) ----------------------------
     # A thin wrapper, not Lightning's EMAWeightAveraging: that one deep-copies the whole module
     # (the frozen backbone too) into every checkpoint; EMAModel averages only the trainable
