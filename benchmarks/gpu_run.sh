@@ -71,7 +71,10 @@ train() {  # goal 3: compiled, channels-last, cuDNN autotuned, the host not sync
   # TRAIN_BATCH (512), TRAIN_MODE (torch.compile's mode: default, reduce-overhead, ...) and
   # TRAIN_NORMS (autocast: group_norm in fp32 as CUDA autocast runs it; bf16: the census's lever)
   # vary it; on the H200 (2026-11-30) compiling both paths and one round of ours took ~2 min
+  # TRAIN_FLAGS adds train_step.py flags (--layout-opt, --pin-memory) and names the JSON after them
   local batch=${TRAIN_BATCH:-512} mode=${TRAIN_MODE:-default} norms=${TRAIN_NORMS:-autocast}
+  local flags=${TRAIN_FLAGS:-} tag
+  tag=$(echo "$flags" | tr -d ' ' | sed 's/--/-/g')
   # the profile's kernel families beside the census's floors (made here in ~15 s if not committed)
   local suffix="" census
   [ "$norms" = autocast ] || suffix="-$norms-norms"
@@ -80,10 +83,11 @@ train() {  # goal 3: compiled, channels-last, cuDNN autotuned, the host not sync
     census=$OUT/train_census-base-b$batch$suffix.json
     part census 60 python3 benchmarks/train_census.py --batch-size "$batch" --norm-dtype "$norms" --out "$census"
   fi
+  # shellcheck disable=SC2086  # flags: word-split on purpose
   part train "${TRAIN_S:-300}" python3 benchmarks/train_step.py --device cuda --precision bf16 \
     --preset base --resolution 32 --channels 3 --batch-size "$batch" --compile --compile-mode "$mode" \
     --channels-last --cudnn-benchmark --unsynced --rounds 2 --steps 20 --profile --peak-tflops 790 \
-    --norm-dtype "$norms" --census "$census" --out "$OUT/train_step-cuda-b$batch-$mode-$norms.json"
+    --norm-dtype "$norms" --census "$census" $flags --out "$OUT/train_step-cuda-b$batch-$mode-$norms$tag.json"
 }
 
 table1() {  # goal 4: the same config as the CPU run quoted in docs/benchmarks.md

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 # First match wins, on the lower-cased kernel (CUDA) or op (CPU) name. Inductor's kernels are
@@ -51,7 +52,9 @@ def kernel_family(name: str) -> str:
     return "other"
 
 
-def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) -> dict[str, Any]:
+def profile_calls(
+    fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12, origins: str | None = None
+) -> dict[str, Any]:
     """Wall time and (on CUDA) summed kernel time per call of ``fn`` under torch.profiler.
 
     ``busy`` = kernel time / wall time: near 1 the step is compute- (or memory-) bound, far below
@@ -59,13 +62,20 @@ def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) 
     with the most self time, ms per call. ``families``: the same self time summed per
     ``kernel_family``, as [family, ms per call, launches per call, share of the summed time].
     Kernels replayed from a CUDA graph are reported only where the profiler sees inside graphs
-    (recent CUDA); otherwise ``kernel_ms`` is ~0 for them.
+    (recent CUDA); otherwise ``kernel_ms`` is ~0 for them. On CUDA only the kernels' own rows
+    are summed: an aten op's row carries the device time of the kernels it launched as well, so
+    summing both counted every kernel twice (before 2026-11-30: ``busy`` and ``families`` of the
+    earlier GPU JSONs are about 2x).
+
+    ``origins`` (an aten op name such as ``aten::copy_``): also record shapes, and list where
+    that op's device time comes from as [caller chain, input shapes, ms per call, calls per
+    call], the callers being the op's enclosing profiler ranges, innermost first.
     """
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     fn()  # warm
     if cuda:
         torch.cuda.synchronize()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, record_shapes=origins is not None) as prof:
         start = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -73,6 +83,8 @@ def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) 
             torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start) / calls
     rows = prof.key_averages()
+    if cuda:  # the kernels themselves, not the aten ops that launched them (counted twice)
+        rows = [r for r in rows if r.device_type != DeviceType.CPU]
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     busy = sorted((r for r in rows if getattr(r, key) > 0), key=lambda r: -getattr(r, key))
     kernel_ms = sum(r.self_device_time_total for r in rows) / 1e3 / calls if cuda else None
@@ -82,7 +94,7 @@ def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) 
         ms_launches[0] += getattr(r, key) / 1e3 / calls
         ms_launches[1] += r.count / calls
     summed = sum(ms for ms, _ in families.values()) or 1.0
-    return {
+    report = {
         "calls": calls,
         "wall_ms": round(wall_ms, 3),
         "kernel_ms": None if kernel_ms is None else round(kernel_ms, 3),
@@ -96,3 +108,24 @@ def profile_calls(fn: Callable[[], Any], calls: int, cuda: bool, top: int = 12) 
             for family, (ms, launches) in sorted(families.items(), key=lambda kv: -kv[1][0])
         ],
     }
+    if origins is not None:
+        report["origins"] = {origins: op_origins(prof.events(), origins, calls, cuda, top)}
+    return report
+
+
+def op_origins(events: Any, op: str, calls: int, cuda: bool, top: int) -> list[list[Any]]:
+    """Where ``op``'s time comes from: its events grouped by enclosing ranges and input shapes."""
+    key = "self_device_time_total" if cuda else "self_cpu_time_total"
+    grouped: dict[tuple[str, str], list[float]] = {}
+    for event in events:
+        if event.name != op or getattr(event, key) <= 0:
+            continue
+        chain, parent = [], event.cpu_parent
+        while parent is not None and len(chain) < 4:
+            chain.append(parent.name[:60])
+            parent = parent.cpu_parent
+        ms_count = grouped.setdefault((" < ".join(chain), str(event.input_shapes)), [0.0, 0.0])
+        ms_count[0] += getattr(event, key) / 1e3 / calls
+        ms_count[1] += 1 / calls
+    ranked = sorted(grouped.items(), key=lambda kv: -kv[1][0])[:top]
+    return [[chain, shapes, round(ms, 4), round(n, 1)] for (chain, shapes), (ms, n) in ranked]
