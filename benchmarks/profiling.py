@@ -64,8 +64,8 @@ def profile_calls(
     Kernels replayed from a CUDA graph are reported only where the profiler sees inside graphs
     (recent CUDA); otherwise ``kernel_ms`` is ~0 for them. On CUDA only the kernels' own rows
     are summed: an aten op's row carries the device time of the kernels it launched as well, so
-    summing both counted every kernel twice (before 2026-11-30: ``busy`` and ``families`` of the
-    earlier GPU JSONs are about 2x).
+    summing both counted every kernel twice (``kernel_rows``; the GPU JSONs written before
+    2026-11-30 19:30 UTC hold about twice the kernel time, docs/benchmarks.md says which).
 
     ``origins`` (an aten op name such as ``aten::copy_``): also record shapes, and list where
     that op's device time comes from as [caller chain, input shapes, ms per call, calls per
@@ -82,9 +82,7 @@ def profile_calls(
         if cuda:
             torch.cuda.synchronize()
         wall_ms = 1e3 * (time.perf_counter() - start) / calls
-    rows = prof.key_averages()
-    if cuda:  # the kernels themselves, not the aten ops that launched them (counted twice)
-        rows = [r for r in rows if r.device_type != DeviceType.CPU]
+    rows = kernel_rows(prof.key_averages()) if cuda else prof.key_averages()
     key = "self_device_time_total" if cuda else "self_cpu_time_total"
     busy = sorted((r for r in rows if getattr(r, key) > 0), key=lambda r: -getattr(r, key))
     kernel_ms = sum(r.self_device_time_total for r in rows) / 1e3 / calls if cuda else None
@@ -111,6 +109,19 @@ def profile_calls(
     if origins is not None:
         report["origins"] = {origins: op_origins(prof.events(), origins, calls, cuda, top)}
     return report
+
+
+def kernel_rows(rows: Any) -> list[Any]:
+    """The profiler rows that are kernels (or memcpy/memset) run on the device: not the aten ops
+    that launched them, nor the ranges around them (inductor's ``## Call CompiledFxGraph ##``),
+    whose device time is that of the kernels inside, so summing them counts kernels twice."""
+    return [
+        r
+        for r in rows
+        if r.device_type != DeviceType.CPU
+        and not getattr(r, "is_user_annotation", False)
+        and not r.key.startswith("## ")
+    ]
 
 
 def op_origins(events: Any, op: str, calls: int, cuda: bool, top: int) -> list[list[Any]]:

@@ -72,6 +72,12 @@ def test_train_step_unsynced_profiled_losses_agree(tmp_path):
     families = {f: (ms, share) for f, ms, _, share in report["profile_bare_step"]["families"]}
     assert {"conv", "gemm", "norm"} <= set(families), families
     assert abs(sum(share for _, share in families.values()) - 1) < 0.01
+    # where the copies come from: each with the ranges around it and its shapes
+    origins = report["profile_bare_step"]["origins"]["aten::copy_"]
+    assert origins and all(
+        chain and shapes.startswith("[[") and ms > 0 for chain, shapes, ms, _ in origins
+    )
+    assert sum(ms for _, _, ms, _ in origins) <= families["copy"][0] + 1e-3
 
 
 # Kernel names as the H200's profiler printed them (docs/benchmarks/compose_step-cuda-h200.json),
@@ -116,6 +122,31 @@ def test_kernels_are_grouped_into_the_families_the_docs_read():
     from benchmarks.profiling import kernel_family
 
     assert {name: kernel_family(name) for name in NAMED_KERNELS} == NAMED_KERNELS
+
+
+def test_kernel_time_sums_kernels_once():
+    """A kernel's time shows three times in the profiler's rows: its own row, the aten op that
+    launched it and the range around a compiled graph. Only the first is summed."""
+    sys.path.insert(0, str(ROOT))
+    from types import SimpleNamespace
+
+    from torch.autograd import DeviceType
+
+    from benchmarks.profiling import kernel_rows
+
+    def row(key, device_type, annotation=False):
+        return SimpleNamespace(key=key, device_type=device_type, is_user_annotation=annotation)
+
+    kernel = row("sm90_xmma_fprop_implicit_gemm_bf16bf16", DeviceType.CUDA)
+    memcpy = row("Memcpy HtoD (Pageable -> Device)", DeviceType.CUDA)
+    rows = [
+        row("aten::cudnn_convolution", DeviceType.CPU),
+        kernel,
+        row("## Call CompiledFxGraph fabc ##", DeviceType.CUDA, annotation=True),
+        row("## Call CompiledFxGraph fdef ##", DeviceType.CUDA),  # an older torch: name only
+        memcpy,
+    ]
+    assert kernel_rows(rows) == [kernel, memcpy]
 
 
 def test_census_counts_the_steps_flops_and_each_ops_bytes(tmp_path):
