@@ -341,7 +341,8 @@ def measure(
     bare = prepare_shard_model(make_unet(bcfg, args), adapter).to(device, memory_format=fmt).train()
     null, bare_alphas = null_label(bare), alphas.float().to(device)
     flops = count_flops(bare, batch, bare_alphas, null, amp)
-    compiler = CompileModel(args.compile_mode) if args.compile else None  # ours: callbacks=compile
+    # ours: what callbacks=compile does (layout_opt: the same inductor setting main patches for bare)
+    compiler = CompileModel(args.compile_mode, layout_opt=args.layout_opt) if args.compile else None
     if args.compile:
         bare.compile(mode=args.compile_mode)
     n_lora, n_all = sum(p.numel() for _, p in trainable_parameters(bare)), bare.num_parameters()

@@ -73,3 +73,27 @@ def test_a_job_without_a_network_attribute_trains_uncompiled(caplog):
     with caplog.at_level("INFO"):
         CompileModel().setup(None, NoModel(), "fit")
     assert "NoModel has no .model; it trains uncompiled" in caplog.text
+
+
+def test_layout_opt_is_forced_while_the_job_runs_and_restored_after():
+    """``callbacks.compile.layout_opt=true``: inductor's layout optimisation is forced from setup
+    (the graphs compile during the run) to teardown, and after a failed run too."""
+    import pytorch_lightning as pl
+    import torch._inductor.config as inductor_config
+
+    from cdm.training.callbacks import CompileModel
+
+    class Job(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.model = torch.nn.Conv2d(3, 3, 3)
+
+    before = inductor_config.force_layout_optimization
+    callback = CompileModel(backend="eager", layout_opt=True)
+    for end in (callback.teardown, callback.on_exception):
+        callback.setup(None, Job(), "fit")
+        assert inductor_config.force_layout_optimization is True
+        end(None, None, None)
+        assert inductor_config.force_layout_optimization == before
+    CompileModel(backend="eager").setup(None, Job(), "fit")  # the default leaves it alone
+    assert inductor_config.force_layout_optimization == before

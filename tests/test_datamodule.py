@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
+import torch
 
 from cdm.data.datamodule import ManifestDataModule, active_slices
 from cdm.data.loaders import load_digits_dataset
@@ -23,8 +26,9 @@ def split(digits):
 
 
 class FakeTrainer:
-    def __init__(self, epoch: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, epoch: int, rank: int = 0, world_size: int = 1, device: str = "cpu"):
         self.current_epoch, self.global_rank, self.world_size = epoch, rank, world_size
+        self.strategy = SimpleNamespace(root_device=torch.device(device))
 
 
 def test_active_slices_walks_the_slices_in_order():
@@ -88,3 +92,13 @@ def test_removing_ids_keeps_the_others_order_in_every_epoch(digits, split):
 
     for epoch in range(3):
         assert fed(smaller, epoch) == [sid for sid in fed(manifest, epoch) if sid not in drop]
+
+
+def test_batches_are_pinned_for_a_gpu_only(digits, split):
+    """A GPU run's loader pins its batches (their copy to the device then waits for nothing);
+    a CPU run's does not."""
+    dm = ManifestDataModule(digits, [[0, 1, 2]], batch_size=2, epochs_per_slice=1, seed=0)
+    dm.trainer = FakeTrainer(0)
+    assert dm.train_dataloader().pin_memory is False
+    dm.trainer = FakeTrainer(0, device="cuda")
+    assert dm.train_dataloader().pin_memory is True

@@ -9,6 +9,7 @@ import shutil
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -259,10 +260,16 @@ class CompileModel(pl.Callback):
     """
 
     def __init__(
-        self, mode: str = "default", backend: str = "inductor", channels_last: bool = False
+        self,
+        mode: str = "default",
+        backend: str = "inductor",
+        channels_last: bool = False,
+        layout_opt: bool = False,
     ) -> None:
         self.mode, self.backend, self.channels_last = mode, backend, channels_last
+        self.layout_opt = layout_opt
         self.compiled: weakref.WeakSet[nn.Module] = weakref.WeakSet()  # compile once per model
+        self.patches = ExitStack()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         model = getattr(pl_module, "model", None)
@@ -271,9 +278,23 @@ class CompileModel(pl.Callback):
             return
         if self.channels_last:  # 4-d weights NHWC: the convs take and give channels-last
             model.to(memory_format=torch.channels_last)
+        if self.layout_opt:
+            # Inductor keeps its buffers channels-last around convs only if no conv narrows the
+            # channels, and a UNet's up path and LoRA's A factors do; forced, the H200's B=512
+            # step took 83 ms instead of 100 (docs/benchmarks.md). Read when a graph compiles,
+            # i.e. during the run: set until teardown.
+            import torch._inductor.config as inductor_config  # here: importing inductor takes seconds
+
+            self.patches.enter_context(inductor_config.patch(force_layout_optimization=True))
         if model not in self.compiled:
             model.compile(mode=self.mode, backend=self.backend)
             self.compiled.add(model)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self.patches.close()
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception) -> None:
+        self.patches.close()
 
 
 class KillAtStep(pl.Callback):
