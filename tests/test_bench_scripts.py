@@ -54,7 +54,7 @@ def test_train_step_unsynced_profiled_losses_agree(tmp_path):
     result = run(
         "train_step.py", "--preset", "tiny", "--batch-size", "8", "--steps", "2", "--warmup", "1",
         "--rounds", "1", "--unsynced", "--cudnn-benchmark", "--profile", "--precision", "bf16",
-        "--norm-dtype", "bf16", "--census", str(tmp_path / "census.json"),
+        "--norm-dtype", "bf16", "--census", str(tmp_path / "census.json"), "--pin-memory",
         out=tmp_path / "train.json",
     )  # fmt: skip
     report = result["results"]
@@ -122,6 +122,13 @@ def test_kernels_are_grouped_into_the_families_the_docs_read():
     from benchmarks.profiling import kernel_family
 
     assert {name: kernel_family(name) for name in NAMED_KERNELS} == NAMED_KERNELS
+
+
+def test_layout_opt_without_compile_is_refused_in_one_line():
+    cmd = [sys.executable, "benchmarks/train_step.py", "--layout-opt", "--out", "/nonexistent/x"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--layout-opt is an inductor option: add --compile" in proc.stderr.splitlines()[-1]
 
 
 def test_kernel_time_sums_kernels_once():
