@@ -64,8 +64,8 @@ def profile_calls(
     Kernels replayed from a CUDA graph are reported only where the profiler sees inside graphs
     (recent CUDA); otherwise ``kernel_ms`` is ~0 for them. On CUDA only the kernels' own rows
     are summed: an aten op's row carries the device time of the kernels it launched as well, so
-    summing both counted every kernel twice (``kernel_rows``; the GPU JSONs written before
-    2026-11-30 19:30 UTC hold about twice the kernel time, docs/benchmarks.md says which).
+    summing both counted every kernel twice (``kernel_rows``; the train_step GPU JSONs of
+    2026-11-30 in docs/benchmarks hold about twice the kernel time, docs/benchmarks.md corrects).
 
     ``origins`` (an aten op name such as ``aten::copy_``): also record shapes, and list where
     that op's device time comes from as [caller chain, input shapes, ms per call, calls per
