@@ -46,12 +46,18 @@ def test_compiled_shard_training_equals_eager_under_the_same_keys(
 def test_channels_last_training_stores_the_same_adapter_layout(
     tiny_digits_backbone, train, tmp_path
 ):
-    """channels_last=true: NHWC weights while training; the stored adapter has the eager run's
-    keys and shapes, and its values to float tolerance (other conv kernels, same math)."""
+    """channels_last=true (with layout_opt=true, as on a GPU): NHWC weights while training; the
+    stored adapter has the eager run's keys and shapes, and its values to float tolerance (other
+    conv kernels, same math); inductor's layout option is back to its default after the job."""
+    import torch._inductor.config as inductor_config
+
     root = shutil.copytree(tiny_digits_backbone, tmp_path / "artifacts")
     train(*TINY, "experiment_name=eager", artifacts=root)
+    before = inductor_config.force_layout_optimization
     train(*TINY, "experiment_name=nhwc", "callbacks=compile", "callbacks.compile.backend=eager",
-          "callbacks.compile.channels_last=true", artifacts=root)  # fmt: skip
+          "callbacks.compile.channels_last=true", "callbacks.compile.layout_opt=true",
+          artifacts=root)  # fmt: skip
+    assert inductor_config.force_layout_optimization == before
     store = ArtifactStore(root)
     eager, nhwc = (
         load_file(store.adapter_dir(e, "shard-00") / "adapter_model.safetensors")
